@@ -1,0 +1,29 @@
+"""mambastep: constant-memory, real-time inference for selective state space models.
+
+    model = mambastep.load("state-spaces/mamba-130m-hf")
+    state = model.new_state(batch_size=1)
+    last, state = model.prefill(tokens, state)   # (b, l) -> (b, vocab)
+    last, state = model.step(token, state)       # (b,)   -> (b, vocab)
+"""
+
+from mambastep.config import ConfigError, Mamba2Config, MambaConfig
+from mambastep.loading import CheckpointError, load
+from mambastep.models import LanguageModel, Mamba2LM, MambaLM
+from mambastep.state import ModelState, SSMLayerState, StateError, load_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "LanguageModel",
+    "Mamba2Config",
+    "Mamba2LM",
+    "MambaConfig",
+    "MambaLM",
+    "ModelState",
+    "SSMLayerState",
+    "StateError",
+    "load",
+    "load_state",
+]

@@ -1,0 +1,56 @@
+"""Causal depthwise conv over a sequence, and its one-token form.
+
+The conv state is the last k-1 inputs, oldest first: (b, k-1, c). Feeding a
+sequence in pieces, carrying the state, gives the same outputs as in one go.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv from a given state.
+
+    Args:
+        x: (b, l, c) inputs.
+        weight: (c, k) one kernel per channel; ``weight[:, -1]`` multiplies the newest input.
+        bias: (c,) or None.
+        state: (b, k-1, c) the k-1 inputs before ``x``, or None for zeros.
+
+    Returns:
+        y: (b, l, c) in the dtype of ``x``; state: (b, k-1, c) the last k-1 inputs.
+    """
+    b, l, c = x.shape
+    k = weight.shape[1]
+    if state is None:
+        state = x.new_zeros(b, k - 1, c)
+    window = torch.cat([state.to(x.dtype), x], dim=1)  # (b, k-1+l, c)
+    w = weight[:, None, :].to(x.dtype)  # (c, 1, k)
+    bias = None if bias is None else bias.to(x.dtype)
+    y = F.conv1d(window.transpose(1, 2), w, bias, groups=c)  # (b, c, l)
+    return y.transpose(1, 2), window[:, window.shape[1] - (k - 1) :]
+
+
+def causal_conv_step(
+    x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One token of the causal conv: roll the window, dot product with the kernel.
+
+    Args:
+        x: (b, c) the new input.
+        weight: (c, k); bias: (c,) or None.
+        state: (b, k-1, c) the previous k-1 inputs.
+
+    Returns:
+        y: (b, c); state: (b, k-1, c) with ``x`` as its newest entry.
+    """
+    window = torch.cat([state.to(x.dtype), x[:, None, :]], dim=1)  # (b, k, c)
+    y = torch.einsum("bkc,ck->bc", window, weight.to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y, window[:, 1:]

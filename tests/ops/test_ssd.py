@@ -1,0 +1,209 @@
+"""ssd_scan (chunked Mamba-2 SSD) against the sequential spec and the one-token step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mambastep.ops.reference import ssd_scan_ref
+from mambastep.ops.ssd import ssd_scan
+from mambastep.ops.step import ssd_step
+
+# float64 in, float64 out: only rounding of a few hundred terms (seen: < 1e-14).
+FP64 = dict(atol=1e-10, rtol=1e-10)
+# float32 against the float64 spec of the same values, for unit-scale inputs with
+# |y| up to ~30 and n up to 64: seen max abs error ~1e-5, so this has ~10x margin.
+FP32 = dict(atol=1e-4, rtol=1e-4)
+# bfloat16 x, B, C (dt, A in float32): ssd_scan computes in float32 and every
+# bfloat16 value is exact in float32 and float64, so the reference sees the very
+# same inputs and only float32 arithmetic differs: the float32 tolerance holds.
+BF16 = FP32
+
+# (batch, heads, groups, head dim, state size, D): groups 1, 2 and 3, head
+# dims that are not powers of two, each form of D.
+LAYOUTS = [
+    (1, 4, 1, 5, 8, None),
+    (3, 4, 2, 12, 16, "h"),
+    (3, 6, 3, 5, 4, "hp"),
+    (1, 6, 3, 12, 8, "hp"),
+]
+
+
+def make(b, l, h, g, p, n, d_form, dtype=torch.float64, seed=0):
+    """Random unit-scale inputs and a random starting state, all in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = randn(b, l, h, p)
+    dt = torch.rand(b, l, h, generator=gen, dtype=torch.float64) * 0.5 + 0.01
+    A = -torch.rand(h, generator=gen, dtype=torch.float64) * 2 - 0.1
+    B, C = randn(b, l, g, n), randn(b, l, g, n)
+    D = {None: None, "h": randn(h), "hp": randn(h, p)}[d_form]
+    state = randn(b, h, p, n)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return tuple(cast(t) for t in (x, dt, A, B, C, D, state))
+
+
+def step_loop(x, dt, A, B, C, D, state):
+    """ssd_step token by token, from ``state`` (its dtype is the compute dtype)."""
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], D, state)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def as64(args):
+    return tuple(None if t is None else t.double() for t in args)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("l", [1, 3, 50, 130])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 200])
+def test_matches_reference_and_step_loop_fp64(chunk, l, layout):
+    b, h, g, p, n, d_form = layout
+    args = make(b, l, h, g, p, n, d_form)
+    y, state = ssd_scan(*args, chunk_size=chunk)
+    y_ref, state_ref = ssd_scan_ref(*args)
+    y_step, state_step = step_loop(*args)
+    assert y.dtype == state.dtype == torch.float64
+    assert y.shape == y_ref.shape and state.shape == state_ref.shape
+    torch.testing.assert_close(y, y_ref, **FP64)
+    torch.testing.assert_close(state, state_ref, **FP64)
+    torch.testing.assert_close(y, y_step, **FP64)
+    torch.testing.assert_close(state, state_step, **FP64)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("chunk", [1, 7, 64, 200])
+def test_fp32_matches_fp64_reference(chunk, layout):
+    args = make(2, 130, *layout[1:5], d_form=layout[5], dtype=torch.float32)
+    y, state = ssd_scan(*args, chunk_size=chunk)
+    y_ref, state_ref = ssd_scan_ref(*as64(args))
+    assert y.dtype == state.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_ref, **FP32)
+    torch.testing.assert_close(state.double(), state_ref, **FP32)
+
+
+def test_fp32_wide_state():
+    args = make(3, 130, 6, 3, 12, 64, "hp", dtype=torch.float32)
+    y, state = ssd_scan(*args, chunk_size=64)
+    y_ref, state_ref = ssd_scan_ref(*as64(args))
+    torch.testing.assert_close(y.double(), y_ref, **FP32)
+    torch.testing.assert_close(state.double(), state_ref, **FP32)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_bf16_inputs(chunk):
+    x, dt, A, B, C, D, state = make(3, 130, 6, 3, 12, 16, "hp", dtype=torch.float32)
+    x, B, C = x.bfloat16(), B.bfloat16(), C.bfloat16()
+    y, state_out = ssd_scan(x, dt, A, B, C, D, state, chunk_size=chunk)
+    y_ref, state_ref = ssd_scan_ref(*as64((x, dt, A, B, C, D, state)))
+    assert y.dtype == state_out.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_ref, **BF16)
+    torch.testing.assert_close(state_out.double(), state_ref, **BF16)
+
+
+def test_no_state_is_zero_state():
+    x, dt, A, B, C, D, state = make(2, 50, 4, 2, 5, 8, "h")
+    y, s = ssd_scan(x, dt, A, B, C, D, None, chunk_size=16)
+    y0, s0 = ssd_scan(x, dt, A, B, C, D, torch.zeros_like(state), chunk_size=16)
+    torch.testing.assert_close(y, y0, **FP64)
+    torch.testing.assert_close(s, s0, **FP64)
+
+
+@pytest.mark.parametrize("cut", [1, 47, 64, 129])
+def test_split_carrying_state_equals_one_call(cut):
+    x, dt, A, B, C, D, state = make(3, 130, 6, 3, 5, 8, "hp")
+    y, s = ssd_scan(x, dt, A, B, C, D, state, chunk_size=16)
+    first, second = slice(0, cut), slice(cut, None)
+    y1, s1 = ssd_scan(x[:, first], dt[:, first], A, B[:, first], C[:, first], D, state, chunk_size=16)
+    y2, s2 = ssd_scan(x[:, second], dt[:, second], A, B[:, second], C[:, second], D, s1, chunk_size=16)
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, **FP64)
+    torch.testing.assert_close(s2, s, **FP64)
+
+
+def strong_decays(b, l, h, gen):
+    """dt with dt * A log-uniform in [-100, -1e-4] per step, and one head at -100 every step."""
+    A = -torch.logspace(-2, 1, h, dtype=torch.float64)  # (h,)
+    dtA = -torch.exp(torch.empty(b, l, h, dtype=torch.float64).uniform_(np.log(1e-4), np.log(100), generator=gen))
+    dtA[..., 0] = -100.0
+    return dtA / A, A  # dt > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_very_negative_decay_long_sequence(dtype):
+    gen = torch.Generator().manual_seed(1)
+    b, l, h, g, p, n = 2, 4096, 4, 2, 3, 4
+    dt, A = strong_decays(b, l, h, gen)
+    x = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64)
+    B, C = torch.randn(2, b, l, g, n, generator=gen, dtype=torch.float64)
+    state = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)
+    args = tuple(t.to(dtype) for t in (x, dt, A, B, C, torch.ones(h), state))
+    y, s = ssd_scan(*args, chunk_size=64)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    y_ref, s_ref = ssd_scan_ref(*as64(args))
+    tol = FP64 if dtype == torch.float64 else FP32
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(s.double(), s_ref, **tol)
+
+
+def numpy_recurrence(x, dt, A, B, C, state):
+    """The recurrence in float64 numpy for one group: h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t."""
+    x, dt, A, B, C, h = (t.double().numpy() for t in (x[0], dt[0], A, B[0, :, 0], C[0, :, 0], state[0]))
+    decay = np.exp(dt * A)[:, :, None, None]  # (l, h, 1, 1)
+    inputs = (dt[:, :, None] * x)[..., None] * B[:, None, None, :]  # (l, h, p, n)
+    states = np.empty_like(inputs)
+    for t in range(len(x)):
+        h = decay[t] * h + inputs[t]
+        states[t] = h
+    return np.einsum("lhpn,ln->lhp", states, C), h
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_long_input(dtype):
+    gen = torch.Generator().manual_seed(2)
+    l, h, p, n = 200_000, 2, 2, 2
+    dt, A = strong_decays(1, l, h, gen)
+    dt[..., 1] = 1e-3 / -A[1]  # a slow head: dt * A = -1e-3, a memory of ~1000 tokens
+    x = torch.randn(1, l, h, p, generator=gen, dtype=torch.float64)
+    B, C = torch.randn(2, 1, l, 1, n, generator=gen, dtype=torch.float64)
+    state = torch.randn(1, h, p, n, generator=gen, dtype=torch.float64)
+    args = tuple(t.to(dtype) for t in (x, dt, A, B, C))
+    y, s = ssd_scan(*args, None, state.to(dtype), chunk_size=64)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    y_ref, s_ref = numpy_recurrence(*args, state.to(dtype))
+    tol = FP64 if dtype == torch.float64 else FP32
+    torch.testing.assert_close(y[0].double(), torch.from_numpy(y_ref), **tol)
+    torch.testing.assert_close(s[0].double(), torch.from_numpy(s_ref), **tol)
+
+
+def test_gradcheck():
+    args = make(2, 5, 4, 2, 3, 2, "h")
+    args = tuple(t.requires_grad_() for t in args)
+    assert torch.autograd.gradcheck(lambda *a: ssd_scan(*a, chunk_size=2), args)
+
+
+def test_gradients_match_reference_with_very_negative_decay():
+    gen = torch.Generator().manual_seed(3)
+    b, l, h, g, p, n = 2, 40, 4, 2, 3, 4
+    dt, A = strong_decays(b, l, h, gen)
+    x = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64)
+    B, C = torch.randn(2, b, l, g, n, generator=gen, dtype=torch.float64)
+    D = torch.randn(h, p, generator=gen, dtype=torch.float64)
+    state = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)
+    w_y = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)
+
+    def grads(fn, **kw):
+        inputs = tuple(t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, state))
+        y, s = fn(*inputs, **kw)
+        loss = (y * w_y).sum() + (s * w_s).sum()
+        return (y, s, *torch.autograd.grad(loss, inputs))
+
+    for ours, ref in zip(grads(ssd_scan, chunk_size=16), grads(ssd_scan_ref), strict=True):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, ref, **FP64)
