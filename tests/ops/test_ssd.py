@@ -119,19 +119,22 @@ def test_no_state_is_zero_state():
 def test_split_carrying_state_equals_one_call(cut):
     x, dt, A, B, C, D, state = make(3, 130, 6, 3, 5, 8, "hp")
     y, s = ssd_scan(x, dt, A, B, C, D, state, chunk_size=16)
-    first, second = slice(0, cut), slice(cut, None)
-    y1, s1 = ssd_scan(x[:, first], dt[:, first], A, B[:, first], C[:, first], D, state, chunk_size=16)
-    y2, s2 = ssd_scan(x[:, second], dt[:, second], A, B[:, second], C[:, second], D, s1, chunk_size=16)
+    y1, s1 = ssd_scan(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], D, state, chunk_size=16)
+    y2, s2 = ssd_scan(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], D, s1, chunk_size=16)
     torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, **FP64)
     torch.testing.assert_close(s2, s, **FP64)
 
 
 def strong_decays(b, l, h, gen):
-    """dt with dt * A log-uniform in [-100, -1e-4] per step, and one head at -100 every step."""
-    A = -torch.logspace(-2, 1, h, dtype=torch.float64)  # (h,)
-    dtA = -torch.exp(torch.empty(b, l, h, dtype=torch.float64).uniform_(np.log(1e-4), np.log(100), generator=gen))
-    dtA[..., 0] = -100.0
-    return dtA / A, A  # dt > 0
+    """dt log-uniform in [1e-4, 1], A from -100 to -1: dt * A down to -100 per step.
+
+    Head 0 decays by exp(-100) at every step.
+    """
+    A = -torch.logspace(2, 0, h, dtype=torch.float64)  # (h,)
+    log_dt = torch.empty(b, l, h, dtype=torch.float64).uniform_(np.log(1e-4), 0.0, generator=gen)
+    dt = log_dt.exp()
+    dt[..., 0] = 1.0
+    return dt, A
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -152,8 +155,9 @@ def test_very_negative_decay_long_sequence(dtype):
 
 
 def numpy_recurrence(x, dt, A, B, C, state):
-    """The recurrence in float64 numpy for one group: h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t."""
-    x, dt, A, B, C, h = (t.double().numpy() for t in (x[0], dt[0], A, B[0, :, 0], C[0, :, 0], state[0]))
+    """The recurrence in float64 numpy, batch 1, one group, no D."""
+    x, dt, B, C, h = (t[0].double().numpy() for t in (x, dt, B[:, :, 0], C[:, :, 0], state))
+    A = A.double().numpy()
     decay = np.exp(dt * A)[:, :, None, None]  # (l, h, 1, 1)
     inputs = (dt[:, :, None] * x)[..., None] * B[:, None, None, :]  # (l, h, p, n)
     states = np.empty_like(inputs)
@@ -168,7 +172,7 @@ def test_long_input(dtype):
     gen = torch.Generator().manual_seed(2)
     l, h, p, n = 200_000, 2, 2, 2
     dt, A = strong_decays(1, l, h, gen)
-    dt[..., 1] = 1e-3 / -A[1]  # a slow head: dt * A = -1e-3, a memory of ~1000 tokens
+    A[1], dt[..., 1] = -1e-3, 1.0  # a slow head: dt * A = -1e-3, a memory of ~1000 tokens
     x = torch.randn(1, l, h, p, generator=gen, dtype=torch.float64)
     B, C = torch.randn(2, 1, l, 1, n, generator=gen, dtype=torch.float64)
     state = torch.randn(1, h, p, n, generator=gen, dtype=torch.float64)

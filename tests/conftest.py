@@ -1,0 +1,87 @@
+"""Shared test helpers: tiny random checkpoints written by `transformers` itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tolerances per dtype for fast ops against the float64 reference.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    # bf16 inputs are cast up exactly; the op then runs in fp32, so fp32 rounding is all that differs.
+    torch.bfloat16: dict(atol=1e-4, rtol=1e-4),
+}
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Move every weight off its initial value so that no term is trivially zero or one."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.05 if name.endswith("A_log") else 0.2
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def make_hf_checkpoint(path: Path, family: str = "mamba", seed: int = 0, **config) -> Path:
+    """Save a random `transformers` Mamba or Mamba-2 LM with ``save_pretrained`` and return its directory."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "mamba":
+        defaults = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4)
+        model = MambaForCausalLM(MambaConfig(**{**defaults, **config}))
+    else:
+        defaults = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4, num_heads=4, head_dim=8, n_groups=1)
+        model = Mamba2ForCausalLM(Mamba2Config(**{**defaults, **config}))
+    _perturb(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_reference(path: Path):
+    """The `transformers` model saved at ``path``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def to_original_format(hf_dir: Path, out_dir: Path) -> Path:
+    """Rewrite a `transformers` checkpoint in the original state-spaces format (config.json + pytorch_model.bin)."""
+    import mambastep
+    from safetensors.torch import load_file
+
+    hf = json.loads((hf_dir / "config.json").read_text())
+    model = mambastep.load(hf_dir)
+    c = model.config
+    ssm_cfg = {"d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand, "conv_bias": c.conv_bias, "bias": c.bias}
+    if c.family == "mamba":
+        ssm_cfg["dt_rank"] = c.dt_rank
+    else:
+        ssm_cfg.update(layer="Mamba2", headdim=c.head_dim, ngroups=c.n_groups, dt_limit=list(c.dt_limit))
+    config = {
+        "d_model": c.d_model, "n_layer": c.n_layer, "vocab_size": hf["vocab_size"], "ssm_cfg": ssm_cfg,
+        "rms_norm": True, "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True,
+        "pad_vocab_size_multiple": 1, "tie_embeddings": c.tie_embeddings,
+    }
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    tensors = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in tensors.items()}
+    if c.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["backbone.embedding.weight"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    torch.save(tensors, out_dir / "pytorch_model.bin")
+    return out_dir
+
+
+@pytest.fixture
+def mamba_dir(tmp_path: Path) -> Path:
+    return make_hf_checkpoint(tmp_path / "mamba")
+
+
+@pytest.fixture
+def mamba2_dir(tmp_path: Path) -> Path:
+    return make_hf_checkpoint(tmp_path / "mamba2", family="mamba2", n_groups=2)

@@ -1,0 +1,119 @@
+"""Mamba-1 and Mamba-2 models against `transformers`, and the model-level invariants."""
+
+import pytest
+import torch
+
+import mambastep
+from conftest import hf_reference, make_hf_checkpoint, to_original_format
+
+MAMBA_CONFIGS = [
+    dict(),
+    dict(use_bias=True, use_conv_bias=False),
+    dict(tie_word_embeddings=False, hidden_size=13, state_size=3, time_step_rank=5, expand=3),
+    dict(conv_kernel=2, num_hidden_layers=3, vocab_size=61),
+    dict(residual_in_fp32=False, conv_kernel=5, time_step_rank=2),
+]
+MAMBA2_CONFIGS = [
+    dict(),
+    dict(n_groups=2, use_bias=True, use_conv_bias=False),
+    dict(num_heads=3, head_dim=10, hidden_size=15, n_groups=3, tie_word_embeddings=False),
+    dict(time_step_limit=(0.01, 0.2), conv_kernel=3, state_size=5, num_heads=6, head_dim=6, hidden_size=18),
+]
+FAMILIES = [("mamba", c) for c in MAMBA_CONFIGS] + [("mamba2", c) for c in MAMBA2_CONFIGS]
+IDS = [f"{f}-{i}" for f, c in FAMILIES for i in [FAMILIES.index((f, c))]]
+
+
+@pytest.fixture(params=FAMILIES, ids=IDS)
+def checkpoint(request, tmp_path):
+    family, config = request.param
+    return make_hf_checkpoint(tmp_path / "ckpt", family=family, seed=len(config), **config)
+
+
+def _tokens(model, b, l, seed=0):
+    return torch.randint(0, model.config.vocab_size, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_equals_transformers(checkpoint):
+    model, ref = mambastep.load(checkpoint), hf_reference(checkpoint)
+    for b, l in [(1, 1), (2, 3), (3, 41)]:
+        tokens = _tokens(model, b, l)
+        logits, state = model(tokens)
+        with torch.no_grad():
+            expected = ref(tokens).logits
+        assert logits.shape == (b, l, model.config.vocab_size)
+        assert (logits - expected).abs().max() <= 1e-4
+
+
+def test_greedy_generation_equals_transformers(checkpoint):
+    model, ref = mambastep.load(checkpoint), hf_reference(checkpoint)
+    prompt = _tokens(model, 1, 7)
+    with torch.no_grad():
+        expected = ref.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 7:]
+    last, state = model.prefill(prompt)
+    ours = []
+    for _ in range(12):
+        token = last.argmax(-1)
+        ours.append(int(token))
+        last, state = model.step(token, state)
+    assert ours == expected.tolist()
+
+
+def test_prefill_then_steps_equals_forward(checkpoint):
+    model = mambastep.load(checkpoint)
+    tokens = _tokens(model, 2, 30)
+    full, _ = model(tokens)
+    for prefix in [1, 2, 17]:
+        last, state = model.prefill(tokens[:, :prefix])
+        torch.testing.assert_close(last, full[:, prefix - 1], atol=1e-5, rtol=1e-5)
+        for t in range(prefix, 30):
+            last, state = model.step(tokens[:, t], state)
+            torch.testing.assert_close(last, full[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_in_pieces_equals_one_prefill(checkpoint, monkeypatch):
+    model = mambastep.load(checkpoint)
+    tokens = _tokens(model, 2, 45)
+    last, state = model.prefill(tokens)
+    s = None
+    for a, b in [(0, 1), (1, 3), (3, 20), (20, 45)]:
+        piece_last, s = model.prefill(tokens[:, a:b], s)
+    torch.testing.assert_close(piece_last, last, atol=1e-5, rtol=1e-5)
+    for ours, ref in zip(s.layers, state.layers):
+        torch.testing.assert_close(ours.ssm, ref.ssm, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.conv, ref.conv)
+    # The internal walk over long prompts in pieces gives the same as one pass.
+    monkeypatch.setattr("mambastep.models.lm.PREFILL_PIECE", 4)
+    walked, _ = model.prefill(tokens)
+    torch.testing.assert_close(walked, last, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_invariance(checkpoint):
+    model = mambastep.load(checkpoint)
+    tokens = _tokens(model, 3, 25)
+    batched, state = model(tokens)
+    for i in range(3):
+        alone, alone_state = model(tokens[i : i + 1])
+        torch.testing.assert_close(alone, batched[i : i + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone_state.layers[0].ssm, state.select([i]).layers[0].ssm, atol=1e-5, rtol=1e-5)
+
+
+def test_original_format_equals_hf_format(checkpoint, tmp_path):
+    original = to_original_format(checkpoint, tmp_path / "original")
+    hf_model, orig_model = mambastep.load(checkpoint), mambastep.load(original)
+    assert orig_model.config == hf_model.config
+    tokens = _tokens(hf_model, 2, 9)
+    torch.testing.assert_close(orig_model(tokens)[0], hf_model(tokens)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_bf16_weights_keep_an_fp32_state(family, tmp_path):
+    path = make_hf_checkpoint(tmp_path / family, family=family)
+    fp32, bf16 = mambastep.load(path), mambastep.load(path, dtype=torch.bfloat16)
+    tokens = _tokens(fp32, 2, 20)
+    logits, state = bf16(tokens)
+    assert all(layer.ssm.dtype == torch.float32 for layer in state.layers)
+    assert logits.dtype == torch.float32
+    # bf16 weights round every matmul to 8 bits of mantissa: logits agree to a few percent of their range.
+    expected, _ = fp32(tokens)
+    assert (logits - expected).abs().max() <= 0.05 * expected.abs().max() + 0.05
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from mambastep.ops import causal_conv, causal_conv_step
+from mambastep.ops.reference import causal_conv_ref
+
+from conftest import TOL
+
+SIZES = [(1, 1, 5, 4), (3, 2, 7, 4), (2, 9, 3, 4), (1, 13, 6, 1), (2, 5, 8, 2)]  # (b, l, c, k)
+
+
+def _inputs(b, l, c, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, c, generator=g)
+    w = torch.randn(c, k, generator=g)
+    bias = torch.randn(c, generator=g)
+    state = torch.randn(b, k - 1, c, generator=g)
+    return x.to(dtype), w.to(dtype), bias.to(dtype), state.to(dtype)
+
+
+@pytest.mark.parametrize("b,l,c,k", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_matches_reference(b, l, c, k, dtype):
+    x, w, bias, state = _inputs(b, l, c, k, dtype)
+    y, new_state = causal_conv(x, w, bias, state)
+    y_ref, state_ref = causal_conv_ref(*(t.double() for t in (x, w, bias, state)))
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)  # bf16 output rounding
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(new_state.double(), state_ref)  # the state is a copy of inputs: exact
+
+
+@pytest.mark.parametrize("b,l,c,k", SIZES)
+def test_conv_steps_and_pieces_equal_one_call(b, l, c, k):
+    x, w, bias, state = _inputs(b, l, c, k, torch.float64)
+    y, final = causal_conv(x, w, bias, state)
+    s, ys = state, []
+    for t in range(l):
+        y_t, s = causal_conv_step(x[:, t], w, bias, s)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y, **TOL[torch.float64])
+    torch.testing.assert_close(s, final)
+    cut = l // 2
+    if cut:
+        y1, s1 = causal_conv(x[:, :cut], w, bias, state)
+        y2, s2 = causal_conv(x[:, cut:], w, bias, s1)
+        torch.testing.assert_close(torch.cat([y1, y2], 1), y, **TOL[torch.float64])
+        torch.testing.assert_close(s2, final)
+
+
+def test_conv_none_state_is_zeros():
+    x, w, bias, _ = _inputs(2, 3, 4, 4, torch.float32)
+    y, _ = causal_conv(x, w, bias, None)
+    y0, _ = causal_conv(x, w, bias, torch.zeros(2, 3, 4))
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
