@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+import mambastep
+from mambastep.state import ModelState, StateError
+from conftest import make_hf_checkpoint
+
+
+@pytest.fixture(params=["mamba", "mamba2"])
+def model(request, tmp_path):
+    return mambastep.load(make_hf_checkpoint(tmp_path / request.param, family=request.param))
+
+
+def _prefilled(model, b=2, l=11, seed=0):
+    tokens = torch.randint(0, model.config.vocab_size, (b, l), generator=torch.Generator().manual_seed(seed))
+    return model.prefill(tokens)
+
+
+def test_save_load_gives_bitwise_identical_next_logits(model, tmp_path):
+    _, state = _prefilled(model)
+    token = torch.tensor([3, 5])
+    expected, _ = model.step(token, state)
+    state.save(tmp_path / "s.state")
+    loaded = mambastep.load_state(tmp_path / "s.state", model)
+    got, _ = model.step(token, loaded)
+    assert torch.equal(got, expected)
+
+
+def test_state_passed_in_stays_valid(model):
+    _, state = _prefilled(model)
+    before = state.clone()
+    model.step(torch.tensor([1, 2]), state)
+    model.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]), state)
+    for a, b in zip(state.layers, before.layers):
+        assert torch.equal(a.ssm, b.ssm) and torch.equal(a.conv, b.conv)
+
+
+def test_select_and_cat_round_trip(model):
+    _, state = _prefilled(model, b=3)
+    parts = [state.select([i]) for i in range(3)]
+    joined = ModelState.cat(parts)
+    for a, b in zip(joined.layers, state.layers):
+        assert torch.equal(a.ssm, b.ssm) and torch.equal(a.conv, b.conv)
+    swapped = state.select([2, 0])
+    assert swapped.batch_size == 2
+    assert torch.equal(swapped.layers[0].ssm[0], state.layers[0].ssm[2])
+
+
+def test_nbytes_counts_every_tensor(model):
+    state = model.new_state(batch_size=3)
+    c = model.config
+    conv = c.d_inner if c.family == "mamba" else c.conv_dim
+    ssm = c.d_inner * c.d_state if c.family == "mamba" else c.n_heads * c.head_dim * c.d_state
+    assert state.nbytes == 3 * c.n_layer * 4 * ((c.d_conv - 1) * conv + ssm)
+
+
+def test_state_of_another_model_is_refused(model, tmp_path):
+    other = mambastep.load(make_hf_checkpoint(tmp_path / "other", family=model.config.family, state_size=6))
+    _, state = _prefilled(other)
+    state.save(tmp_path / "other.state")
+    with pytest.raises(StateError, match="not of this model"):
+        mambastep.load_state(tmp_path / "other.state", model)
+    with pytest.raises(StateError, match="another model"):
+        model.step(torch.tensor([1, 2]), state)
+
+
+def test_corrupt_and_missing_state_files(model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no state file"):
+        mambastep.load_state(tmp_path / "nothing.state", model)
+    _, state = _prefilled(model)
+    path = tmp_path / "s.state"
+    state.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StateError, match="not a readable state file"):
+        mambastep.load_state(path, model)
+    path.write_bytes(b"garbage")
+    with pytest.raises(StateError):
+        mambastep.load_state(path, model)
+
+
+def test_batch_mismatch_is_an_error(model):
+    state = model.new_state(batch_size=2)
+    with pytest.raises(StateError, match="2 sequences"):
+        model.step(torch.tensor([1, 2, 3]), state)
