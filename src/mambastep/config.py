@@ -127,6 +127,7 @@ _IGNORED_HF_KEYS = {
     "torchscript", "tie_encoder_decoder", "is_encoder_decoder", "is_decoder", "add_cross_attention",
     "id2label", "label2id", "problem_type", "tokenizer_class", "task_specific_params",
     "finetuning_task", "chunk_size_feed_forward", "pruned_heads", "max_length", "quantization_config",
+    "tokenizer",  # mambastep's own marker: "bytes" for byte-level models (read by tokenizer.py)
 }
 # transformers' Mamba2 ignores "norm_before_gate" (it always gates before normalising), and
 # "time_step_rank" has no weight in Mamba-2; both are written by some checkpoints.
@@ -321,3 +322,35 @@ def _original(raw: dict, where: str) -> ModelConfig:
     ssm.finish()
     keys.finish()
     return config
+
+
+def config_to_hf_dict(config: ModelConfig) -> dict:
+    """The config.json that `transformers` writes for this architecture (inverse of ``config_from_dict``)."""
+    if isinstance(config, Mamba2Config) and config.D_has_hdim:
+        raise ConfigError("D per channel (D_has_hdim) has no Hugging Face config key")
+    raw = {
+        "model_type": config.family,
+        "architectures": ["MambaForCausalLM" if config.family == "mamba" else "Mamba2ForCausalLM"],
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "vocab_size": config.vocab_size,
+        "state_size": config.d_state,
+        "conv_kernel": config.d_conv,
+        "expand": config.expand,
+        "use_bias": config.bias,
+        "use_conv_bias": config.conv_bias,
+        "layer_norm_epsilon": config.norm_eps,
+        "residual_in_fp32": config.residual_in_fp32,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+    }
+    if isinstance(config, MambaConfig):
+        raw.update(intermediate_size=config.d_inner, time_step_rank=config.dt_rank)
+    else:
+        raw.update(
+            num_heads=config.n_heads,
+            head_dim=config.head_dim,
+            n_groups=config.n_groups,
+            time_step_limit=list(config.dt_limit),  # json writes inf as Infinity, which both readers take
+        )
+    return raw

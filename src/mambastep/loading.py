@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mambastep.config import ConfigError, ModelConfig, config_from_dict
+from mambastep.config import ConfigError, ModelConfig, config_from_dict, config_to_hf_dict
 from mambastep.models import LanguageModel, model_class
 
 log = logging.getLogger(__name__)
@@ -180,3 +180,21 @@ def load(
     model = model.to(device=device, dtype=dtype).eval()
     log.info("loaded %s (%s, %s) from %s", config.family, dtype, device, source)
     return model
+
+
+def save(model: LanguageModel, directory: str | Path, extra_config: dict | None = None) -> Path:
+    """Write ``model`` in the Hugging Face format (config.json + model.safetensors).
+
+    ``transformers`` reads the result too. ``extra_config`` adds bookkeeping keys
+    (such as ``{"tokenizer": "bytes"}``) that ``load`` knows to ignore.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {**config_to_hf_dict(model.config), **(extra_config or {})}
+    config_from_dict(config, "extra_config")  # refuse keys that load would refuse
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del tensors["lm_head.weight"]
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory

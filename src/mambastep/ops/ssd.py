@@ -66,6 +66,8 @@ def ssd_scan(
         y: (b, l, h, p), state: (b, h, p, n) after the last token, both in
         float32 (float64 when x is float64).
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     f = torch.promote_types(x.dtype, torch.float32)
     b, l, nh, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -75,11 +77,6 @@ def ssd_scan(
         D = D.to(f)
         D = D[:, None] if D.dim() == 1 else D  # (h, 1) or (h, p)
     state = x.new_zeros(b, nh, p, n, dtype=f) if state is None else state.to(f)
-    # Without autograd, chunks go straight into the output: no second copy of it.
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, state)
-    )
-    out = None if tracked else x.new_empty(b, l, nh, p, dtype=f)
     ys = []
     for start in range(0, l, chunk_size):
         c = slice(start, start + chunk_size)
@@ -103,8 +100,5 @@ def ssd_scan(
         decay_out = decay[..., -1, :]  # (b, g, r, q): from s to the chunk's end
         h_own = torch.einsum("bgrs,bsgrp,bsgn->bgrpn", decay_out, xdt, Bc).reshape(b, nh, p, n)
         state = decay_in[:, -1, :, None, None] * state + h_own  # (b, h, p, n)
-        if out is None:
-            ys.append(y)
-        else:
-            out[:, c] = y
-    return (torch.cat(ys, dim=1) if out is None else out), state
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
