@@ -11,7 +11,6 @@ decodes one token per live sequence; a finished sequence leaves the batch.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, fields, replace
 from typing import Any, Collection, Iterator, Sequence
 
@@ -54,10 +53,10 @@ class SamplingParams:
     def __post_init__(self):
         _check_int(self, "max_new_tokens", low=1)
         _check_int(self, "top_k", low=0)
-        _check_float(self, "temperature", self.temperature >= 0, ">= 0")
-        _check_float(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
-        _check_float(self, "min_p", 0 <= self.min_p <= 1, "in [0, 1]")
-        _check_float(self, "repetition_penalty", self.repetition_penalty > 0, "> 0")
+        _check_number(self, "temperature", low=0.0)
+        _check_number(self, "top_p", low=0.0, high=1.0, low_open=True)
+        _check_number(self, "min_p", low=0.0, high=1.0)
+        _check_number(self, "repetition_penalty", low=0.0, low_open=True)
         if self.seed is not None:
             _check_int(self, "seed", low=0, high=2**64 - 1)
         if self.eos_token_id is not None:
@@ -82,9 +81,13 @@ def _check_int(params: SamplingParams, name: str, low: int, high: int | None = N
         raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
 
 
-def _check_float(params: SamplingParams, name: str, ok: Any, bounds: str) -> None:
+def _check_number(
+    params: SamplingParams, name: str, low: float, high: float = math.inf, low_open: bool = False
+) -> None:
     value = getattr(params, name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < low or value > high or (low_open and value == low):
+        bounds = ("> " if low_open else ">= ") + f"{low:g}" + (f" and <= {high:g}" if high < math.inf else "")
         raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
 
 
@@ -195,8 +198,7 @@ def _decode(
 ) -> Iterator[tuple[int, int]]:
     """The decoding loop. A caller may add a sequence index to ``cancelled`` after
     receiving one of its tokens: that sequence then yields no more tokens."""
-    seeds = [params.seed if params.seed is not None else random.getrandbits(63) for _ in prompts]
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    generators = [_generator(params.seed) for _ in prompts]
     seen = [set(prompt) for prompt in prompts] if params.repetition_penalty != 1.0 else [set() for _ in prompts]
     firsts, states = [], []
     for prompt in prompts:
@@ -221,6 +223,16 @@ def _decode(
             active = [active[row] for row in keep]
             tokens, state = tokens[keep], state.select(keep)  # (b',), batch of b'
         logits, state = model.step(tokens, state)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or from the OS's entropy when None."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def generate(

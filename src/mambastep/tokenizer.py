@@ -151,7 +151,7 @@ def _from_directory(directory: Path) -> Tokenizer:
     if named is not None:
         raise TokenizerError(f"{config_path}: tokenizer {named!r} is not understood (only {BYTES!r})")
     raise TokenizerError(
-        f"{directory}: no tokenizer.json, and config.json names no tokenizer. The original "
+        f"{directory}: no tokenizer.json (nor a config.json saying \"tokenizer\": \"bytes\"). The original "
         "state-spaces checkpoints ship without one; pass a tokenizer explicitly, e.g. "
         f"--tokenizer {SUGGESTED_TOKENIZER} (load_tokenizer(path, tokenizer={SUGGESTED_TOKENIZER!r}))."
     )
@@ -167,7 +167,7 @@ def _download(repo_id: str) -> Path:
     except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as err:
         raise TokenizerError(
             f"{repo_id} is not a local path and its tokenizer.json could not be fetched from the "
-            f"Hugging Face Hub ({type(err).__name__}; offline, or no such file?). Pass a local directory "
+            f"Hugging Face Hub ({type(err).__name__}: offline, or no such repository or file). Pass a local directory "
             f"that holds tokenizer.json or the path of a tokenizer.json file; for a checkpoint without a "
             f"tokenizer, name one, e.g. --tokenizer {SUGGESTED_TOKENIZER}."
         ) from err

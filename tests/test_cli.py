@@ -1,0 +1,70 @@
+"""The command line end to end: output, JSON, and one-line errors with a non-zero status."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mambastep.cli import main
+from conftest import make_hf_checkpoint
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "mambastep.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_generate_on_the_bundled_model():
+    result = run("generate", "--prompt", "def ", "--max-new-tokens", "8", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n") and len(result.stdout) > 1
+
+
+def test_generate_json_is_deterministic_with_a_seed(capsys):
+    args = ["generate", "--prompt", "hello", "--max-new-tokens", "12", "--seed", "3", "--json"]
+    outputs = []
+    for _ in range(2):
+        assert main(args) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0]["completion"] == outputs[1]["completion"]
+    assert outputs[0]["params"]["max_new_tokens"] == 12 and outputs[0]["prompt"] == "hello"
+
+
+def test_greedy_generate_with_a_transformers_checkpoint_and_byte_tokenizer(tmp_path, capsys):
+    path = make_hf_checkpoint(tmp_path / "m", vocab_size=256)
+    assert main(["generate", "--model", str(path), "--tokenizer", "bytes", "--prompt", "ab",
+                 "--temperature", "0", "--max-new-tokens", "5", "--ignore-eos", "--json"]) == 0
+    assert "completion" in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_info_reports_sizes(tmp_path, capsys, family):
+    path = make_hf_checkpoint(tmp_path / family, family=family)
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == family
+    assert info["parameters"] > 0 and info["weight_bytes"] == 4 * info["parameters"]
+    assert info["state_bytes_per_sequence"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "--model", "/nonexistent/dir"], "no checkpoint directory at /nonexistent/dir"),
+        (["generate", "--prompt", "", "--max-new-tokens", "3"], "empty prompt"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "top_p"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(args, message):
+    result = run(*args)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_checkpoint_through_the_cli(tmp_path):
+    path = make_hf_checkpoint(tmp_path / "m")
+    (path / "model.safetensors").write_bytes(b"\x00" * 10)
+    result = run("info", "--model", str(path))
+    assert result.returncode == 1 and "corrupt or truncated" in result.stderr and "Traceback" not in result.stderr

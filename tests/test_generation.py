@@ -1,0 +1,303 @@
+"""Sampling parameters, the sampler, batched token generation and text generation with stop strings."""
+
+import math
+
+import pytest
+import torch
+
+import mambastep
+from conftest import hf_reference, make_hf_checkpoint
+from mambastep.generation import (
+    SamplingParams,
+    StopFilter,
+    generate,
+    generate_batch,
+    generate_tokens,
+    sample,
+)
+from mambastep.tokenizer import ByteTokenizer
+
+PROMPT_LENGTHS = (1, 5, 17)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random Mamba with spread-out weights, so that greedy output is not one token repeated."""
+    torch.manual_seed(0)
+    model = mambastep.MambaLM(mambastep.MambaConfig(d_model=16, n_layer=2, vocab_size=300, d_state=4)).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def byte_model():
+    """A tiny random Mamba over the 256 byte values."""
+    torch.manual_seed(0)
+    return mambastep.MambaLM(mambastep.MambaConfig(d_model=16, n_layer=2, vocab_size=256, d_state=4)).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 300, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def collect(model, prompts, params):
+    """The tokens of each sequence, and the order (sequence index) in which they came."""
+    out, order = [[] for _ in prompts], []
+    for i, token in generate_tokens(model, prompts, params):
+        out[i].append(token)
+        order.append(i)
+    return out, order
+
+
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+# SamplingParams
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_new_tokens", 0), ("max_new_tokens", 2.0), ("max_new_tokens", True),
+        ("temperature", -0.5), ("temperature", math.nan), ("temperature", math.inf), ("temperature", "1"),
+        ("top_k", -1), ("top_k", 1.5),
+        ("top_p", 0.0), ("top_p", 1.5),
+        ("min_p", -0.1), ("min_p", 1.01),
+        ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+        ("seed", -1), ("seed", 2**64), ("seed", 1.0),
+        ("stop", "\n"), ("stop", ("",)), ("stop", ("a", 3)), ("stop", None),
+        ("eos_token_id", -1), ("eos_token_id", "0"),
+        ("ignore_eos", 1),
+    ],
+)
+def test_sampling_params_rejects(field, value):
+    with pytest.raises(ValueError, match=field) as err:
+        SamplingParams(**{field: value})
+    assert repr(value) in str(err.value)
+
+
+def test_sampling_params_defaults_and_normalisation():
+    params = SamplingParams(stop=["\n", "END"], temperature=0)
+    assert params.stop == ("\n", "END") and params.greedy
+    assert not SamplingParams().greedy and SamplingParams().max_new_tokens == 64
+    hash(params)  # frozen and hashable
+
+
+# sample()
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    tokens = sample(logits, SamplingParams(temperature=0), gens(0, 1, 2, 3), [[]] * 4)
+    assert tokens.dtype == torch.long and tokens.tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_filters_that_keep_one_token_are_greedy(filters):
+    logits = torch.randn(6, 80, generator=torch.Generator().manual_seed(1))
+    tokens = sample(logits, SamplingParams(temperature=1.5, **filters), gens(*range(6)), [[]] * 6)
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("filters, allowed", [(dict(top_k=2), {0, 1}), (dict(top_p=0.75), {0, 1}), (dict(min_p=0.5), {0, 1})])
+def test_filters_keep_the_right_tokens(filters, allowed):
+    logits = torch.tensor([[0.5, 0.3, 0.2, 1e-3]]).log()
+    g = gens(0)
+    drawn = {int(sample(logits, SamplingParams(**filters), g, [[]])) for _ in range(300)}
+    assert drawn == allowed
+
+
+def test_repetition_penalty_changes_the_choice():
+    params = SamplingParams(temperature=0, repetition_penalty=1.5)
+    positive = torch.tensor([[2.0, 1.9, -1.0]])  # 2.0 / 1.5 < 1.9
+    negative = torch.tensor([[-1.0, -1.2, -3.0]])  # -1.0 * 1.5 < -1.2
+    for logits in (positive, negative):
+        assert int(sample(logits, SamplingParams(temperature=0), gens(0), [[0]])) == 0
+        assert int(sample(logits, params, gens(0), [[0]])) == 1
+        assert int(sample(logits, params, gens(0), [[2]])) == 0
+    batch = torch.cat([positive, positive])
+    assert sample(batch, params, gens(0, 0), [[0], []]).tolist() == [1, 0]  # per row history
+
+
+def test_same_seed_same_tokens():
+    logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.2)
+    history = [[1, 2, 3]] * 8
+    first = sample(logits, params, gens(*range(8)), history)
+    assert sample(logits, params, gens(*range(8)), history).tolist() == first.tolist()
+    assert sample(logits, params, gens(*range(100, 108)), history).tolist() != first.tolist()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3, temperature=0.7)])
+def test_a_row_does_not_depend_on_the_others(params):
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(3))
+    history = [[5, 6], [7, 8, 9], [10]]
+    for _ in range(5):
+        together = sample(logits, params, gens(11, 42, 13), history)
+        alone = sample(logits[1:2], params, gens(42), history[1:2])
+        assert int(together[1]) == int(alone[0])
+        logits = logits.roll(1, dims=0)
+        history = history[-1:] + history[:-1]
+        logits[1] = torch.randn(300, generator=torch.Generator().manual_seed(4))
+        history[1] = [1, 2]
+
+
+def test_sample_checks_its_arguments():
+    with pytest.raises(ValueError, match="2 generators"):
+        sample(torch.zeros(2, 5), SamplingParams(), gens(0), [[], []])
+
+
+# generate_tokens()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_new_tokens=12), SamplingParams(seed=7, max_new_tokens=12)])
+def test_a_prompt_in_a_batch_gives_what_it_gives_alone(model, prompts, params):
+    together, order = collect(model, prompts, params)
+    alone = [collect(model, [p], params)[0][0] for p in prompts]
+    assert together == alone
+    assert [len(t) for t in together] == [12, 12, 12]  # max_new_tokens; no eos given
+    assert order == [0, 1, 2] * 12  # one step of the whole batch after another
+    assert len({tuple(t) for t in together}) == 3
+
+
+def test_seeds(model, prompts):
+    params = SamplingParams(max_new_tokens=10)
+    seeded = collect(model, prompts[:1], SamplingParams(max_new_tokens=10, seed=3))[0]
+    assert collect(model, prompts[:1], SamplingParams(max_new_tokens=10, seed=3))[0] == seeded
+    assert collect(model, prompts[:1], params)[0] != collect(model, prompts[:1], params)[0]  # fresh seeds
+
+
+def test_max_new_tokens(model, prompts):
+    for n in (1, 3):
+        out, _ = collect(model, prompts, SamplingParams(temperature=0, max_new_tokens=n))
+        assert [len(t) for t in out] == [n] * len(prompts)
+
+
+def test_eos_ends_only_its_sequence(model, prompts):
+    params = SamplingParams(temperature=0, max_new_tokens=15)
+    full, _ = collect(model, prompts, params)
+    # A token that the last sequence produces (not first, nor before) and the others never do.
+    eos, at = next(
+        (t, k) for k, t in enumerate(full[2]) if k > 0 and t not in full[2][:k] and all(t not in s for s in full[:2])
+    )
+    out, _ = collect(model, prompts, SamplingParams(temperature=0, max_new_tokens=15, eos_token_id=eos))
+    assert out[2] == full[2][: at + 1]  # eos is yielded, then the sequence ends
+    assert out[:2] == full[:2]
+    ignored, _ = collect(model, prompts, SamplingParams(temperature=0, max_new_tokens=15, eos_token_id=eos, ignore_eos=True))
+    assert ignored == full
+
+
+def test_generate_tokens_rejects_bad_prompts(model):
+    with pytest.raises(ValueError, match="empty prompt at index 1"):
+        generate_tokens(model, [[1], []])
+    with pytest.raises(ValueError, match="token id 300"):
+        generate_tokens(model, [[1, 300]])
+    with pytest.raises(ValueError, match="token id -1"):
+        generate_tokens(model, [[-1]])
+    with pytest.raises(ValueError, match="no prompts"):
+        generate_tokens(model, [])
+    with pytest.raises(ValueError, match="eos_token_id 300"):
+        generate_tokens(model, [[1]], SamplingParams(eos_token_id=300))
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.5])
+def test_greedy_equals_transformers(tmp_path, prompts, repetition_penalty):
+    directory = make_hf_checkpoint(tmp_path / "ckpt", vocab_size=300)
+    ours_model, ref = mambastep.load(directory), hf_reference(directory)
+    params = SamplingParams(temperature=0, max_new_tokens=20, repetition_penalty=repetition_penalty)
+    ours, _ = collect(ours_model, prompts, params)
+    for prompt, tokens in zip(prompts, ours):
+        input_ids = torch.tensor([prompt])
+        with torch.no_grad():
+            expected = ref.generate(
+                input_ids, max_new_tokens=20, do_sample=False, eos_token_id=None, repetition_penalty=repetition_penalty
+            )[0, len(prompt) :]
+        assert len(expected) == 20
+        assert tokens == expected.tolist()
+
+
+# generate() and generate_batch()
+
+
+def test_stop_filter_holds_back_possible_starts():
+    f = StopFilter(["END", "\n\n"])
+    assert f.push("abc E") == "abc "  # "E" may start "END"
+    assert f.push("N") == ""
+    assert f.push("x\n") == "ENx"
+    assert f.push("\nmore") == ""
+    assert f.stopped and f.push("more") == "" and f.flush() == ""
+    f = StopFilter(["END"])
+    assert f.push("the EN") == "the " and f.flush() == "EN"
+
+
+def test_stop_filter_cuts_at_the_occurrence_that_ends_first():
+    for pieces in (["abcd"], ["a", "b", "c", "d"], ["ab", "cd"]):
+        f = StopFilter(["abcd", "bc"])
+        assert "".join(f.push(p) for p in pieces) + f.flush() == "a"
+
+
+def test_generate_streams_text(byte_model):
+    tok = ByteTokenizer()
+    pieces = list(generate(byte_model, tok, "Mamba is", seed=1, max_new_tokens=40))
+    text = "".join(pieces)
+    assert all(pieces)
+    assert len(text.encode("utf-8", errors="surrogatepass")) <= 40 * 3  # each U+FFFD stands for at most 3 bytes
+    params = SamplingParams(seed=1, max_new_tokens=40)
+    ids = [t for _, t in generate_tokens(byte_model, [tok.encode("Mamba is")], params)]
+    assert text == tok.decode(ids)
+    assert list(generate(byte_model, tok, "Mamba is", params)) == pieces
+    assert "".join(generate(byte_model, tok, "Mamba is", params, max_new_tokens=20)) == tok.decode(ids[:20])
+
+
+def test_generate_stops_at_a_stop_string(byte_model, monkeypatch):
+    tok = ByteTokenizer()
+    params = SamplingParams(seed=5, max_new_tokens=60, temperature=0.8)
+    full = "".join(generate(byte_model, tok, "Hello", params))
+    stop = full[20:23]
+    cut = full.find(stop)
+    assert 0 <= cut <= 20
+    steps = []
+    step = byte_model.step
+    monkeypatch.setattr(byte_model, "step", lambda *a: steps.append(1) or step(*a))
+    assert "".join(generate(byte_model, tok, "Hello", params, stop=(stop,))) == full[:cut]
+    assert len(steps) < 59  # the sequence ended at the stop string, not at max_new_tokens
+    assert "".join(generate(byte_model, tok, "Hello", params, stop=("never in the output",))) == full
+
+
+def test_generate_stops_at_the_tokenizers_eos(byte_model):
+    params = SamplingParams(seed=5, max_new_tokens=60, temperature=0.8)
+    full = "".join(generate(byte_model, ByteTokenizer(), "Hello", params))
+    char = next(c for c in full[5:] if c.isascii())
+    tok = ByteTokenizer(eos_token_id=ord(char))
+    assert "".join(generate(byte_model, tok, "Hello", params)) == full[: full.index(char)]
+    assert "".join(generate(byte_model, tok, "Hello", params, ignore_eos=True)) == full
+
+
+def test_generate_batch_equals_generate_alone(byte_model):
+    tok = ByteTokenizer()
+    texts = ["a", "Mamba is a", "The state space model reads the prompt"]
+    params = SamplingParams(seed=2, max_new_tokens=30)
+    alone = ["".join(generate(byte_model, tok, t, params)) for t in texts]
+    assert generate_batch(byte_model, tok, texts, params) == alone
+    stop = alone[1][10:12]
+    stopped = generate_batch(byte_model, tok, texts, params, stop=(stop,))
+    assert stopped == ["".join(generate(byte_model, tok, t, params, stop=(stop,))) for t in texts]
+    assert stopped[1] == alone[1][: alone[1].find(stop)]
+
+
+def test_generate_rejects_bad_input(byte_model):
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(byte_model, tok, "")
+    with pytest.raises(ValueError, match="empty prompt at index 1"):
+        generate_batch(byte_model, tok, ["a", ""])
+    with pytest.raises(ValueError, match="unknown sampling parameter"):
+        generate(byte_model, tok, "a", max_tokens=3)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(byte_model, tok, "a", temperature=-1)
