@@ -7,15 +7,19 @@
 """
 
 from mambastep.config import ConfigError, Mamba2Config, MambaConfig
-from mambastep.loading import CheckpointError, load
+from mambastep.generation import SamplingParams, generate, generate_batch, generate_tokens
+from mambastep.loading import CheckpointError, load, save
 from mambastep.models import LanguageModel, Mamba2LM, MambaLM
 from mambastep.state import ModelState, SSMLayerState, StateError, load_state
+from mambastep.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ByteTokenizer",
     "CheckpointError",
     "ConfigError",
+    "HFTokenizer",
     "LanguageModel",
     "Mamba2Config",
     "Mamba2LM",
@@ -23,7 +27,14 @@ __all__ = [
     "MambaLM",
     "ModelState",
     "SSMLayerState",
+    "SamplingParams",
     "StateError",
+    "TokenizerError",
+    "generate",
+    "generate_batch",
+    "generate_tokens",
     "load",
     "load_state",
+    "load_tokenizer",
+    "save",
 ]

@@ -48,7 +48,8 @@ def test_greedy_generation_equals_transformers(checkpoint):
     model, ref = mambastep.load(checkpoint), hf_reference(checkpoint)
     prompt = _tokens(model, 1, 7)
     with torch.no_grad():
-        expected = ref.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 7:]
+        expected = ref.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 7:]
+    assert len(expected) == 12
     last, state = model.prefill(prompt)
     ours = []
     for _ in range(12):

@@ -8,8 +8,6 @@ config says ``residual_in_fp32``.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,11 +17,6 @@ from mambastep.state import ModelState, SSMLayerState, StateError
 
 # Tokens per piece when prefill walks a long prompt: bounds activation memory.
 PREFILL_PIECE = 2048
-
-
-class Mixer(Protocol):
-    def forward(self, x: Tensor, state: SSMLayerState) -> tuple[Tensor, SSMLayerState]: ...
-    def new_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> SSMLayerState: ...
 
 
 class RMSNorm(nn.Module):
