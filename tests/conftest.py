@@ -27,13 +27,16 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_hf_checkpoint(path: Path, family: str = "mamba", seed: int = 0, **config) -> Path:
-    """Save a random `transformers` Mamba or Mamba-2 LM with ``save_pretrained`` and return its directory."""
-    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+    """Save a random `transformers` Mamba, Mamba-2 or GPT-NeoX LM with ``save_pretrained`` and return its directory."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
     torch.manual_seed(seed)
     if family == "mamba":
         defaults = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4)
         model = MambaForCausalLM(MambaConfig(**{**defaults, **config}))
+    elif family == "gpt_neox":
+        defaults = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, rotary_pct=0.5)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**{**defaults, **config}))
     else:
         defaults = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4, num_heads=4, head_dim=8, n_groups=1)
         model = Mamba2ForCausalLM(Mamba2Config(**{**defaults, **config}))

@@ -6,11 +6,12 @@
     last, state = model.step(token, state)       # (b,)   -> (b, vocab)
 """
 
-from mambastep.config import ConfigError, Mamba2Config, MambaConfig
+from mambastep.config import ConfigError, GPTNeoXConfig, Mamba2Config, MambaConfig
 from mambastep.generation import SamplingParams, generate, generate_batch, generate_tokens
 from mambastep.loading import CheckpointError, load, save
-from mambastep.models import LanguageModel, Mamba2LM, MambaLM
-from mambastep.state import ModelState, SSMLayerState, StateError, load_state
+from mambastep.models import LanguageModel, Mamba2LM, MambaLM, TransformerLM
+from mambastep.session import Session
+from mambastep.state import KVLayerState, ModelState, SSMLayerState, StateError, load_state
 from mambastep.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
 
 __version__ = "0.1.0"
@@ -19,7 +20,9 @@ __all__ = [
     "ByteTokenizer",
     "CheckpointError",
     "ConfigError",
+    "GPTNeoXConfig",
     "HFTokenizer",
+    "KVLayerState",
     "LanguageModel",
     "Mamba2Config",
     "Mamba2LM",
@@ -28,8 +31,10 @@ __all__ = [
     "ModelState",
     "SSMLayerState",
     "SamplingParams",
+    "Session",
     "StateError",
     "TokenizerError",
+    "TransformerLM",
     "generate",
     "generate_batch",
     "generate_tokens",

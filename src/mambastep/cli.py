@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict
@@ -19,6 +20,7 @@ import torch
 from mambastep.config import ConfigError
 from mambastep.generation import SamplingParams, generate
 from mambastep.loading import CheckpointError, load
+from mambastep.settings import DECODE_BACKENDS, SCAN_KERNELS, EngineSettings
 from mambastep.state import StateError
 from mambastep.tokenizer import TokenizerError, load_tokenizer
 
@@ -32,10 +34,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory or Hugging Face Hub id (default: the bundled model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    engine = EngineSettings()
+    parser.add_argument("--scan", choices=SCAN_KERNELS, default=engine.scan,
+                        help="Mamba-1 prompt scan: fused CPU kernel, PyTorch, or auto")
+    parser.add_argument("--decode", choices=DECODE_BACKENDS, default=engine.decode,
+                        help="compiled: torch.compile the decode step (one-time compile, cached; faster steps)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
 
 
 def _load_model(args: argparse.Namespace):
-    return load(args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device)
+    settings = EngineSettings(scan=args.scan, decode=args.decode, threads=args.threads)
+    return load(args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device, settings=settings)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="mambastep: %(message)s", level=logging.WARNING)
     try:
         return args.func(args)
     except USER_ERRORS as err:

@@ -1,7 +1,8 @@
 """Model configurations: one typed dataclass per family, parsed from config.json.
 
 Two on-disk formats are understood: the one `transformers` writes
-(``model_type`` "mamba" or "mamba2") and the original state-spaces one
+(``model_type`` "mamba", "mamba2", or "gpt_neox" for the transformer
+baseline) and the original state-spaces one
 (``d_model``, ``n_layer``, ``ssm_cfg``...). A key that is not understood is an
 error, since it may change the architecture; keys known to matter only for
 initialisation or bookkeeping are ignored.
@@ -107,7 +108,55 @@ class Mamba2Config:
         return _fingerprint(self.family, self)
 
 
-ModelConfig = Union[MambaConfig, Mamba2Config]
+@dataclass(frozen=True)
+class GPTNeoXConfig:
+    """GPT-NeoX / Pythia decoder: the transformer baseline, with a KV cache.
+
+    embedding -> n_layer x (LayerNorm -> attention with rotary positions, LayerNorm -> gelu MLP,
+    parallel or sequential residual) -> LayerNorm -> untied output embedding.
+    """
+
+    family: ClassVar[str] = "gpt_neox"
+
+    d_model: int
+    n_layer: int
+    n_heads: int
+    vocab_size: int
+    d_ff: int = 0  # 0 means 4 * d_model
+    rotary_pct: float = 0.25  # share of each head's dims that rotate
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x)), else sequential
+    attention_bias: bool = True  # bias on query_key_value and dense
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    head_dim: int = field(init=False)
+    rotary_dim: int = field(init=False)
+
+    def __post_init__(self):
+        _check_positive(self, "d_model", "n_layer", "n_heads", "vocab_size")
+        if self.d_ff == 0:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        _check_positive(self, "d_ff")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model = {self.d_model} is not a multiple of n_heads = {self.n_heads}")
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ConfigError(f"rotary_pct must lie in [0, 1], got {self.rotary_pct}")
+        head_dim = self.d_model // self.n_heads
+        rotary_dim = int(head_dim * self.rotary_pct)  # as transformers truncates it
+        if rotary_dim % 2:
+            raise ConfigError(f"rotary dims = int({head_dim} * {self.rotary_pct}) = {rotary_dim} must be even")
+        object.__setattr__(self, "rotary_pct", float(self.rotary_pct))
+        object.__setattr__(self, "rotary_base", float(self.rotary_base))
+        object.__setattr__(self, "head_dim", head_dim)
+        object.__setattr__(self, "rotary_dim", rotary_dim)
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the architecture: states and checkpoints carry it."""
+        return _fingerprint(self.family, self)
+
+
+ModelConfig = Union[MambaConfig, Mamba2Config, GPTNeoXConfig]
 
 
 def _check_positive(config: Any, *names: str) -> None:
@@ -215,7 +264,11 @@ def config_from_dict(raw: dict, where: str = "config.json") -> ModelConfig:
             return _hf_mamba(raw, where)
         if model_type == "mamba2":
             return _hf_mamba2(raw, where)
-        raise ConfigError(f"{where}: model_type {model_type!r} is not supported (only 'mamba' and 'mamba2')")
+        if model_type == "gpt_neox":
+            return _hf_gpt_neox(raw, where)
+        raise ConfigError(
+            f"{where}: model_type {model_type!r} is not supported (only 'mamba', 'mamba2' and 'gpt_neox')"
+        )
     if "d_model" in raw and "n_layer" in raw:
         return _original(raw, where)
     raise ConfigError(f"{where}: neither a Hugging Face config (model_type) nor a state-spaces one (d_model, n_layer)")
@@ -277,6 +330,52 @@ def _hf_mamba2(raw: dict, where: str) -> Mamba2Config:
     return config
 
 
+# GPT-NeoX keys for training only (dropout), or not enforced: rotary positions have no learned
+# table, so max_position_embeddings is only the length the model was trained at.
+_IGNORED_HF_GPT_NEOX_KEYS = {
+    "attention_dropout", "hidden_dropout", "classifier_dropout", "attention_probs_dropout_prob",
+    "hidden_dropout_prob", "max_position_embeddings",
+}
+
+
+def _hf_gpt_neox(raw: dict, where: str) -> GPTNeoXConfig:
+    keys = _Keys(raw, where, _IGNORED_HF_KEYS | _IGNORED_HF_GPT_NEOX_KEYS)
+    keys.require("hidden_act", "gelu", "gelu")
+    rotary_pct, rotary_base = _gpt_neox_rotary(keys)
+    config = GPTNeoXConfig(
+        d_model=keys.get("hidden_size"),
+        n_layer=keys.get("num_hidden_layers"),
+        n_heads=keys.get("num_attention_heads"),
+        vocab_size=keys.get("vocab_size"),
+        d_ff=keys.get("intermediate_size"),
+        rotary_pct=rotary_pct,
+        rotary_base=rotary_base,
+        parallel_residual=keys.get("use_parallel_residual", True, bool),
+        attention_bias=keys.get("attention_bias", True, bool),
+        norm_eps=float(keys.get("layer_norm_eps", 1e-5, (int, float))),
+        tie_embeddings=keys.get("tie_word_embeddings", False, bool),
+    )
+    keys.finish()
+    return config
+
+
+def _gpt_neox_rotary(keys: _Keys) -> tuple[float, float]:
+    """(rotary_pct, rotary_base): transformers 5 writes ``rope_parameters``, older configs
+    ``rotary_pct`` and ``rotary_emb_base``; where both are given they must agree."""
+    if keys.get("rope_scaling", None, (dict, type(None))) is not None:
+        raise ConfigError(f"{keys.where}: rope_scaling is not supported (only plain rotary embeddings)")
+    rope = _Keys(keys.get("rope_parameters", None, (dict, type(None))) or {}, f"{keys.where} (rope_parameters)", set())
+    rope.require("rope_type", "default", "default")
+    values = []
+    for old, new, default in (("rotary_pct", "partial_rotary_factor", 0.25), ("rotary_emb_base", "rope_theta", 10000.0)):
+        legacy, current = keys.get(old, None, (int, float)), rope.get(new, None, (int, float))
+        if legacy is not None and current is not None and legacy != current:
+            raise ConfigError(f"{keys.where}: {old} = {legacy} and rope_parameters.{new} = {current} disagree")
+        values.append(float(next(v for v in (current, legacy, default) if v is not None)))
+    rope.finish()
+    return values[0], values[1]
+
+
 def _original(raw: dict, where: str) -> ModelConfig:
     keys = _Keys(raw, where, _IGNORED_ORIGINAL_KEYS)
     keys.require("rms_norm", True, True)
@@ -326,6 +425,22 @@ def _original(raw: dict, where: str) -> ModelConfig:
 
 def config_to_hf_dict(config: ModelConfig) -> dict:
     """The config.json that `transformers` writes for this architecture (inverse of ``config_from_dict``)."""
+    if isinstance(config, GPTNeoXConfig):
+        return {
+            "model_type": config.family,
+            "architectures": ["GPTNeoXForCausalLM"],
+            "hidden_size": config.d_model,
+            "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_heads,
+            "vocab_size": config.vocab_size,
+            "intermediate_size": config.d_ff,
+            "hidden_act": "gelu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base, "partial_rotary_factor": config.rotary_pct},
+            "use_parallel_residual": config.parallel_residual,
+            "attention_bias": config.attention_bias,
+            "layer_norm_eps": config.norm_eps,
+            "tie_word_embeddings": config.tie_embeddings,
+        }
     if isinstance(config, Mamba2Config) and config.D_has_hdim:
         raise ConfigError("D per channel (D_has_hdim) has no Hugging Face config key")
     raw = {

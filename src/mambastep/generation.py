@@ -3,6 +3,8 @@
 Each prompt is prefilled alone (no padding, so a prompt in a batch gives exactly
 what it gives alone), the states are joined along the batch, then every step
 decodes one token per live sequence; a finished sequence leaves the batch.
+``generate_from_state`` runs the same decoding from a sequence already read into a
+state (its last logits and state), which is how a ``Session`` continues a stream.
 
     for piece in generate(model, tok, "Mamba is", max_new_tokens=50):
         print(piece, end="", flush=True)
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Collection, Iterator, Sequence
+from functools import partial
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -176,7 +179,7 @@ def generate_tokens(
     """
     params = params or SamplingParams()
     _check_prompts(model, prompts, params)
-    return _decode(model, prompts, params, cancelled=set())
+    return _decode(model, partial(_prefill, model, prompts), _seen(prompts, params), params, cancelled=set())
 
 
 def _check_prompts(model: LanguageModel, prompts: list[list[int]], params: SamplingParams) -> None:
@@ -189,24 +192,48 @@ def _check_prompts(model: LanguageModel, prompts: list[list[int]], params: Sampl
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i} holds token id {bad[0]!r}, outside the model's vocabulary [0, {vocab})")
+    _check_eos(model, params)
+
+
+def _check_eos(model: LanguageModel, params: SamplingParams) -> None:
+    vocab = model.config.vocab_size
     if params.eos_token_id is not None and params.eos_token_id >= vocab:
         raise ValueError(f"eos_token_id {params.eos_token_id} lies outside the model's vocabulary [0, {vocab})")
 
 
-def _decode(
-    model: LanguageModel, prompts: list[list[int]], params: SamplingParams, cancelled: set[int]
-) -> Iterator[tuple[int, int]]:
-    """The decoding loop. A caller may add a sequence index to ``cancelled`` after
-    receiving one of its tokens: that sequence then yields no more tokens."""
-    generators = [_generator(params.seed) for _ in prompts]
-    seen = [set(prompt) for prompt in prompts] if params.repetition_penalty != 1.0 else [set() for _ in prompts]
+def _prefill(model: LanguageModel, prompts: list[list[int]]) -> tuple[Tensor, ModelState]:
+    """Prefill each prompt alone (no padding) and join: (b, vocab) last logits, a state of b sequences."""
     firsts, states = [], []
     for prompt in prompts:
         last, state = model.prefill(torch.tensor([prompt], device=model.device), model.new_state(1))
         firsts.append(last)  # (1, vocab)
         states.append(state)
-    logits, state = torch.cat(firsts), ModelState.cat(states)  # (b, vocab), batch of b
-    active = list(range(len(prompts)))  # sequence index of each batch row
+    return torch.cat(firsts), ModelState.cat(states)
+
+
+def _seen(histories: Sequence[Iterable[int]], params: SamplingParams) -> list[set[int]]:
+    """Per sequence, the token ids the repetition penalty looks at (none when it is off)."""
+    if params.repetition_penalty == 1.0:
+        return [set() for _ in histories]
+    return [set(history) for history in histories]
+
+
+def _decode(
+    model: LanguageModel,
+    start: Callable[[], tuple[Tensor, ModelState]],
+    seen: list[set[int]],
+    params: SamplingParams,
+    cancelled: set[int],
+) -> Iterator[tuple[int, int]]:
+    """The decoding loop, from the (b, vocab) last logits and the state of b sequences
+    that ``start`` returns (called on the first ``next``, so that nothing runs before).
+
+    ``seen`` holds each sequence's token ids for the repetition penalty, and grows with
+    the output. A caller may add a sequence index to ``cancelled`` after receiving one
+    of its tokens: that sequence then yields no more tokens."""
+    generators = [_generator(params.seed) for _ in seen]
+    logits, state = start()  # (b, vocab), batch of b
+    active = list(range(len(seen)))  # sequence index of each batch row
     eos = None if params.ignore_eos else params.eos_token_id
     for n_generated in range(1, params.max_new_tokens + 1):
         tokens = sample(logits, params, [generators[i] for i in active], [seen[i] for i in active])  # (b,)
@@ -264,7 +291,54 @@ def generate(
     params = _resolve(tokenizer, params, overrides)
     ids = [_encode(tokenizer, prompt)]
     _check_prompts(model, ids, params)
-    return (piece for _, piece in _text_pieces(model, tokenizer, ids, params))
+    pieces = _text_pieces(model, tokenizer, partial(_prefill, model, ids), _seen(ids, params), params)
+    return (piece for _, piece in pieces)
+
+
+def generate_from_state(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    logits: Tensor,
+    state: ModelState,
+    params: SamplingParams | None = None,
+    history: Iterable[int] = (),
+    on_token: Callable[[int], None] | None = None,
+    **overrides: Any,
+) -> Iterator[str]:
+    """Stream the continuation of one sequence already read into ``state``, as ``generate`` does.
+
+    Args:
+        model: the language model.
+        tokenizer: decodes the output.
+        logits: (1, vocab) next-token logits after the last token read; state: the state
+            after it (one sequence, left unchanged).
+        params, overrides: as for ``generate``.
+        history: token ids already read, for the repetition penalty.
+        on_token: called with each generated token id as it is drawn, including an eos
+            token and the tokens of a stop string (which the text leaves out).
+
+    Returns:
+        an iterator of text pieces whose concatenation is the continuation.
+
+    Raises:
+        ValueError: logits or state not of one sequence of this model, or an invalid
+            sampling parameter.
+    """
+    params = _resolve(tokenizer, params, overrides)
+    vocab = model.config.vocab_size
+    if logits.shape != (1, vocab):
+        raise ValueError(f"logits must have shape (1, {vocab}), got {tuple(logits.shape)}")
+    if state.batch_size != 1 or state.fingerprint != model.config.fingerprint:
+        raise ValueError(
+            f"state must hold one sequence of this model ({model.config.fingerprint}), "
+            f"got {state.batch_size} of model {state.fingerprint}"
+        )
+    _check_eos(model, params)
+    pieces = _text_pieces(
+        model, tokenizer, lambda: (logits, state), _seen([history], params), params,
+        on_token=None if on_token is None else lambda _, token: on_token(token),
+    )
+    return (piece for _, piece in pieces)
 
 
 def generate_batch(
@@ -290,7 +364,7 @@ def generate_batch(
     ids = [_encode(tokenizer, prompt, i) for i, prompt in enumerate(prompts)]
     _check_prompts(model, ids, params)
     pieces: list[list[str]] = [[] for _ in prompts]
-    for i, piece in _text_pieces(model, tokenizer, ids, params):
+    for i, piece in _text_pieces(model, tokenizer, partial(_prefill, model, ids), _seen(ids, params), params):
         pieces[i].append(piece)
     return ["".join(p) for p in pieces]
 
@@ -318,14 +392,23 @@ def _encode(tokenizer: Tokenizer, prompt: str, index: int = 0) -> list[int]:
 
 
 def _text_pieces(
-    model: LanguageModel, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    start: Callable[[], tuple[Tensor, ModelState]],
+    seen: list[set[int]],
+    params: SamplingParams,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[int, str]]:
-    """(sequence index, text piece) as tokens arrive; stop strings end a sequence."""
+    """(sequence index, text piece) as tokens arrive; stop strings end a sequence.
+
+    ``start`` and ``seen`` are as for ``_decode``; ``on_token(index, token)`` sees every token."""
     cancelled: set[int] = set()
-    streams = [TextStream(tokenizer) for _ in prompts]
-    filters = [StopFilter(params.stop) for _ in prompts]
+    streams = [TextStream(tokenizer) for _ in seen]
+    filters = [StopFilter(params.stop) for _ in seen]
     eos = None if params.ignore_eos else params.eos_token_id
-    for i, token in _decode(model, prompts, params, cancelled):
+    for i, token in _decode(model, start, seen, params, cancelled):
+        if on_token is not None:
+            on_token(i, token)
         if token == eos:
             continue  # ends the sequence; not part of the text
         piece = filters[i].push(streams[i].push(token))

@@ -2,13 +2,15 @@
 
 Formats:
 - Hugging Face (``transformers``' ``save_pretrained``): config.json with
-  ``model_type`` "mamba" or "mamba2", and model.safetensors or a sharded
-  model.safetensors.index.json.
+  ``model_type`` "mamba", "mamba2" or "gpt_neox", and model.safetensors or a
+  sharded model.safetensors.index.json.
 - The original state-spaces one: config.json with ``d_model``, ``n_layer``,
   ``ssm_cfg``..., and pytorch_model.bin (read with ``weights_only=True``).
 
 Every tensor of the model must be found once, with the right shape, and no
-tensor may be left over: a partial load is an error, never a warning.
+tensor may be left over: a partial load is an error, never a warning. The one
+exception is a buffer the model derives itself (GPT-NeoX's causal mask and
+rotary frequencies, in older checkpoints), which is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from mambastep.config import ConfigError, ModelConfig, config_from_dict, config_to_hf_dict
 from mambastep.models import LanguageModel, model_class
+from mambastep.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +124,18 @@ def read_weights(directory: Path) -> tuple[dict[str, Tensor], str]:
 
 
 def _match(model: LanguageModel, tensors: dict[str, Tensor], source: str) -> dict[str, Tensor]:
-    """Rename, then check names and shapes against the model's parameters."""
-    tensors = {_RENAMES.get(name, name): t for name, t in tensors.items()}
+    """Rename, drop derived buffers, then check names and shapes against the model's parameters."""
+    tensors = {
+        _RENAMES.get(name, name): t for name, t in tensors.items() if not name.endswith(model.derived_buffers)
+    }
     expected = dict(model.state_dict())
     if model.config.tie_embeddings:
-        del expected["lm_head.weight"]
-        head = tensors.pop("lm_head.weight", None)
-        embedding = tensors.get("backbone.embeddings.weight")
+        del expected[model.head_weight]
+        head = tensors.pop(model.head_weight, None)
+        embedding = tensors.get(model.embedding_weight)
         if head is not None and embedding is not None and not torch.equal(head, embedding):
             raise CheckpointError(
-                f"{source}: the config ties the embeddings, but lm_head.weight differs from the embedding"
+                f"{source}: the config ties the embeddings, but {model.head_weight} differs from the embedding"
             )
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -153,14 +158,18 @@ def _match(model: LanguageModel, tensors: dict[str, Tensor], source: str) -> dic
 
 
 def load(
-    path_or_id: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    path_or_id: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    settings: EngineSettings | None = None,
 ) -> LanguageModel:
-    """Load a Mamba or Mamba-2 checkpoint (a local directory or a Hugging Face Hub id).
+    """Load a Mamba, Mamba-2 or GPT-NeoX checkpoint (a local directory or a Hugging Face Hub id).
 
     Args:
         path_or_id: checkpoint directory, or "owner/name" on the hub.
         dtype: weight dtype; None keeps the checkpoint's (of its embedding).
         device: where the model lives.
+        settings: how it runs (kernels, decode backend, threads); None takes the defaults.
 
     Raises:
         CheckpointError: the message names the file and the key or tensor at fault.
@@ -172,14 +181,14 @@ def load(
         model = model_class(config)(config)
     tensors = _match(model, tensors, source)
     if config.tie_embeddings:
-        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
+        tensors[model.head_weight] = tensors[model.embedding_weight]
     model.load_state_dict(tensors, strict=True, assign=True)
     if config.tie_embeddings:
-        model.lm_head.weight = model.backbone.embeddings.weight
-    dtype = dtype or model.backbone.embeddings.weight.dtype
+        model.tie_embeddings()
+    dtype = dtype or model.dtype
     model = model.to(device=device, dtype=dtype).eval()
     log.info("loaded %s (%s, %s) from %s", config.family, dtype, device, source)
-    return model
+    return model.configure(settings or EngineSettings())
 
 
 def save(model: LanguageModel, directory: str | Path, extra_config: dict | None = None) -> Path:
@@ -194,7 +203,7 @@ def save(model: LanguageModel, directory: str | Path, extra_config: dict | None 
     config_from_dict(config, "extra_config")  # refuse keys that load would refuse
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_embeddings:
-        del tensors["lm_head.weight"]
+        del tensors[model.head_weight]
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory

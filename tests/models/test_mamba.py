@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mambastep
+from mambastep.settings import EngineSettings
 from conftest import hf_reference, make_hf_checkpoint, to_original_format
 
 MAMBA_CONFIGS = [
@@ -71,7 +72,7 @@ def test_prefill_then_steps_equals_forward(checkpoint):
             torch.testing.assert_close(last, full[:, t], atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_in_pieces_equals_one_prefill(checkpoint, monkeypatch):
+def test_prefill_in_pieces_equals_one_prefill(checkpoint):
     model = mambastep.load(checkpoint)
     tokens = _tokens(model, 2, 45)
     last, state = model.prefill(tokens)
@@ -83,7 +84,7 @@ def test_prefill_in_pieces_equals_one_prefill(checkpoint, monkeypatch):
         torch.testing.assert_close(ours.ssm, ref.ssm, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.conv, ref.conv)
     # The internal walk over long prompts in pieces gives the same as one pass.
-    monkeypatch.setattr("mambastep.models.lm.PREFILL_PIECE", 4)
+    model.configure(EngineSettings(prefill_piece=4))
     walked, _ = model.prefill(tokens)
     torch.testing.assert_close(walked, last, atol=1e-5, rtol=1e-5)
 

@@ -1,22 +1,27 @@
-"""The language-model shell shared by every family.
+"""The language-model API shared by every family, and the shell of the SSM families.
+
+``LanguageModel`` holds what every family shares: ``forward``, ``prefill`` and
+``step`` with their checks, and the LM head; a family supplies ``new_state``
+and ``_hidden``. ``SSMLanguageModel`` is the shell of Mamba and Mamba-2:
 
 embedding -> n_layer x (RMSNorm -> mixer, residual add) -> RMSNorm -> LM head.
-A family supplies its mixer; the shell supplies ``forward``, ``prefill``,
-``step`` and ``new_state``. The residual stream is kept in float32 when the
+
+A family supplies its mixer. The residual stream is kept in float32 when the
 config says ``residual_in_fp32``.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import ModelConfig
+from mambastep.settings import EngineSettings, log
 from mambastep.state import ModelState, SSMLayerState, StateError
-
-# Tokens per piece when prefill walks a long prompt: bounds activation memory.
-PREFILL_PIECE = 2048
 
 
 class RMSNorm(nn.Module):
@@ -56,36 +61,57 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
 
 
-class LanguageModel(nn.Module):
-    """A selective state space language model that takes a state and returns the next.
+class LanguageModel(nn.Module, ABC):
+    """A language model that takes a state and returns the next: the API of every family.
 
-    Parameter names follow the Hugging Face checkpoints (``backbone.embeddings``,
-    ``backbone.layers.{i}.mixer``, ``backbone.norm_f``, ``lm_head``).
+    Subclasses supply ``new_state`` and ``_hidden``, and name the
+    checkpoint tensors of their input and output embeddings (the loader ties
+    them when the config says so) and the derived buffers a checkpoint may
+    carry besides weights (the loader drops them).
     """
 
-    def __init__(self, config: ModelConfig, mixers: list[nn.Module]):
-        super().__init__()
-        self.config = config
-        self.backbone = Backbone(config, mixers)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
+    config: ModelConfig
+    settings: EngineSettings = EngineSettings(scan="torch")  # until configure() is called
+    _compiled_step = None
+    embedding_weight: ClassVar[str]
+    head_weight: ClassVar[str]
+    derived_buffers: ClassVar[tuple[str, ...]] = ()  # suffixes of tensor names
 
     @property
     def device(self) -> torch.device:
-        return self.backbone.embeddings.weight.device
+        return self.get_parameter(self.embedding_weight).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.embeddings.weight.dtype
+        return self.get_parameter(self.embedding_weight).dtype
 
+    def configure(self, settings: EngineSettings) -> "LanguageModel":
+        """Apply engine settings (kernels, decode backend, threads); logs the choice once."""
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        # One graph for every batch size, compiled at the first step and cached on disk.
+        self._compiled_step = torch.compile(self._step_logits, dynamic=True) if settings.decode == "compiled" else None
+        log.info("engine: %s", settings)
+        return self
+
+    def tie_embeddings(self) -> None:
+        """Make the output head share the input embedding's weight."""
+        module, _, name = self.head_weight.rpartition(".")
+        setattr(self.get_submodule(module), name, self.get_parameter(self.embedding_weight))
+
+    @abstractmethod
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> ModelState:
-        """A zero state for ``batch_size`` sequences (the state of an empty prefix)."""
-        device = self.device if device is None else torch.device(device)
-        layers = tuple(
-            block.mixer.new_state(batch_size, self.dtype, device) for block in self.backbone.layers
-        )
-        return ModelState(layers, self.config.fingerprint)
+        """The state of an empty prefix for ``batch_size`` sequences."""
+
+    @abstractmethod
+    def _hidden(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """Final-normed hidden states (b, l, d) and the next state."""
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """(..., d) hidden states -> (..., vocab) float32 logits."""
+        head = self.get_parameter(self.head_weight)  # (vocab, d)
+        return F.linear(hidden.to(head.dtype), head).float()
 
     def _check(self, tokens: Tensor, state: ModelState | None, ndim: int) -> ModelState:
         if tokens.dim() != ndim:
@@ -104,20 +130,6 @@ class LanguageModel(nn.Module):
             raise StateError(f"state holds {state.batch_size} sequences, tokens hold {tokens.shape[0]}")
         return state
 
-    def _hidden(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """Final-normed hidden states (b, l, d) and the next state."""
-        x = self.backbone.embeddings(tokens)  # (b, l, d)
-        residual_dtype = torch.float32 if self.config.residual_in_fp32 else self.dtype
-        residual = x.to(residual_dtype)
-        layers = []
-        for block, layer_state in zip(self.backbone.layers, state.layers):
-            residual, layer_state = block(residual, layer_state)
-            layers.append(layer_state)
-        return self.backbone.norm_f(residual), ModelState(tuple(layers), state.fingerprint)
-
-    def _logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden.to(self.lm_head.weight.dtype), self.lm_head.weight).float()
-
     def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """Logits at every position.
 
@@ -135,8 +147,8 @@ class LanguageModel(nn.Module):
     def prefill(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """Read a prompt of any length; return only the last position's logits.
 
-        Long prompts are processed in pieces of PREFILL_PIECE tokens, carrying the
-        state, so memory does not grow with the prompt.
+        Long prompts are processed in pieces of ``settings.prefill_piece`` tokens,
+        carrying the state, so memory does not grow with the prompt.
 
         Args:
             tokens: (b, l) token ids; state: the state before them, or None.
@@ -145,8 +157,9 @@ class LanguageModel(nn.Module):
             logits: (b, vocab) float32 at the last token; the state after it.
         """
         state = self._check(tokens, state, 2)
-        for start in range(0, tokens.shape[1], PREFILL_PIECE):
-            hidden, state = self._hidden(tokens[:, start : start + PREFILL_PIECE], state)
+        piece = self.settings.prefill_piece
+        for start in range(0, tokens.shape[1], piece):
+            hidden, state = self._hidden(tokens[:, start : start + piece], state)
         return self._logits(hidden[:, -1]), state
 
     @torch.no_grad()
@@ -160,5 +173,51 @@ class LanguageModel(nn.Module):
             logits: (b, vocab) float32; the next state.
         """
         state = self._check(token, state, 1)
-        hidden, state = self._hidden(token[:, None], state)
+        return (self._compiled_step or self._step_logits)(token, state)
+
+    def _step_logits(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        hidden, state = self._hidden(token[:, None], state)  # (b, 1, d)
         return self._logits(hidden[:, 0]), state
+
+
+class SSMLanguageModel(LanguageModel):
+    """A selective state space language model (Mamba, Mamba-2): the shell around the mixers.
+
+    Parameter names follow the Hugging Face checkpoints (``backbone.embeddings``,
+    ``backbone.layers.{i}.mixer``, ``backbone.norm_f``, ``lm_head``).
+    """
+
+    embedding_weight = "backbone.embeddings.weight"
+    head_weight = "lm_head.weight"
+
+    def __init__(self, config: ModelConfig, mixers: list[nn.Module]):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, mixers)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def configure(self, settings: EngineSettings) -> "SSMLanguageModel":
+        for block in self.backbone.layers:
+            block.mixer.configure(settings)
+        return super().configure(settings)
+
+    def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> ModelState:
+        """A zero state for ``batch_size`` sequences (the state of an empty prefix)."""
+        device = self.device if device is None else torch.device(device)
+        layers = tuple(
+            block.mixer.new_state(batch_size, self.dtype, device) for block in self.backbone.layers
+        )
+        return ModelState(layers, self.config.fingerprint)
+
+    def _hidden(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """Final-normed hidden states (b, l, d) and the next state."""
+        x = self.backbone.embeddings(tokens)  # (b, l, d)
+        residual_dtype = torch.float32 if self.config.residual_in_fp32 else self.dtype
+        residual = x.to(residual_dtype)
+        layers = []
+        for block, layer_state in zip(self.backbone.layers, state.layers):
+            residual, layer_state = block(residual, layer_state)
+            layers.append(layer_state)
+        return self.backbone.norm_f(residual), ModelState(tuple(layers), state.fingerprint)

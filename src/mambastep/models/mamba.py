@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import MambaConfig
-from mambastep.models.lm import LanguageModel
+from mambastep.models.lm import SSMLanguageModel
 from mambastep.ops import causal_conv, causal_conv_step, selective_scan, selective_step
+from mambastep.ops.cpu import kernels, selective_scan_fused
+from mambastep.settings import EngineSettings, log
 from mambastep.state import SSMLayerState
 
 
@@ -29,6 +31,13 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(e))
         self.out_proj = nn.Linear(e, d, bias=config.bias)
         self.reset_ssm_parameters()
+        self.scan_chunk = EngineSettings().scan_chunk
+        self.fused_scan = False
+
+    def configure(self, settings: EngineSettings) -> None:
+        """Choose the prompt scan: the fused CPU kernel is used for inference on CPU only."""
+        self.scan_chunk = settings.scan_chunk
+        self.fused_scan = settings.scan == "fused" or (settings.scan == "auto" and _fused_kernels_build())
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
@@ -67,14 +76,26 @@ class MambaMixer(nn.Module):
         if one_token:
             y, ssm = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state.ssm)
             y = y[:, None]  # (b, 1, e)
+        elif self.fused_scan and u.device.type == "cpu" and not torch.is_grad_enabled():
+            y, ssm = selective_scan_fused(x, dt, A, B, C, self.D, state.ssm)  # (b, l, e)
         else:
-            y, ssm = selective_scan(x, dt, A, B, C, self.D, state.ssm)  # (b, l, e)
+            y, ssm = selective_scan(x, dt, A, B, C, self.D, state.ssm, self.scan_chunk)  # (b, l, e)
         y = y.to(z.dtype) * F.silu(z)
         return self.out_proj(y), SSMLayerState(conv=conv, ssm=ssm)
 
 
-class MambaLM(LanguageModel):
+class MambaLM(SSMLanguageModel):
     """Mamba-1 language model (``MambaForCausalLM`` in transformers)."""
 
     def __init__(self, config: MambaConfig):
         super().__init__(config, [MambaMixer(config) for _ in range(config.n_layer)])
+
+
+def _fused_kernels_build() -> bool:
+    """Whether the fused CPU kernels are available; the reason is logged when they are not."""
+    try:
+        kernels()
+    except (RuntimeError, OSError, ImportError) as err:
+        log.warning("fused CPU scan unavailable, using the PyTorch scan: %s", err)
+        return False
+    return True

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import Mamba2Config
-from mambastep.models.lm import LanguageModel, RMSNorm
+from mambastep.models.lm import RMSNorm, SSMLanguageModel
 from mambastep.ops import causal_conv, causal_conv_step, ssd_scan, ssd_step
+from mambastep.settings import EngineSettings
 from mambastep.state import SSMLayerState
 
 
@@ -29,6 +30,10 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNorm(c.d_inner, c.norm_eps, group_size=c.norm_group_size)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
         self.reset_ssm_parameters()
+        self.scan_chunk = EngineSettings().scan_chunk
+
+    def configure(self, settings: EngineSettings) -> None:
+        self.scan_chunk = settings.scan_chunk
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
@@ -72,12 +77,12 @@ class Mamba2Mixer(nn.Module):
             y, ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state.ssm)  # (b, h, p)
             y = y[:, None]  # (b, 1, h, p)
         else:
-            y, ssm = ssd_scan(x, dt, A, B, C, D, state.ssm)  # (b, l, h, p)
+            y, ssm = ssd_scan(x, dt, A, B, C, D, state.ssm, self.scan_chunk)  # (b, l, h, p)
         y = y.flatten(-2) * F.silu(z.float())  # (b, l, e)
         return self.out_proj(self.norm(y)), SSMLayerState(conv=conv, ssm=ssm)
 
 
-class Mamba2LM(LanguageModel):
+class Mamba2LM(SSMLanguageModel):
     """Mamba-2 language model (``Mamba2ForCausalLM`` in transformers)."""
 
     def __init__(self, config: Mamba2Config):

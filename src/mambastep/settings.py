@@ -1,0 +1,47 @@
+"""Engine settings: how a model runs, kept apart from what the model is (its config)
+and from how tokens are chosen (SamplingParams)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+log = logging.getLogger("mambastep")
+
+SCAN_KERNELS = ("auto", "fused", "torch")
+DECODE_BACKENDS = ("eager", "compiled")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How a loaded model runs.
+
+    scan: the Mamba-1 prompt scan. "fused" is the compiled CPU kernel (inference on CPU
+        only; built on first use), "torch" the chunked PyTorch scan (any device, gradients),
+        "auto" the fused kernel for CPU inference and the PyTorch scan otherwise.
+    decode: "compiled" runs each decode step through torch.compile (a one-time compile
+        of a few tens of seconds per model, cached on disk, then faster steps); "eager"
+        starts at once.
+    threads: intra-op threads (None keeps PyTorch's default).
+    scan_chunk: tokens per block of the chunked PyTorch scans.
+    prefill_piece: tokens per piece when a long prompt is prefilled; bounds activation memory.
+    """
+
+    scan: Literal["auto", "fused", "torch"] = "auto"
+    decode: Literal["eager", "compiled"] = "eager"
+    threads: int | None = None
+    scan_chunk: int = 64
+    prefill_piece: int = 2048
+
+    def __post_init__(self):
+        if self.scan not in SCAN_KERNELS:
+            raise ValueError(f"scan must be one of {SCAN_KERNELS}, got {self.scan!r}")
+        if self.decode not in DECODE_BACKENDS:
+            raise ValueError(f"decode must be one of {DECODE_BACKENDS}, got {self.decode!r}")
+        for name in ("scan_chunk", "prefill_piece"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")

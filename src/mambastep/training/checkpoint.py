@@ -1,0 +1,75 @@
+"""What a run writes to disk: the model (for every command), and the training state (for resume).
+
+out/model/            config.json + model.safetensors (+ tokenizer.json): ``mambastep.load`` reads it
+out/train_state.pt    weights, optimiser, schedule, step, carried states, RNG: exact resume
+
+Both are replaced atomically (a temporary sibling, then a rename), so a run
+killed while writing leaves the previous checkpoint whole. The training state
+holds its own copy of the weights, so it never disagrees with itself. It holds
+only tensors and plain containers, and is read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mambastep.loading import save
+from mambastep.models import LanguageModel
+from mambastep.tokenizer import ByteTokenizer, Tokenizer
+from mambastep.training.settings import TrainingError
+
+TRAIN_STATE_FORMAT = "mambastep-train-state"
+TRAIN_STATE_VERSION = 1
+
+
+def write_model(model: LanguageModel, tokenizer: Tokenizer, tokenizer_file: Path | None, directory: Path) -> None:
+    """Save ``model`` where ``mambastep.load`` and ``load_tokenizer`` find it, replacing what was there."""
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        extra = {"tokenizer": "bytes"} if isinstance(tokenizer, ByteTokenizer) else None
+        save(model, tmp, extra_config=extra)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_train_state(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary sibling, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"format": TRAIN_STATE_FORMAT, "version": TRAIN_STATE_VERSION, **state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """The training state written by ``write_train_state``.
+
+    Raises:
+        TrainingError: no file, an unreadable one, or one of another format or version.
+    """
+    if not path.is_file():
+        raise TrainingError(f"cannot resume: no training state at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise TrainingError(f"{path}: not a readable training state ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise TrainingError(f"{path}: not a mambastep training state")
+    if state.get("version") != TRAIN_STATE_VERSION:
+        raise TrainingError(f"{path}: training state version {state.get('version')}, this mambastep reads {TRAIN_STATE_VERSION}")
+    return state

@@ -1,0 +1,182 @@
+"""Training text: find the files, check them, split them by file, tokenize, cut into lanes.
+
+The held-out split is fixed by a rule, not by chance: a file is held out when
+the hash of ``f"{seed}/{relative path}"`` falls below ``holdout``. Adding or
+removing other files never moves a file from one side to the other.
+
+Each side is one token stream (its files concatenated in path order), cut
+into ``lanes`` equal rows. Step ``s`` reads window ``s`` of every lane, so the
+data position is the step itself, and consecutive windows of a lane are
+consecutive text: a recurrent model carries its state from one to the next.
+Each process keeps only its own contiguous block of lanes (its shard).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mambastep.tokenizer import ByteTokenizer, Tokenizer
+from mambastep.training.settings import DataSettings, TrainingError
+
+
+@dataclass(frozen=True)
+class TextFile:
+    path: Path
+    name: str  # path relative to the folder it was found in: what the split hashes
+
+
+@dataclass(frozen=True)
+class Split:
+    """One side of the split: its files and their token stream."""
+
+    names: tuple[str, ...]
+    tokens: Tensor  # (t,) int32: the files' tokens, concatenated in path order
+    n_bytes: int  # UTF-8 bytes of the text
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.n_bytes / max(len(self.tokens), 1)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: Split
+    heldout: Split
+    heldout_text: bytes  # the held-out files' bytes, concatenated: what gzip and xz are measured on
+
+
+def find_files(settings: DataSettings) -> list[TextFile]:
+    """Every file under ``settings.paths`` that the include/exclude patterns select, in path order.
+
+    Raises:
+        TrainingError: a path that does not exist, or no file selected at all.
+    """
+    found: list[TextFile] = []
+    for given in settings.paths:
+        root = Path(given).expanduser()
+        if root.is_file():
+            found.append(TextFile(root, root.name))
+        elif root.is_dir():
+            for path in sorted(root.rglob("*")):
+                name = path.relative_to(root).as_posix()
+                if path.is_file() and _selected(name, settings):
+                    found.append(TextFile(path, name))
+        else:
+            raise TrainingError(f"training data path {given} does not exist")
+    if not found:
+        raise TrainingError(
+            f"no training files in {', '.join(settings.paths)}: nothing matches include "
+            f"{list(settings.include)} (and not exclude {list(settings.exclude)})"
+        )
+    return found
+
+
+def _selected(name: str, settings: DataSettings) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in settings.include) and not any(
+        fnmatch.fnmatch(name, p) for p in settings.exclude
+    )
+
+
+def is_heldout(name: str, seed: int, holdout: float) -> bool:
+    """The split rule: sha256 of ``f"{seed}/{name}"``, read as a fraction of 2**64, below ``holdout``."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < holdout
+
+
+def _read_texts(files: list[TextFile], skip_binary: bool) -> list[tuple[TextFile, bytes]]:
+    """The files' bytes; files that are not UTF-8 text (a NUL byte, invalid UTF-8) are binary."""
+    texts, binary = [], []
+    for f in files:
+        data = f.path.read_bytes()
+        try:
+            data.decode("utf-8")
+            text_ok = b"\0" not in data
+        except UnicodeDecodeError:
+            text_ok = False
+        if text_ok:
+            texts.append((f, data))
+        else:
+            binary.append(f.path)
+    if binary and not skip_binary:
+        shown = ", ".join(str(p) for p in binary[:5]) + (f" and {len(binary) - 5} more" if len(binary) > 5 else "")
+        raise TrainingError(
+            f"{len(binary)} file(s) are not UTF-8 text: {shown}. Leave them out with --exclude, "
+            "or pass --skip-binary to skip every such file"
+        )
+    if not any(data for _, data in texts):
+        raise TrainingError(f"the {len(files)} selected file(s) hold no text (all empty or binary)")
+    return texts
+
+
+def _split(texts: list[tuple[TextFile, bytes]], tokenizer: Tokenizer) -> Split:
+    if isinstance(tokenizer, ByteTokenizer):
+        joined = b"".join(data for _, data in texts)
+        tokens = torch.from_numpy(np.frombuffer(joined, dtype=np.uint8).astype(np.int32))
+    else:
+        ids = [i for _, data in texts for i in tokenizer.encode(data.decode("utf-8"))]
+        tokens = torch.tensor(ids, dtype=torch.int32)
+    return Split(tuple(f.name for f, _ in texts), tokens, sum(len(data) for _, data in texts))
+
+
+def load_corpus(settings: DataSettings, tokenizer: Tokenizer) -> Corpus:
+    """Read, check, split and tokenize the training text.
+
+    Raises:
+        TrainingError: missing paths, no files, binary files (unless skipped), no text,
+            or a split with no file on one side; the message names the paths or files.
+    """
+    texts = _read_texts(find_files(settings), settings.skip_binary)
+    train = [(f, d) for f, d in texts if not is_heldout(f.name, settings.seed, settings.holdout)]
+    heldout = [(f, d) for f, d in texts if is_heldout(f.name, settings.seed, settings.holdout)]
+    if not train:
+        raise TrainingError(f"every one of the {len(texts)} file(s) fell in the held-out split; lower --holdout")
+    if settings.holdout > 0 and not heldout:
+        raise TrainingError(
+            f"no file of the {len(texts)} fell in the held-out split (holdout {settings.holdout}); "
+            "add files, raise --holdout, or pass --holdout 0 to train without evaluation"
+        )
+    return Corpus(_split(train, tokenizer), _split(heldout, tokenizer), b"".join(d for _, d in heldout))
+
+
+class Lanes:
+    """A token stream cut into ``count`` equal lanes, read ``seq_len`` tokens at a time.
+
+    This process keeps lanes [rank * count / world, (rank + 1) * count / world): a
+    contiguous block of the stream. Window ``i`` gives inputs (b, <= seq_len) and
+    the next tokens as targets.
+    """
+
+    def __init__(self, tokens: Tensor, count: int, seq_len: int, rank: int, world: int, what: str):
+        lane_len = len(tokens) // count
+        if lane_len < 2:
+            raise TrainingError(
+                f"the {what} split holds {len(tokens)} tokens, too few for {count} lanes "
+                "(one per sequence of the batch): add text or lower --batch-size"
+            )
+        local = count // world
+        self.tokens = tokens[rank * local * lane_len : (rank + 1) * local * lane_len].view(local, lane_len)
+        self.seq_len = seq_len
+
+    @property
+    def full_windows(self) -> int:
+        """Windows of exactly ``seq_len`` inputs in each lane."""
+        return (self.tokens.shape[1] - 1) // self.seq_len
+
+    def windows(self, max_tokens: int | None = None) -> int:
+        """Windows needed to read each lane to its end (or to ``max_tokens`` inputs), the last one shorter."""
+        length = self.tokens.shape[1] - 1 if max_tokens is None else min(self.tokens.shape[1] - 1, max_tokens)
+        return -(-length // self.seq_len)
+
+    def window(self, i: int, max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+        """Inputs and targets of window ``i``: (b, q) int64 each, q <= seq_len."""
+        end = self.tokens.shape[1] - 1 if max_tokens is None else min(self.tokens.shape[1] - 1, max_tokens)
+        start = i * self.seq_len
+        piece = self.tokens[:, start : min(start + self.seq_len, end) + 1].long()
+        return piece[:, :-1], piece[:, 1:]
