@@ -20,6 +20,7 @@ import torch
 from mambastep.config import ConfigError
 from mambastep.generation import SamplingParams, generate
 from mambastep.loading import CheckpointError, load
+from mambastep.models.int8 import Int8Linear
 from mambastep.settings import DECODE_BACKENDS, SCAN_KERNELS, EngineSettings
 from mambastep.state import StateError
 from mambastep.tokenizer import TokenizerError, load_tokenizer
@@ -34,6 +35,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory or Hugging Face Hub id (default: the bundled model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    _add_engine_args(parser)
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers (CPU, float32)")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     engine = EngineSettings()
     parser.add_argument("--scan", choices=SCAN_KERNELS, default=engine.scan,
                         help="Mamba-1 prompt scan: fused CPU kernel, PyTorch, or auto")
@@ -44,7 +50,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _load_model(args: argparse.Namespace):
     settings = EngineSettings(scan=args.scan, decode=args.decode, threads=args.threads)
-    return load(args.model, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device, settings=settings)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    return load(args.model, dtype=dtype, device=args.device, settings=settings, quantize=args.quantize)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -90,12 +97,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def model_info(model) -> dict:
     """What a user wants to know before running a model: size and state cost."""
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    int8 = [m.weight_int8 for m in model.modules() if isinstance(m, Int8Linear)]
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}.values()  # weights, int8 and scales
     return {
         "family": model.config.family,
         "fingerprint": model.config.fingerprint,
         "config": asdict(model.config),
-        "parameters": sum(p.numel() for p in params),
-        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+        "parameters": sum(t.numel() for t in [*params, *int8]),
+        "weight_bytes": sum(t.numel() * t.element_size() for t in tensors),
         "dtype": str(model.dtype).removeprefix("torch."),
         "state_bytes_per_sequence": model.new_state(batch_size=1).nbytes,
     }
@@ -111,6 +120,166 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in info["config"].items():
         print(f"  {key:24} {value}")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mambastep.training import DataSettings, OptimSettings, TrainSettings, train
+
+    settings = TrainSettings(
+        data=DataSettings(
+            paths=tuple(args.data), include=tuple(args.include or ["*"]), exclude=tuple(args.exclude),
+            skip_binary=args.skip_binary, tokenizer=args.tokenizer, holdout=args.holdout, seed=args.seed,
+            seq_len=args.seq_len,
+        ),
+        optim=OptimSettings(
+            lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        ),
+        out=args.out, config=args.config, init=args.init, steps=args.steps, batch_size=args.batch_size,
+        precision=args.precision, device=args.device, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
+        stop_after=args.stop_after, threads=args.threads, progress=not args.no_progress,
+    )
+    record = train(settings)
+    final = [e for e in record.get("eval", []) if e["full"]]
+    if record and args.json:
+        print(json.dumps({"out": args.out, "wall_s": record["wall_s"], "final_eval": final[-1] if final else None,
+                          "baselines": record["baselines"]}))
+    elif final:
+        baselines = ", ".join(f"{name} {value:.3f}" for name, value in record["baselines"].items())
+        print(f"held-out: {final[-1]['bits_per_byte']:.3f} bits per byte ({baselines}); model in {args.out}/model")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from mambastep.training import DataSettings, OptimSettings, TrainSettings
+
+    data, optim = DataSettings(paths=("-",)), OptimSettings()
+    run = TrainSettings(data=data, out="-", config="-")
+    tr = sub.add_parser("train", help="train or fine-tune a language model on text files (also under torchrun)")
+    tr.add_argument("data", nargs="+", help="text files and folders (searched recursively)")
+    tr.add_argument("--out", required=True, help="folder for model/, train_state.pt, log.json and curve.png")
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="built-in config name, or a config.json file (Hugging Face or state-spaces format)")
+    source.add_argument("--init", help="checkpoint to fine-tune")
+    tr.add_argument("--tokenizer", default=None, help="'bytes', tokenizer.json or checkpoint (default: --init's, else bytes)")
+    tr.add_argument("--include", action="append", default=[], help="glob on paths relative to a folder, e.g. '*.py' (repeatable)")
+    tr.add_argument("--exclude", action="append", default=[], help="glob of files to leave out (repeatable)")
+    tr.add_argument("--skip-binary", action="store_true", help="skip files that are not UTF-8 text instead of failing")
+    tr.add_argument("--holdout", type=float, default=data.holdout, help="share of files held out (by a hash of their path)")
+    tr.add_argument("--seed", type=int, default=data.seed)
+    tr.add_argument("--seq-len", type=int, default=data.seq_len)
+    tr.add_argument("--steps", type=int, default=run.steps)
+    tr.add_argument("--batch-size", type=int, default=run.batch_size, help="sequences per step over all processes")
+    tr.add_argument("--lr", type=float, default=optim.lr)
+    tr.add_argument("--min-lr-ratio", type=float, default=optim.min_lr_ratio)
+    tr.add_argument("--warmup-steps", type=int, default=optim.warmup_steps)
+    tr.add_argument("--weight-decay", type=float, default=optim.weight_decay)
+    tr.add_argument("--grad-clip", type=float, default=optim.grad_clip, help="0 for off")
+    tr.add_argument("--precision", choices=("fp32", "bf16"), default=run.precision)
+    tr.add_argument("--device", default=run.device, help="cpu or cuda (under torchrun: one GPU per process)")
+    tr.add_argument("--eval-every", type=int, default=run.eval_every)
+    tr.add_argument("--eval-tokens", type=int, default=run.eval_tokens, help="held-out tokens per periodic evaluation")
+    tr.add_argument("--checkpoint-every", type=int, default=run.checkpoint_every)
+    tr.add_argument("--log-every", type=int, default=run.log_every)
+    tr.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    tr.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this step; resume later")
+    tr.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    tr.set_defaults(func=cmd_train)
+
+
+def _hardware(args: argparse.Namespace):
+    """The profile for the roofline: --calibrate measures this machine, else --hardware (name or JSON file)."""
+    from mambastep.hardware import calibrate, get_hardware
+
+    hardware = calibrate() if args.calibrate else get_hardware(args.hardware)
+    if args.save_hardware:
+        args.save_hardware.write_text(json.dumps(hardware.to_dict(), indent=2) + "\n")
+    return hardware
+
+
+def _add_hardware_args(parser: argparse.ArgumentParser, default: str) -> None:
+    from mambastep.hardware import BUILTIN_HARDWARE
+
+    parser.add_argument("--hardware", default=default,
+                        help=f"profile for the roofline: {', '.join(BUILTIN_HARDWARE)}, or a JSON file (default: {default})")
+    parser.add_argument("--calibrate", action="store_true", help="measure this machine's bandwidth and peaks instead")
+    parser.add_argument("--save-hardware", type=Path, default=None, help="write the profile used to this JSON file")
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from mambastep.configs import resolve_config
+    from mambastep.cost import cost_report
+    from mambastep.report import cost_table
+
+    configs = {name: resolve_config(name) for name in args.model}
+    for name, values in (("--context", args.context), ("--batch", args.batch)):
+        if min(values) < 1:
+            raise ValueError(f"{name} values must be >= 1, got {values}")
+    report = cost_report(configs, args.context, args.batch, _hardware(args), with_terms=args.terms)
+    print(json.dumps(report) if args.json else cost_table(report))
+    return 0
+
+
+def _add_cost_parser(sub) -> None:
+    from mambastep.compare import DEFAULT_MODELS
+    from mambastep.configs import BUILTIN_CONFIGS
+
+    co = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline time of a decode step and a prefill, by primitive")
+    co.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS),
+                    help=f"built-in configurations ({', '.join(BUILTIN_CONFIGS)}) or checkpoints (only config.json is read)")
+    _add_hardware_args(co, "h100")
+    co.add_argument("--context", type=int, nargs="+", default=[2048], help="tokens before the decode step; prompt length")
+    co.add_argument("--batch", type=int, nargs="+", default=[1])
+    co.add_argument("--terms", action="store_true", help="add every operation to the JSON")
+    co.add_argument("--json", action="store_true")
+    co.set_defaults(func=cmd_cost)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mambastep.compare import CompareSettings, run_compare
+    from mambastep.report import compare_table
+
+    settings = CompareSettings(
+        models=tuple(args.models), contexts=tuple(args.contexts), prefill_max=args.prefill_max,
+        decode_steps=args.decode_steps, repeats=args.repeats, batch=args.batch, dtype=args.dtype,
+        memory_budget=int(args.memory_budget_gib * 2**30), seed=args.seed,
+    )
+    engine = EngineSettings(scan=args.scan, decode=args.decode, threads=args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before --calibrate measures
+    report = run_compare(settings, _hardware(args), engine)
+    if args.out:
+        from mambastep.plots import plot_compare
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot_compare(report, args.out)
+    print(json.dumps(report) if args.json else compare_table(report))
+    return 0
+
+
+def _add_compare_parser(sub) -> None:
+    from mambastep.compare import CompareSettings
+
+    d = CompareSettings()
+    cm = sub.add_parser("compare", help="Mamba against a transformer on this machine: latency and memory by context")
+    cm.add_argument("--models", nargs="+", default=list(d.models), help="built-in configurations (random weights) or checkpoints")
+    cm.add_argument("--contexts", type=int, nargs="+", default=list(d.contexts))
+    cm.add_argument("--prefill-max", type=int, default=d.prefill_max, help="measure time to first token up to this context")
+    cm.add_argument("--decode-steps", type=int, default=d.decode_steps, help="timed steps per measurement")
+    cm.add_argument("--repeats", type=int, default=d.repeats, help="interleaved repeats (the median is reported)")
+    cm.add_argument("--batch", type=int, default=d.batch)
+    cm.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
+    cm.add_argument("--memory-budget-gib", type=float, default=0, help="for the largest batch (default: this machine's memory)")
+    cm.add_argument("--seed", type=int, default=d.seed)
+    _add_engine_args(cm)
+    _add_hardware_args(cm, "cpu")
+    cm.add_argument("--out", type=Path, default=None, help="folder for compare.json, latency.png and memory.png")
+    cm.add_argument("--json", action="store_true")
+    cm.set_defaults(func=cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+    _add_train_parser(sub)
+    _add_cost_parser(sub)
+    _add_compare_parser(sub)
     return parser
 
 
@@ -151,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

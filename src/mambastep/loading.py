@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mambastep.config import ConfigError, ModelConfig, config_from_dict, config_to_hf_dict
 from mambastep.models import LanguageModel, model_class
+from mambastep.models.int8 import Int8Linear, quantize_int8
 from mambastep.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json"]
 # The original format names the embedding "embedding"; transformers names it "embeddings".
 _RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+
+
+QUANTIZATIONS = (None, "int8")
 
 
 class CheckpointError(ValueError):
@@ -162,6 +166,7 @@ def load(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     settings: EngineSettings | None = None,
+    quantize: str | None = None,
 ) -> LanguageModel:
     """Load a Mamba, Mamba-2 or GPT-NeoX checkpoint (a local directory or a Hugging Face Hub id).
 
@@ -170,10 +175,13 @@ def load(
         dtype: weight dtype; None keeps the checkpoint's (of its embedding).
         device: where the model lives.
         settings: how it runs (kernels, decode backend, threads); None takes the defaults.
+        quantize: "int8" for int8 weight-only linear layers (float32 weights, CPU), or None.
 
     Raises:
         CheckpointError: the message names the file and the key or tensor at fault.
     """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     directory = resolve(path_or_id)
     config = read_config(directory)
     tensors, source = read_weights(directory)
@@ -187,7 +195,9 @@ def load(
         model.tie_embeddings()
     dtype = dtype or model.dtype
     model = model.to(device=device, dtype=dtype).eval()
-    log.info("loaded %s (%s, %s) from %s", config.family, dtype, device, source)
+    if quantize == "int8":
+        quantize_int8(model)
+    log.info("loaded %s (%s, %s%s) from %s", config.family, dtype, device, f", {quantize}" if quantize else "", source)
     return model.configure(settings or EngineSettings())
 
 
@@ -197,6 +207,8 @@ def save(model: LanguageModel, directory: str | Path, extra_config: dict | None 
     ``transformers`` reads the result too. ``extra_config`` adds bookkeeping keys
     (such as ``{"tokenizer": "bytes"}``) that ``load`` knows to ignore.
     """
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ValueError("cannot save an int8-quantized model: save the float model and quantize at load time")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {**config_to_hf_dict(model.config), **(extra_config or {})}

@@ -16,7 +16,6 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import ModelConfig
@@ -110,8 +109,8 @@ class LanguageModel(nn.Module, ABC):
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """(..., d) hidden states -> (..., vocab) float32 logits."""
-        head = self.get_parameter(self.head_weight)  # (vocab, d)
-        return F.linear(hidden.to(head.dtype), head).float()
+        head = self.get_submodule(self.head_weight.rpartition(".")[0])  # a linear layer (vocab, d)
+        return head(hidden.to(self.dtype)).float()
 
     def _check(self, tokens: Tensor, state: ModelState | None, ndim: int) -> ModelState:
         if tokens.dim() != ndim:
