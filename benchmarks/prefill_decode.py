@@ -18,12 +18,10 @@ import time
 import torch
 
 import mambastep
+from mambastep.configs import BUILTIN_CONFIGS
 from mambastep.loading import save
 
-CONFIGS = {
-    "mamba-130m": mambastep.MambaConfig(d_model=768, n_layer=24, vocab_size=50280, d_state=16),
-    "mamba2-130m": mambastep.Mamba2Config(d_model=768, n_layer=24, vocab_size=50288, d_state=128, head_dim=64),
-}
+CONFIGS = {name: BUILTIN_CONFIGS[name] for name in ("mamba-130m", "mamba2-130m")}
 
 
 def _timed(fn) -> float:

@@ -13,6 +13,7 @@ from mambastep.models import LanguageModel, Mamba2LM, MambaLM, TransformerLM
 from mambastep.session import Session
 from mambastep.state import KVLayerState, ModelState, SSMLayerState, StateError, load_state
 from mambastep.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
+from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, train
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "ByteTokenizer",
     "CheckpointError",
     "ConfigError",
+    "DataSettings",
     "GPTNeoXConfig",
     "HFTokenizer",
     "KVLayerState",
@@ -29,11 +31,14 @@ __all__ = [
     "MambaConfig",
     "MambaLM",
     "ModelState",
+    "OptimSettings",
     "SSMLayerState",
     "SamplingParams",
     "Session",
     "StateError",
     "TokenizerError",
+    "TrainSettings",
+    "TrainingError",
     "TransformerLM",
     "generate",
     "generate_batch",
@@ -42,4 +47,5 @@ __all__ = [
     "load_state",
     "load_tokenizer",
     "save",
+    "train",
 ]

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ from mambastep.models.int8 import Int8Linear
 from mambastep.settings import DECODE_BACKENDS, SCAN_KERNELS, EngineSettings
 from mambastep.state import StateError
 from mambastep.tokenizer import TokenizerError, load_tokenizer
+from mambastep.training import DataSettings, OptimSettings, TrainSettings, train
+from mambastep.training.settings import PRECISIONS
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,6 +54,20 @@ def _load_model(args: argparse.Namespace):
     settings = EngineSettings(scan=args.scan, decode=args.decode, threads=args.threads)
     dtype = DTYPES[args.dtype] if args.dtype else None
     return load(args.model, dtype=dtype, device=args.device, settings=settings, quantize=args.quantize)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that ``_sampling_params`` reads."""
+    defaults = SamplingParams()
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 for greedy")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 for off")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--min-p", type=float, default=defaults.min_p)
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -123,8 +139,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mambastep.training import DataSettings, OptimSettings, TrainSettings, train
-
     settings = TrainSettings(
         data=DataSettings(
             paths=tuple(args.data), include=tuple(args.include or ["*"]), exclude=tuple(args.exclude),
@@ -152,8 +166,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    from mambastep.training import DataSettings, OptimSettings, TrainSettings
-
     data, optim = DataSettings(paths=("-",)), OptimSettings()
     run = TrainSettings(data=data, out="-", config="-")
     tr = sub.add_parser("train", help="train or fine-tune a language model on text files (also under torchrun)")
@@ -176,7 +188,7 @@ def _add_train_parser(sub) -> None:
     tr.add_argument("--warmup-steps", type=int, default=optim.warmup_steps)
     tr.add_argument("--weight-decay", type=float, default=optim.weight_decay)
     tr.add_argument("--grad-clip", type=float, default=optim.grad_clip, help="0 for off")
-    tr.add_argument("--precision", choices=("fp32", "bf16"), default=run.precision)
+    tr.add_argument("--precision", choices=PRECISIONS, default=run.precision, help="bf16: autocast the forward pass")
     tr.add_argument("--device", default=run.device, help="cpu or cuda (under torchrun: one GPU per process)")
     tr.add_argument("--eval-every", type=int, default=run.eval_every)
     tr.add_argument("--eval-tokens", type=int, default=run.eval_tokens, help="held-out tokens per periodic evaluation")
@@ -191,20 +203,22 @@ def _add_train_parser(sub) -> None:
 
 
 def _hardware(args: argparse.Namespace):
-    """The profile for the roofline: --calibrate measures this machine, else --hardware (name or JSON file)."""
+    """The profile for the roofline: --calibrate (or no --hardware where there is no default)
+    measures this machine, else --hardware names a built-in part or a JSON file."""
     from mambastep.hardware import calibrate, get_hardware
 
-    hardware = calibrate() if args.calibrate else get_hardware(args.hardware)
+    hardware = calibrate() if args.calibrate or args.hardware is None else get_hardware(args.hardware)
     if args.save_hardware:
         args.save_hardware.write_text(json.dumps(hardware.to_dict(), indent=2) + "\n")
     return hardware
 
 
-def _add_hardware_args(parser: argparse.ArgumentParser, default: str) -> None:
+def _add_hardware_args(parser: argparse.ArgumentParser, default: str | None) -> None:
     from mambastep.hardware import BUILTIN_HARDWARE
 
     parser.add_argument("--hardware", default=default,
-                        help=f"profile for the roofline: {', '.join(BUILTIN_HARDWARE)}, or a JSON file (default: {default})")
+                        help=f"profile for the roofline: {', '.join(BUILTIN_HARDWARE)}, or a JSON file "
+                             f"(default: {default or 'calibrate this machine'})")
     parser.add_argument("--calibrate", action="store_true", help="measure this machine's bandwidth and peaks instead")
     parser.add_argument("--save-hardware", type=Path, default=None, help="write the profile used to this JSON file")
 
@@ -228,10 +242,11 @@ def _add_cost_parser(sub) -> None:
     from mambastep.configs import BUILTIN_CONFIGS
 
     co = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline time of a decode step and a prefill, by primitive")
-    co.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS),
+    co.add_argument("--model", "--models", nargs="+", default=list(DEFAULT_MODELS),
                     help=f"built-in configurations ({', '.join(BUILTIN_CONFIGS)}) or checkpoints (only config.json is read)")
     _add_hardware_args(co, "h100")
-    co.add_argument("--context", type=int, nargs="+", default=[2048], help="tokens before the decode step; prompt length")
+    co.add_argument("--context", "--contexts", type=int, nargs="+", default=[2048],
+                    help="tokens before the decode step; prompt length")
     co.add_argument("--batch", type=int, nargs="+", default=[1])
     co.add_argument("--terms", action="store_true", help="add every operation to the JSON")
     co.add_argument("--json", action="store_true")
@@ -266,8 +281,9 @@ def _add_compare_parser(sub) -> None:
 
     d = CompareSettings()
     cm = sub.add_parser("compare", help="Mamba against a transformer on this machine: latency and memory by context")
-    cm.add_argument("--models", nargs="+", default=list(d.models), help="built-in configurations (random weights) or checkpoints")
-    cm.add_argument("--contexts", type=int, nargs="+", default=list(d.contexts))
+    cm.add_argument("--models", "--model", nargs="+", default=list(d.models),
+                    help="built-in configurations (random weights) or checkpoints")
+    cm.add_argument("--contexts", "--context", type=int, nargs="+", default=list(d.contexts))
     cm.add_argument("--prefill-max", type=int, default=d.prefill_max, help="measure time to first token up to this context")
     cm.add_argument("--decode-steps", type=int, default=d.decode_steps, help="timed steps per measurement")
     cm.add_argument("--repeats", type=int, default=d.repeats, help="interleaved repeats (the median is reported)")
@@ -276,10 +292,84 @@ def _add_compare_parser(sub) -> None:
     cm.add_argument("--memory-budget-gib", type=float, default=0, help="for the largest batch (default: this machine's memory)")
     cm.add_argument("--seed", type=int, default=d.seed)
     _add_engine_args(cm)
-    _add_hardware_args(cm, "cpu")
+    _add_hardware_args(cm, None)
     cm.add_argument("--out", type=Path, default=None, help="folder for compare.json, latency.png and memory.png")
     cm.add_argument("--json", action="store_true")
     cm.set_defaults(func=cmd_compare)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from mambastep.stream import StreamSettings, input_kind, run_stream
+
+    requested = "bytes" if args.bytes else "ids" if args.ids else None
+    needs_tokenizer = requested is None or args.generate_every or args.tokenizer
+    settings = StreamSettings(  # validate before the slow part
+        save_state=args.save_state, resume=args.resume, generate_every=args.generate_every,
+        params=_sampling_params(args), report_every=args.report_every, json=args.json,
+    )
+    model = _load_model(args)
+    tokenizer = load_tokenizer(args.model, tokenizer=args.tokenizer) if needs_tokenizer else None
+    settings = replace(settings, input=input_kind(requested, tokenizer))
+    return run_stream(settings, model, tokenizer, sys.stdin.buffer, sys.stdout, sys.stderr)
+
+
+def _add_stream_parser(sub) -> None:
+    st = sub.add_parser("stream", help="feed standard input to a model as it arrives, with live reports on stderr")
+    _add_model_args(st)
+    st.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)")
+    kind = st.add_mutually_exclusive_group()
+    kind.add_argument("--bytes", action="store_true",
+                      help="each input byte is a token id (the default for byte-level models; else text, a line at a time)")
+    kind.add_argument("--ids", action="store_true", help="the input is whitespace-separated token ids")
+    st.add_argument("--save-state", type=Path, default=None, metavar="FILE", help="session file written at end of input and on Ctrl-C")
+    st.add_argument("--resume", type=Path, default=None, metavar="FILE", help="session file to continue (from --save-state)")
+    st.add_argument("--generate-every", type=int, default=0, metavar="N",
+                    help="every N tokens, write a continuation to stdout (from a copy: the stream is unchanged)")
+    _add_sampling_args(st)
+    st.add_argument("--report-every", type=float, default=1.0, metavar="SECONDS", help="0: after every chunk")
+    st.add_argument("--json", action="store_true", help="reports and continuations as JSON lines")
+    st.set_defaults(func=cmd_stream)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mambastep.bench import BenchSettings, markdown, run_bench
+
+    settings = BenchSettings(
+        model=args.model, dtype=args.dtype, quantize=args.quantize, batches=tuple(args.batches),
+        prompts=tuple(args.prompts), decode_steps=args.decode_steps, repeats=args.repeats,
+        long_context=args.long_context, baseline=not args.no_baseline,
+    )
+    engine = EngineSettings(scan=args.scan, decode=args.decode, threads=args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before the machine is measured
+    report = run_bench(settings, engine)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + markdown(report))
+    print(json.dumps(report) if args.json else markdown(report))
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    from mambastep.bench import BenchSettings
+
+    d, engine = BenchSettings(), EngineSettings()
+    b = sub.add_parser("bench", help="decode and prefill speed against the roofline and transformers")
+    b.add_argument("--model", default=d.model, help="built-in configuration (random weights) or checkpoint")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
+    b.add_argument("--quantize", choices=["int8"], default=None)
+    b.add_argument("--batches", type=int, nargs="+", default=list(d.batches))
+    b.add_argument("--prompts", type=int, nargs="+", default=list(d.prompts), help="prompt lengths for prefill")
+    b.add_argument("--decode-steps", type=int, default=d.decode_steps)
+    b.add_argument("--repeats", type=int, default=d.repeats)
+    b.add_argument("--long-context", type=int, default=d.long_context, help="0 skips the long-context decode")
+    b.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    b.add_argument("--scan", choices=SCAN_KERNELS, default=engine.scan)
+    b.add_argument("--decode", choices=DECODE_BACKENDS, default=engine.decode)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--markdown", default=None, help="append the Markdown table to this file (e.g. BENCHMARKS.md)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,16 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)")
-    defaults = SamplingParams()
-    gen.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    gen.add_argument("--temperature", type=float, default=defaults.temperature, help="0 for greedy")
-    gen.add_argument("--top-k", type=int, default=defaults.top_k, help="0 for off")
-    gen.add_argument("--top-p", type=float, default=defaults.top_p)
-    gen.add_argument("--min-p", type=float, default=defaults.min_p)
-    gen.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true")
+    _add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(func=cmd_generate)
 
@@ -310,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_cost_parser(sub)
     _add_compare_parser(sub)
+    _add_stream_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

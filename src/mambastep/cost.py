@@ -25,19 +25,25 @@ a call's time is the sum over its terms.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Literal
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from mambastep.config import GPTNeoXConfig, Mamba2Config, MambaConfig, ModelConfig
 from mambastep.hardware import PRIMITIVES, Hardware
+from mambastep.models import LanguageModel, model_class
 from mambastep.settings import EngineSettings
 
 Phase = Literal["decode", "prefill"]
 RMSNORM_FLOPS, LAYERNORM_FLOPS = 4, 7  # per element
 SOFTMAX_ELEMENTWISE_FLOPS = 4  # per score: scale, subtract the max, sum, divide (plus one exp)
 SSM_STATE_BYTES = 4  # the SSM state is float32 whatever the weights
+
+
+_COUNTS = ("flops", "weight_bytes", "state_read", "state_written", "act_bytes")
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,10 @@ class Term:
         assert self.primitive in PRIMITIVES, self.primitive
 
     def times(self, n: int) -> "Term":
-        counts = {f.name: getattr(self, f.name) * n for f in fields(self) if f.type == "int"}
-        return Term(self.name, self.primitive, weight_matmul=self.weight_matmul, **counts)
+        return replace(self, **{name: getattr(self, name) * n for name in _COUNTS})
+
+    def plus(self, other: "Term") -> "Term":
+        return replace(self, **{name: getattr(self, name) + getattr(other, name) for name in _COUNTS})
 
     def bytes(self, state_on_chip: bool = False) -> int:
         """Main-memory bytes moved."""
@@ -106,7 +114,8 @@ class _Terms:
         self.add("conv", "dot", 2 * rows * channels * k, weight_bytes=channels * k * self.w, state_read=window,
                  state_written=window, act_bytes=2 * rows * channels * self.a)
         if bias:
-            self.vector_op("conv bias", "elementwise", rows * channels)
+            self.add("conv bias", "elementwise", rows * channels, weight_bytes=channels * self.w,
+                     act_bytes=2 * rows * channels * self.a)
 
 
 def pieces(phase: Phase, context: int, piece: int) -> list[tuple[int, int]]:
@@ -143,15 +152,17 @@ def _mamba_layer(t: _Terms, c: MambaConfig, batch: int, q: int) -> None:
 def _ssd_chunk(t: _Terms, c: Mamba2Config, batch: int, q: int) -> None:
     """One chunk of q tokens of the chunked SSD scan (ops/ssd.py), per layer."""
     h, p, n, g, b = c.n_heads, c.head_dim, c.d_state, c.n_groups, batch
+    # Sums over the chunk's tokens are matrix products; over a 1-token chunk they are plain products.
+    over_tokens, per_product = ("matmul", 2) if q > 1 else ("elementwise", 1)
     t.add("ssd scores C·B", "matmul", 2 * b * g * q * q * n)
     t.add("ssd segment sums", "elementwise", b * h * (q * q + 2 * q))  # masked cumsums, dt*A, decay to each t
     t.add("ssd decays exp", "nonlinear", b * h * (q * q + q))
     t.add("ssd scores × decay, dt*x", "elementwise", b * h * q * (q + p))
-    t.add("ssd diagonal blocks", "matmul", 2 * b * h * q * q * p)
+    t.add("ssd diagonal blocks", over_tokens, per_product * b * h * q * q * p)
     t.add("ssd state in, read out", "matmul", 2 * b * h * q * p * n)
     t.add("ssd decay × read-out, add", "elementwise", 2 * b * h * q * p)
     t.add("ssd decay to chunk end × dt*x", "elementwise", b * h * q * p)
-    t.add("ssd chunk's own state", "matmul", 2 * b * h * q * p * n)
+    t.add("ssd chunk's own state", over_tokens, per_product * b * h * q * p * n)
     t.add("ssd state update", "elementwise", 2 * b * h * p * n)
 
 
@@ -228,7 +239,8 @@ def terms(
         raise ValueError(f"need batch >= 1 and a context >= {0 if phase == 'decode' else 1}, got {batch}, {context}")
     size = torch.empty(0, dtype=dtype).element_size()
     out: list[Term] = []
-    for start, q in pieces(phase, context, settings.prefill_piece):
+    calls = pieces(phase, context, settings.prefill_piece)
+    for i, (start, q) in enumerate(calls):
         rows = batch * q
         layer = _Terms(size, size)
         if isinstance(config, MambaConfig):
@@ -246,7 +258,7 @@ def terms(
             edges.norm("final layernorm", rows, config.d_model, LAYERNORM_FLOPS, 2)
         else:
             edges.norm("final norm", rows, config.d_model, RMSNORM_FLOPS, 1)
-        if start + q == context + (phase == "decode"):  # logits of the last position only
+        if i == len(calls) - 1:  # logits of the last position only
             edges.linear("lm head", batch, config.d_model, config.vocab_size, False)
         out += [term.times(config.n_layer) for term in layer.items] + edges.items
     return out
@@ -264,8 +276,6 @@ def state_bytes(config: ModelConfig, context: int, batch: int = 1, dtype: torch.
 
 def parameter_count(config: ModelConfig) -> int:
     """Distinct parameters of the model (a tied head counted once), from the model built on the meta device."""
-    from mambastep.models import model_class
-
     with torch.device("meta"):
         model = model_class(config)(config)
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -280,6 +290,38 @@ def kv_reads_exceed_weights_at(config: ModelConfig, batch: int = 1, dtype: torch
     per_token = batch * config.n_layer * 2 * config.d_model * torch.empty(0, dtype=dtype).element_size()
     # A step after `context` cached tokens reads context + 1 of them.
     return max(0, math.floor(weights / per_token))
+
+
+def validate_flops(model: LanguageModel, phase: Phase, context: int, batch: int = 1) -> dict[str, dict[str, int]]:
+    """Matrix-product FLOPs that ``FlopCounterMode`` counts in a real call, next to this model's terms.
+
+    "weight_matmuls" are the products with weight matrices (aten mm/addmm); "contractions"
+    the mixers' own (bmm, convolution): conv, scan read-out, SSD blocks, attention. Attention
+    runs through SDPA's math backend here, whose matmuls the counter sees. The counter cannot
+    see inside fused kernels: configure the model with ``EngineSettings(scan="torch")``.
+    """
+    tokens = torch.zeros(batch, max(context, 1), dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        if phase == "prefill":
+            with counter:
+                model.prefill(tokens)
+        else:
+            state = model.prefill(tokens)[1] if context else model.new_state(batch)
+            with counter:
+                model.step(tokens[:, 0], state)
+    counted = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
+    items = terms(model.config, phase, context, batch, model.dtype, model.settings)
+    return {
+        "weight_matmuls": {
+            "counted": counted.get("mm", 0) + counted.get("addmm", 0),
+            "predicted": sum(t.flops for t in items if t.weight_matmul),
+        },
+        "contractions": {
+            "counted": counted.get("bmm", 0) + counted.get("convolution", 0),
+            "predicted": sum(t.flops for t in items if not t.weight_matmul and t.primitive in ("matmul", "matvec", "dot")),
+        },
+    }
 
 
 def by_primitive(items: list[Term], value) -> dict[str, float]:
@@ -337,9 +379,49 @@ def _merged(items: list[Term]) -> Iterator[Term]:
     merged: dict[tuple[str, str], Term] = {}
     for t in items:
         key = (t.name, t.primitive)
-        old = merged.get(key)
-        merged[key] = t if old is None else Term(
-            t.name, t.primitive, weight_matmul=t.weight_matmul,
-            **{f.name: getattr(old, f.name) + getattr(t, f.name) for f in fields(Term) if f.type == "int"},
-        )
+        merged[key] = merged[key].plus(t) if key in merged else t
     return iter(merged.values())
+
+
+SCHEMA = "mambastep.cost/1"
+
+
+def cost_report(
+    configs: dict[str, ModelConfig],
+    contexts: list[int],
+    batches: list[int],
+    hardware: Hardware,
+    settings: EngineSettings = EngineSettings(),
+    with_terms: bool = False,
+) -> dict:
+    """The JSON of ``mambastep cost``: every model at every (batch, context), decode step and prefill."""
+    dtype = hardware.torch_dtype
+    size = torch.empty(0, dtype=dtype).element_size()
+    models = []
+    for name, config in configs.items():
+        params = parameter_count(config)
+        points = [
+            {
+                "batch": batch,
+                "context": context,
+                "state_bytes": state_bytes(config, context, batch, dtype),
+                # weights + state within the part's memory; None where the profile does not say
+                "fits_in_memory": params * size + state_bytes(config, context, batch, dtype) <= hardware.memory_bytes
+                if hardware.memory_bytes else None,
+                "kv_reads_exceed_weight_reads_at": kv_reads_exceed_weights_at(config, batch, dtype),
+                "decode": account(config, "decode", context, batch, hardware, dtype, settings, with_terms),
+                "prefill": account(config, "prefill", context, batch, hardware, dtype, settings, with_terms),
+            }
+            for batch in batches for context in contexts
+        ]
+        models.append({
+            "model": name, "family": config.family, "config": asdict(config), "parameters": params,
+            "weight_bytes": params * size, "points": points,
+        })
+    return {
+        "schema": SCHEMA,
+        "hardware": hardware.to_dict(),
+        "dtype": hardware.dtype,
+        "settings": {"prefill_piece": settings.prefill_piece, "scan_chunk": settings.scan_chunk},
+        "models": models,
+    }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -137,11 +137,34 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def _memory_bytes() -> int:
+def total_memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 where the OS does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def _gemv_bandwidth(gen: torch.Generator, repeats: int) -> float:
+    matrix = torch.randn(8192, 8192, generator=gen)  # 256 MiB, far beyond any cache
+    vector = torch.randn(8192, generator=gen)
+    return matrix.nbytes / _best_seconds(lambda: torch.mv(matrix, vector), repeats)
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Main-memory read bandwidth in bytes/s: summing a 512 MiB tensor (a pure streaming read).
+
+    This is the roofline's bandwidth; a GEMV (``calibrate``) reaches less of it.
+    """
+    big = torch.ones(128 << 20)
+    return big.nbytes / _best_seconds(big.sum, repeats)
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """Matrix-multiply FLOP/s in ``dtype``: a 2048 x 2048 product."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2048, 2048, generator=gen).to(dtype) for _ in range(2))
+    return 2 * 2048**3 / _best_seconds(lambda: torch.mm(a, b), repeats)
 
 
 def calibrate(repeats: int = 5) -> Hardware:
@@ -153,13 +176,9 @@ def calibrate(repeats: int = 5) -> Hardware:
     """
     gen = torch.Generator().manual_seed(0)
     steps = tqdm(total=4, desc="calibrating", leave=False, disable=None)
-    big = torch.randn(8192, 8192, generator=gen)  # 256 MiB
-    vec = torch.randn(8192, generator=gen)
-    bandwidth = big.nbytes / _best_seconds(lambda: torch.mv(big, vec), repeats)
-    del big
+    bandwidth = _gemv_bandwidth(gen, repeats)
     steps.update()
-    a, b = torch.randn(2048, 2048, generator=gen), torch.randn(2048, 2048, generator=gen)
-    matmul = 2 * 2048**3 / _best_seconds(lambda: torch.mm(a, b), repeats)
+    matmul = matmul_peak(torch.float32, repeats)
     steps.update()
     x, y, out = (torch.rand(1 << 20, generator=gen) for _ in range(3))
     elementwise = 2 * x.numel() / _best_seconds(lambda: torch.addcmul(x, y, x, out=out), 4 * repeats)
@@ -169,7 +188,7 @@ def calibrate(repeats: int = 5) -> Hardware:
     steps.close()
     peak = dict(matmul=matmul, matvec=matmul, dot=elementwise, elementwise=elementwise, nonlinear=nonlinear, norm=elementwise)
     return Hardware(
-        "calibrated", "float32", bandwidth, peak, 0, _memory_bytes(),
+        "calibrated", "float32", bandwidth, peak, 0, total_memory_bytes(),
         f"measured on this machine with {torch.get_num_threads()} threads: GEMV read bandwidth, "
         "2048^2 matmul, addcmul and exp over 1M floats",
     )

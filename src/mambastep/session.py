@@ -41,6 +41,9 @@ DEFAULT_MAX_ROLLBACK = 1024
 DEFAULT_CHECKPOINT_EVERY = 256
 # Token ids converted and checked at a time, so a list of millions makes no giant tensor.
 FEED_PIECE = 65536
+# Prefill lengths are a multiple of this plus powers of two below it: kernels then see a few
+# shapes whatever the chunking (each new shape costs memory in oneDNN's and the allocator's caches).
+SHAPE_STEP = 256
 
 SESSION_FORMAT = "mambastep-session"
 SESSION_VERSION = 1
@@ -185,6 +188,11 @@ class Session:
         return self.position - self._now.snapshots[0].position
 
     @property
+    def state_bytes(self) -> int:
+        """Bytes of the state after the last token (``state.nbytes``, without the copy)."""
+        return self._now.state.nbytes
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the state, the snapshots and the history (checkpoints excluded)."""
         now = self._now
@@ -215,7 +223,7 @@ class Session:
             tokens = np.frombuffer(tokens, dtype=np.uint8).copy()  # a writable array for torch
         for _ in _pieces(tokens, self.model.config.vocab_size):
             pass  # check every piece first: a bad id anywhere must leave the session as it was
-        for _, piece in _pieces(tokens, self.model.config.vocab_size):
+        for piece in _pieces(tokens, self.model.config.vocab_size):
             self._advance(piece)
 
     def generate(self, params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
@@ -388,10 +396,11 @@ class Session:
             cuts.append(end)
         start = origin
         for cut in cuts:
-            segment = tokens[start - origin : cut - origin]  # (cut - start,)
-            now.logits, now.state = self.model.prefill(segment[None].to(self.model.device), now.state)
-            now.window.append(segment)
-            start = cut
+            for size in _piece_sizes(cut - start):
+                segment = tokens[start - origin : start - origin + size]  # (size,)
+                now.logits, now.state = self.model.prefill(segment[None].to(self.model.device), now.state)
+                now.window.append(segment)
+                start += size
             if cut % k == 0:
                 now.snapshots.append(_Snapshot(cut, now.state.clone(), now.logits.clone()))
         now.snapshots = [s for s in now.snapshots if s.position >= now.window.start]
@@ -421,8 +430,8 @@ def _check_count(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _pieces(tokens: Sequence[int] | Tensor | np.ndarray, vocab: int) -> Iterator[tuple[int, Tensor]]:
-    """(offset, (m,) int64 CPU ids) for consecutive pieces of at most FEED_PIECE ids, each checked.
+def _pieces(tokens: Sequence[int] | Tensor | np.ndarray, vocab: int) -> Iterator[Tensor]:
+    """Consecutive pieces of at most FEED_PIECE ids, each checked: (m,) int64 on the CPU.
 
     Raises:
         ValueError: ids that are not integers, not 1-D, or outside [0, vocab).
@@ -444,7 +453,14 @@ def _pieces(tokens: Sequence[int] | Tensor | np.ndarray, vocab: int) -> Iterator
             raise ValueError(
                 f"token id {int(piece[at])} at offset {offset + at} lies outside the model's vocabulary [0, {vocab})"
             )
-        yield offset, piece
+        yield piece
+
+
+def _piece_sizes(n: int) -> list[int]:
+    """n as a multiple of SHAPE_STEP followed by decreasing powers of two."""
+    rest = n % SHAPE_STEP
+    sizes = [n - rest] if n >= SHAPE_STEP else []
+    return sizes + [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
 
 
 def _checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:

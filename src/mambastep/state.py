@@ -133,6 +133,8 @@ class KVLayerState(_BatchTensors):
 
     k: (b, l, h, p) keys, after the rotary embedding; v: (b, l, h, p) values; both in
     the activation dtype. It grows by one position per token; l = 0 is the empty cache.
+    ``nbytes`` counts the l positions held; the buffer behind a grown cache keeps up to a
+    quarter more (at least KV_MIN_SPARE positions) as room to grow in place.
     """
 
     k: Tensor

@@ -21,28 +21,31 @@ import torch
 
 from mambastep.loading import save
 from mambastep.models import LanguageModel
-from mambastep.tokenizer import ByteTokenizer, Tokenizer
+from mambastep.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from mambastep.training.settings import TrainingError
 
 TRAIN_STATE_FORMAT = "mambastep-train-state"
 TRAIN_STATE_VERSION = 1
 
 
-def write_model(model: LanguageModel, tokenizer: Tokenizer, tokenizer_file: Path | None, directory: Path) -> None:
-    """Save ``model`` where ``mambastep.load`` and ``load_tokenizer`` find it, replacing what was there."""
+def write_model(model: LanguageModel, tokenizer: Tokenizer, directory: Path) -> None:
+    """Save ``model`` and its tokenizer where ``mambastep.load`` and ``load_tokenizer`` find them,
+    replacing what was there."""
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         extra = {"tokenizer": "bytes"} if isinstance(tokenizer, ByteTokenizer) else None
         save(model, tmp, extra_config=extra)
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.tokenizer.save(str(tmp / "tokenizer.json"))
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            shutil.rmtree(old)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_train_state(path: Path, state: dict[str, Any]) -> None:

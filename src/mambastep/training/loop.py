@@ -1,0 +1,329 @@
+"""The training loop: check everything, build the run, step, evaluate, checkpoint.
+
+Every check that can fail (settings, config, memory, data, resume) runs before
+the first step. Recurrent models carry their state from one window of a lane
+to the next (truncated backpropagation through time), so they learn to read
+streams longer than a window; models whose state grows with the text (the
+transformer's KV cache) start every window afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from mambastep.config import ConfigError, ModelConfig, config_from_dict
+from mambastep.configs import BUILTIN_CONFIGS, builtin_config
+from mambastep.loading import load, read_config, resolve
+from mambastep.models import LanguageModel, model_class
+from mambastep.state import ModelState, state_from_tensors
+from mambastep.tokenizer import BYTES, Tokenizer, load_tokenizer
+from mambastep.training import distributed
+from mambastep.training.budget import check_fits, count_parameters
+from mambastep.training.checkpoint import read_train_state, write_model, write_train_state
+from mambastep.training.data import Corpus, Lanes, load_corpus
+from mambastep.training.distributed import Placement
+from mambastep.training.init import init_for_training
+from mambastep.training.optim import build_optimizer, build_scheduler
+from mambastep.training.report import RunLog, bits_per_byte, compressor_baselines
+from mambastep.training.settings import TrainingError, TrainSettings
+
+MODEL_DIR = "model"
+TRAIN_STATE_FILE = "train_state.pt"
+SPLIT_RULE = 'held out iff sha256(f"{seed}/{relative path}")[:8] / 2**64 < holdout'
+
+
+def model_config(name_or_file: str) -> ModelConfig:
+    """A built-in configuration by name, or a config.json file (Hugging Face or state-spaces format).
+
+    Raises:
+        TrainingError: neither a known name nor a readable, valid JSON config; the message names it.
+    """
+    path = Path(name_or_file).expanduser()
+    if not path.is_file():
+        if name_or_file in BUILTIN_CONFIGS:
+            return builtin_config(name_or_file)
+        raise TrainingError(
+            f"config {name_or_file!r} is neither a JSON file nor a built-in name ({', '.join(BUILTIN_CONFIGS)})"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        return config_from_dict(raw, str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TrainingError(f"{path}: not valid JSON ({err})") from None
+    except ConfigError as err:
+        raise TrainingError(str(err)) from None
+
+
+class _Run:
+    """Everything one process holds during a run."""
+
+    def __init__(self, settings: TrainSettings, place: Placement):
+        self.settings, self.place = settings, place
+        self.out = Path(settings.out).expanduser()
+        self.seq_len = settings.data.seq_len
+        self.started = time.perf_counter()
+        self.elapsed_before = 0.0  # wall seconds of the runs this one resumes
+        self._prepare()
+
+    # --- set-up: every check, then the allocations -------------------------------------
+
+    def _prepare(self) -> None:
+        s, place = self.settings, self.place
+        saved = self._saved_state()
+        tokenizer_source = s.data.tokenizer or (s.init if s.init is not None else BYTES)
+        self.tokenizer: Tokenizer = load_tokenizer(tokenizer_source)
+        config = read_config(resolve(s.init)) if s.init is not None else model_config(s.config)
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise TrainingError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
+            )
+        if s.batch_size % place.world:
+            raise TrainingError(f"batch_size {s.batch_size} is not a multiple of the {place.world} processes")
+        self.local_batch = s.batch_size // place.world
+        self.memory_estimate = check_fits(config, self.local_batch, self.seq_len, place.world, place.local_world, place.device)
+        self.corpus: Corpus = load_corpus(s.data, self.tokenizer)
+        self.train_lanes = Lanes(self.corpus.train.tokens, s.batch_size, self.seq_len, place.rank, place.world, "training")
+        if self.train_lanes.full_windows < 1:
+            raise TrainingError(
+                f"the training split holds {len(self.corpus.train.tokens)} tokens: too few for {s.batch_size} lanes "
+                f"of one window of {self.seq_len} tokens; add text or lower --batch-size or --seq-len"
+            )
+        self.eval_lanes = (
+            Lanes(self.corpus.heldout.tokens, s.batch_size, self.seq_len, place.rank, place.world, "held-out")
+            if s.data.holdout > 0 else None
+        )
+        self.out.mkdir(parents=True, exist_ok=True)  # every check has passed
+        torch.manual_seed(s.data.seed)
+        if s.init is not None:
+            model = load(s.init, dtype=torch.float32, device=place.device)
+        else:
+            with place.device:
+                model = model_class(config)(config)
+            init_for_training(model)
+        self.model: LanguageModel = model.train()
+        self.carries_state = all(layer.seq_dim is None for layer in model.new_state(1).layers)
+        self.optimizer = build_optimizer(model, s.optim)
+        self.scheduler = build_scheduler(self.optimizer, s.optim, s.steps)
+        self.step, self.state = 0, None
+        if saved is not None:
+            self._restore(saved)
+        self.net = DistributedDataParallel(model) if place.world > 1 else model
+        if place.main:
+            self.log = RunLog(self.out, self._header(), RunLog.read(self.out) if saved else None, since=self.step)
+
+    def _saved_state(self) -> dict[str, Any] | None:
+        """The state to resume from, checked against these settings; None for a new run."""
+        s = self.settings
+        path = self.out / TRAIN_STATE_FILE
+        if not s.resume:
+            if path.exists():
+                raise TrainingError(f"{self.out} already holds a run ({path}); pass --resume to continue it, or choose another --out")
+            return None
+        saved = read_train_state(path)
+        before, now = json.loads(saved["settings"]), s.resume_key()
+        changed = _differences(before, now)
+        if changed:
+            raise TrainingError(f"cannot resume {self.out}: settings differ from the saved run: {'; '.join(changed)}")
+        if saved["step"] >= s.steps:
+            raise TrainingError(f"cannot resume {self.out}: the run already finished its {s.steps} steps")
+        return saved
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["cpu"])
+        if saved["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        self.step, self.elapsed_before = saved["step"], saved["elapsed_s"]
+        if saved["lanes_state"] is not None:
+            tensors, metadata = saved["lanes_state"]
+            full = state_from_tensors(tensors, metadata, self.model, self.out / TRAIN_STATE_FILE)
+            mine = range(self.place.rank * self.local_batch, (self.place.rank + 1) * self.local_batch)
+            self.state = full.select(list(mine))
+
+    def _header(self) -> dict[str, Any]:
+        s, c = self.settings, self.corpus
+        return {
+            "title": f"{self.model.config.family}, {count_parameters(self.model.config):,} parameters",
+            "settings": asdict(s),
+            "model": {"family": self.model.config.family, "config": asdict(self.model.config),
+                      "parameters": count_parameters(self.model.config)},
+            "data": {
+                "split_rule": SPLIT_RULE,
+                "train_files": len(c.train.names), "train_tokens": len(c.train.tokens), "train_bytes": c.train.n_bytes,
+                "heldout_files": len(c.heldout.names), "heldout_tokens": len(c.heldout.tokens),
+                "heldout_bytes": c.heldout.n_bytes, "heldout_names": list(c.heldout.names),
+            },
+            "processes": self.place.world,
+            "carries_state": self.carries_state,
+            "memory_estimate_bytes": self.memory_estimate,
+            "baselines": compressor_baselines(self.corpus.heldout_text),
+        }
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.settings.precision == "bf16":
+            return torch.autocast(self.place.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self) -> Tensor:
+        """One optimiser step on window ``step`` of every lane; returns the local mean loss."""
+        window = self.step % self.train_lanes.full_windows
+        if window == 0:
+            self.state = None  # a new pass over the data starts every lane afresh
+        x, y = (t.to(self.place.device) for t in self.train_lanes.window(window))
+        with self._autocast():
+            logits, state = self.net(x, self.state)  # (b, q, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        if self.settings.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state = _detach(state) if self.carries_state else None
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, max_tokens: int | None) -> dict[str, float]:
+        """Held-out loss and bits per byte, reading each lane from its start (to ``max_tokens`` inputs per lane)."""
+        lanes = self.eval_lanes
+        state, totals = None, torch.zeros(2, dtype=torch.float64, device=self.place.device)
+        for i in range(lanes.windows(max_tokens)):
+            x, y = (t.to(self.place.device) for t in lanes.window(i, max_tokens))
+            with self._autocast():
+                logits, state = self.model(x, state if self.carries_state else None)
+            totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            totals[1] += y.numel()
+        nll, count = distributed.sum_all(totals, self.place).tolist()
+        return {
+            "loss": nll / count,
+            "bits_per_byte": bits_per_byte(nll, int(count), self.corpus.heldout.bytes_per_token),
+            "tokens": int(count),
+        }
+
+    def run(self) -> dict[str, Any]:
+        s, place = self.settings, self.place
+        last = min(s.steps, s.stop_after) if s.stop_after else s.steps
+        tokens_per_step = s.batch_size * self.seq_len
+        bar = tqdm(total=s.steps, initial=self.step, unit="step", disable=not (place.main and s.progress), dynamic_ncols=True)
+        losses, since, since_step = [], time.perf_counter(), self.step
+        while self.step < last:
+            losses.append(self._train_step())
+            bar.update(1)
+            if self.step % s.log_every == 0 or self.step == last:
+                mean_loss = distributed.sum_all(torch.stack(losses).mean()[None].double(), place).item() / place.world
+                rate = tokens_per_step * (self.step - since_step) / (time.perf_counter() - since)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rate:,.0f}")
+                if place.main:
+                    self.log.add("train", {
+                        "step": self.step, "tokens": self.step * tokens_per_step, "loss": mean_loss,
+                        "bits_per_byte": mean_loss / math.log(2) / self.corpus.train.bytes_per_token,
+                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": rate, "elapsed_s": self._elapsed(),
+                    })
+                    self.log.write()
+                losses, since, since_step = [], time.perf_counter(), self.step
+            paused = False
+            if self.eval_lanes is not None and s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
+                self._log_eval(self.evaluate(max(1, s.eval_tokens // s.batch_size)), full=False)
+                paused = True
+            if (s.checkpoint_every and self.step % s.checkpoint_every == 0) or self.step == last:
+                self.checkpoint()
+                paused = True
+            if paused:  # evaluation and checkpoints do not count against the training throughput
+                since, since_step = time.perf_counter(), self.step
+        bar.close()
+        if self.step == s.steps and self.eval_lanes is not None:
+            self._log_eval(self.evaluate(None), full=True)
+        if place.main:
+            self.log.set("wall_s", self._elapsed())
+            self.log.write()
+            self.log.plot()
+            return self.log.record
+        return {}
+
+    def _log_eval(self, result: dict[str, float], full: bool) -> None:
+        if self.place.main:
+            self.log.add("eval", {"step": self.step, "tokens": self.step * self.settings.batch_size * self.seq_len,
+                                  "full": full, **result})
+            self.log.write()
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def checkpoint(self) -> None:
+        """Write out/model and out/train_state.pt (collective: every process takes part)."""
+        lanes_state = None
+        if self.state is not None:
+            tensors, metadata = self.state.to_tensors()
+            tensors = {k: distributed.gather_batch(t.to(self.place.device), self.place).cpu() for k, t in tensors.items()}
+            lanes_state = (tensors, metadata)
+        if not self.place.main:
+            return
+        write_model(self.model, self.tokenizer, self.out / MODEL_DIR)
+        write_train_state(self.out / TRAIN_STATE_FILE, {
+            "step": self.step,
+            "elapsed_s": self._elapsed(),
+            "settings": json.dumps(self.settings.resume_key()),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.place.device.type == "cuda" else []},
+            "lanes_state": lanes_state,
+        })
+        self.log.write()
+
+
+def _detach(state: ModelState) -> ModelState:
+    """The same state, cut from the graph: gradients stop at the window's edge."""
+    layers = tuple(replace(layer, **{k: t.detach() for k, t in layer.tensors().items()}) for layer in state.layers)
+    return ModelState(layers, state.fingerprint)
+
+
+def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key (saved x, now y)' for every key whose value differs, nested dicts flattened."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} (saved {a!r}, now {b!r})")
+    return out
+
+
+def train(settings: TrainSettings) -> dict[str, Any]:
+    """Train (or fine-tune, or resume) a language model as ``settings`` say.
+
+    Runs alone or under ``torchrun`` (DistributedDataParallel). Writes out/model,
+    out/train_state.pt, out/log.json and out/curve.png.
+
+    Returns:
+        the run's log (settings, data, curve, final evaluation) on the main process; {} on the others.
+
+    Raises:
+        TrainingError: settings, data, memory or resume problems, before the first step.
+    """
+    place = distributed.start(settings.device)
+    try:
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        return _Run(settings, place).run()
+    finally:
+        distributed.stop(place)

@@ -1,0 +1,48 @@
+"""`mambastep bench` end to end on a tiny checkpoint: the report's schema and its arithmetic."""
+
+import json
+
+import pytest
+
+from mambastep.bench import BenchSettings, markdown, run_bench
+from mambastep.cli import main
+from conftest import make_hf_checkpoint
+
+
+@pytest.fixture
+def report(tmp_path):
+    path = make_hf_checkpoint(tmp_path / "m")
+    settings = BenchSettings(model=str(path), batches=(1, 3), prompts=(20,), decode_steps=2, repeats=1, long_context=40)
+    return run_bench(settings)
+
+
+def test_report_schema_and_ratios(report):
+    assert report["schema"] == "mambastep.bench/1"
+    assert [r["batch"] for r in report["decode"]] == [1, 3]
+    for r in report["decode"]:
+        assert r["tokens_per_s"] == pytest.approx(1000 * r["batch"] / r["ms_per_step"], rel=0.01)
+        assert r["roofline_fraction"] == pytest.approx(r["roofline_ms"] / r["ms_per_step"], abs=0.01)
+        assert r["speedup"] == pytest.approx(r["transformers_ms_per_step"] / r["ms_per_step"], rel=0.02)
+    (p,) = report["prefill"]
+    assert p["tokens"] == 20 and p["speedup"] == pytest.approx(p["tokens_per_s"] / p["transformers_tokens_per_s"], rel=0.02)
+    assert report["context"]["long_context"] == 40
+    assert report["weight_bytes"] > 0 and report["state_bytes_per_sequence"] > 0
+    assert "| batch |" in markdown(report)
+
+
+def test_bench_cli_appends_markdown(tmp_path, capsys):
+    path = make_hf_checkpoint(tmp_path / "m")
+    out = tmp_path / "BENCH.md"
+    assert main(["bench", "--model", str(path), "--batches", "2", "--prompts", "8", "--decode-steps", "1",
+                 "--repeats", "1", "--long-context", "0", "--no-baseline", "--quantize", "int8", "--json",
+                 "--markdown", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "transformers_ms_per_step" not in report["decode"][0] and "context" not in report
+    assert "int8 weights" in out.read_text()
+
+
+def test_bad_bench_settings():
+    with pytest.raises(ValueError, match="int8 weights go with float32"):
+        BenchSettings(quantize="int8", dtype="bfloat16")
+    with pytest.raises(ValueError, match="batches"):
+        BenchSettings(batches=(0,))

@@ -1,0 +1,159 @@
+"""`mambastep stream` end to end through pipes: reports, save, resume, continuations, Ctrl-C."""
+
+import io
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mambastep
+from mambastep import SamplingParams, Session
+from mambastep.cli import DEFAULT_MODEL
+from mambastep.stream import StreamSettings, run_stream
+
+TEXT = ("A stream of log lines, read as it arrives: état 🐍 ok\n" * 60).encode()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine the threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mambastep.load(DEFAULT_MODEL)
+
+
+def stream(*args, data: bytes, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mambastep.cli", "stream", "--threads", "1", *args],
+        input=data, capture_output=True, timeout=timeout,
+    )
+
+
+def reports(stderr: bytes) -> list[dict]:
+    """The JSON reports (other lines, such as a first-use kernel build notice, are skipped)."""
+    return [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+
+
+def test_a_pipe_is_read_saved_and_resumed(model, tmp_path):
+    first, second = tmp_path / "a.session", tmp_path / "b.session"
+    result = stream("--save-state", str(first), "--json", "--report-every", "0", data=TEXT[:1500])
+    assert result.returncode == 0, result.stderr
+    events = reports(result.stderr)
+    assert events[-1]["event"] == "end" and events[-1]["tokens"] == 1500 and events[-1]["saved"] == str(first)
+    assert all(e["state_bytes"] == model.new_state(1).nbytes and e["rss_bytes"] > 0 for e in events)
+    assert {"tokens_per_s", "chunk_ms", "chunk_ms_max", "session_bytes"} <= set(events[0])
+    result = stream("--resume", str(first), "--save-state", str(second), "--json", data=TEXT[1500:])
+    assert result.returncode == 0, result.stderr
+    end = reports(result.stderr)[-1]
+    assert end["tokens"] == len(TEXT) and end["tokens_this_run"] == len(TEXT) - 1500
+    resumed, direct = Session.load(second, model), Session(model)
+    direct.feed(TEXT)
+    assert resumed.position == direct.position and torch.equal(resumed.history, direct.history)
+    torch.testing.assert_close(resumed.logits, direct.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_continuations_come_from_a_fork(model, tmp_path):
+    path = tmp_path / "s.session"
+    args = ["--generate-every", "64", "--temperature", "0", "--max-new-tokens", "8", "--ignore-eos"]
+    result = stream(*args, "--save-state", str(path), "--json", data=TEXT[:200])
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [line["tokens"] for line in lines] == [64, 128, 192]
+    session = Session(model, mambastep.load_tokenizer(DEFAULT_MODEL))
+    for line in lines:
+        session.feed(TEXT[session.position : line["tokens"]])
+        assert "".join(session.fork().generate(SamplingParams(temperature=0, max_new_tokens=8))) == line["continuation"]
+    assert Session.load(path, model).position == 200  # the stream itself read only its input
+
+
+def test_token_ids(model, tmp_path):
+    path = tmp_path / "s.session"
+    result = stream("--ids", "--save-state", str(path), data=b"1 2 3\n4 5\n6")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode().splitlines()[-1].startswith("end") and "tokens            6" in result.stderr.decode()
+    assert Session.load(path, model).history.tolist() == [1, 2, 3, 4, 5, 6]
+    result = stream("--ids", data=b"1 2 x3")
+    assert result.returncode == 1 and "'x3' is not a token id" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_ctrl_c_saves_the_state(model, tmp_path):
+    path = tmp_path / "s.session"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mambastep.cli", "stream", "--threads", "1", "--save-state", str(path), "--json",
+         "--report-every", "0"],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        child.stdin.write(TEXT[:700])
+        child.stdin.flush()
+        tokens = 0
+        while tokens < 700:  # wait until the stream has read what was sent
+            line = child.stderr.readline()
+            assert line, "the stream ended early"
+            tokens = reports(line)[0]["tokens"] if line.startswith(b"{") else 0
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=60) == 130
+        last = reports(child.stderr.read())[-1]
+    finally:
+        child.kill()
+        child.stdin.close()
+        child.stderr.close()
+    assert last["event"] == "interrupted" and last["tokens"] == 700
+    assert Session.load(path, model).position == 700
+
+
+def run(model, tokenizer, data: bytes, **settings) -> tuple[int, str, list[dict]]:
+    out, err = io.StringIO(), io.StringIO()
+    status = run_stream(StreamSettings(json=True, **settings), model, tokenizer, io.BytesIO(data), out, err)
+    return status, out.getvalue(), reports(err.getvalue().encode())
+
+
+def test_text_lines_go_through_the_tokenizer(model):
+    tok = mambastep.load_tokenizer(DEFAULT_MODEL)
+    status, _, events = run(model, tok, TEXT[:300], input="text")
+    assert status == 0 and events[-1]["tokens"] == len(tok.encode(TEXT[:300].decode()))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        run(model, tok, b"ok\n\xff\xfe\n", input="text")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        run(model, tok, "cut é".encode()[:-1], input="text")
+
+
+def test_bad_input_still_saves_what_was_read(model, tmp_path):
+    path = tmp_path / "s.session"
+    chunks = io.BytesIO(b"1 2 3 " + b"9" * 10)  # the second read holds an id outside the vocabulary
+    settings = StreamSettings(input="ids", save_state=path, read_size=6)
+    with pytest.raises(ValueError, match="token id 9999999999 at offset 0"):
+        run_stream(settings, model, None, chunks, io.StringIO(), io.StringIO())
+    assert Session.load(path, model).history.tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(generate_every=-1), "generate-every must be an integer >= 0, got -1"),
+        (dict(report_every=-1.0), "report-every must be >= 0 seconds"),
+        (dict(save_state="/nonexistent/dir/s.session"), "no directory /nonexistent/dir"),
+        (dict(input="ids", generate_every=5), "need a tokenizer"),
+    ],
+)
+def test_settings_are_checked(model, settings, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run(model, None, b"", **settings)
+
+
+def test_bytes_need_a_byte_level_model():
+    small = mambastep.MambaLM(mambastep.MambaConfig(d_model=8, n_layer=1, vocab_size=100, d_state=4)).eval()
+    with pytest.raises(ValueError, match="--bytes needs a byte-level model"):
+        run(small, None, b"abc", input="bytes")
+    status, _, events = run(small, None, b"99 0 5", input="ids")
+    assert status == 0 and events[-1]["tokens"] == 3

@@ -1,0 +1,172 @@
+"""Training: loss goes down, exact resume, DDP == one process, checkpoints load, bad inputs fail early."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mambastep
+from mambastep.cli import main
+from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, train
+from mambastep.training.data import is_heldout
+from mambastep.training.optim import build_optimizer, lr_factor
+
+TINY = {
+    "mamba2": {"d_model": 16, "n_layer": 2, "vocab_size": 256, "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8}},
+    "mamba": {"d_model": 16, "n_layer": 2, "vocab_size": 256, "ssm_cfg": {"d_state": 4}},
+}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A dozen small Python-like files; with seed 0 and holdout 0.2 some are held out."""
+    root = tmp_path / "corpus"
+    for i in range(12):
+        lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40)]
+        (root / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"pkg{i % 3}" / f"mod{i}.py").write_text("".join(lines))
+    assert any(is_heldout(f"pkg{i % 3}/mod{i}.py", 0, 0.2) for i in range(12))
+    return root
+
+
+def tiny_config(tmp_path: Path, family: str = "mamba2") -> str:
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps(TINY[family]))
+    return str(path)
+
+
+def settings(corpus: Path, out: Path, config: str, **overrides) -> TrainSettings:
+    base = dict(
+        data=DataSettings(paths=(str(corpus),), holdout=0.2, seq_len=16),
+        optim=OptimSettings(lr=1e-2, warmup_steps=2),
+        out=str(out), config=config, steps=6, batch_size=4, eval_every=3, eval_tokens=64,
+        checkpoint_every=0, log_every=1, progress=False,
+    )
+    return TrainSettings(**{**base, **overrides})
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["mamba2", "mamba"])
+def test_a_few_steps_reduce_the_loss(corpus, tmp_path, family):
+    record = train(settings(corpus, tmp_path / "out", tiny_config(tmp_path, family), steps=12, eval_every=0))
+    losses = [e["loss"] for e in record["train"]]
+    assert losses[-1] < losses[0] - 0.5
+    final = record["eval"][-1]
+    assert final["full"] and final["bits_per_byte"] < 8
+    assert set(record["baselines"]) == {"gzip -9", "xz -9"}
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 0
+    assert json.loads((tmp_path / "out" / "log.json").read_text())["train"] == record["train"]
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted(corpus, tmp_path):
+    config = tiny_config(tmp_path)
+    train(settings(corpus, tmp_path / "straight", config))
+    train(settings(corpus, tmp_path / "resumed", config, stop_after=3))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(settings(corpus, tmp_path / "resumed", config))
+    with pytest.raises(TrainingError, match=r"steps \(saved 6, now 7\)"):
+        train(settings(corpus, tmp_path / "resumed", config, steps=7, resume=True))
+    record = train(settings(corpus, tmp_path / "resumed", config, resume=True))
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert [e["step"] for e in record["train"]] == list(range(1, 7))
+
+
+def test_two_process_ddp_matches_one_process(corpus, tmp_path):
+    config = tiny_config(tmp_path)
+    train(settings(corpus, tmp_path / "one", config, steps=3, eval_every=0))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "mambastep.cli", "train", str(corpus), "--config", config, "--out", str(tmp_path / "two"),
+        "--holdout", "0.2", "--seq-len", "16", "--lr", "1e-2", "--warmup-steps", "2", "--steps", "3",
+        "--batch-size", "4", "--eval-every", "0", "--checkpoint-every", "0", "--log-every", "1", "--no-progress",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+    log_one = json.loads((tmp_path / "one" / "log.json").read_text())
+    log_two = json.loads((tmp_path / "two" / "log.json").read_text())
+    assert log_two["processes"] == 2
+    final_one, final_two = log_one["eval"][-1], log_two["eval"][-1]
+    assert final_two["tokens"] == final_one["tokens"]
+    assert final_two["loss"] == pytest.approx(final_one["loss"], rel=1e-4)
+
+
+def test_checkpoint_loads_and_generates(corpus, tmp_path):
+    out = tmp_path / "out"
+    assert main(["train", str(corpus), "--config", tiny_config(tmp_path), "--out", str(out), "--holdout", "0.2",
+                 "--seq-len", "16", "--steps", "4", "--batch-size", "4", "--no-progress"]) == 0
+    model = mambastep.load(out / "model")
+    tokenizer = mambastep.load_tokenizer(out / "model")
+    assert isinstance(tokenizer, mambastep.ByteTokenizer)
+    text = "".join(mambastep.generate(model, tokenizer, "def ", mambastep.SamplingParams(max_new_tokens=8, seed=0)))
+    assert isinstance(text, str)
+    # Fine-tuning starts from the checkpoint's weights and tokenizer.
+    record = train(settings(corpus, tmp_path / "tuned", None, init=str(out / "model"), steps=2, eval_every=0))
+    assert record["model"]["family"] == "mamba2"
+
+
+def test_weight_decay_only_on_matrices(tmp_path):
+    from mambastep.training.loop import model_config
+    from mambastep.models import model_class
+
+    for family in TINY:
+        config = model_config(tiny_config(tmp_path, family))
+        model = model_class(config)(config)
+        optimizer = build_optimizer(model, OptimSettings())
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = {names[id(p)].rsplit(".", 1)[-1] for p in optimizer.param_groups[0]["params"]}
+        other = {names[id(p)].rsplit(".", 1)[-1] for p in optimizer.param_groups[1]["params"]}
+        assert optimizer.param_groups[1]["weight_decay"] == 0
+        assert not decayed & {"A_log", "D", "dt_bias", "bias"}
+        assert {"A_log", "D"} <= other and "in_proj" not in other
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(s, 10, 100, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_split_is_fixed_by_path_and_seed():
+    names = [f"dir/file{i}.py" for i in range(2000)]
+    held = [n for n in names if is_heldout(n, 0, 0.05)]
+    assert 50 < len(held) < 150
+    assert held == [n for n in names if is_heldout(n, 0, 0.05)]
+    assert held != [n for n in names if is_heldout(n, 1, 0.05)]
+
+
+def test_bad_inputs_fail_before_training(corpus, tmp_path):
+    config = tiny_config(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TrainingError, match="no training files"):
+        train(settings(empty, tmp_path / "a", config))
+    (corpus / "blob.py").write_bytes(b"\x00\x01\xffbinary")
+    with pytest.raises(TrainingError, match=r"not UTF-8 text: .*blob\.py.*--skip-binary"):
+        train(settings(corpus, tmp_path / "b", config))
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({"d_model": 16384, "n_layer": 96, "vocab_size": 256, "ssm_cfg": {"layer": "Mamba2"}}))
+    with pytest.raises(TrainingError, match=r"needs about [\d.]+ GiB .* only [\d.]+ GiB is free"):
+        train(settings(corpus, tmp_path / "c", str(huge)))
+    with pytest.raises(TrainingError, match="neither a JSON file nor a built-in name"):
+        train(settings(corpus, tmp_path / "d", str(tmp_path / "missing.json")))
+    with pytest.raises(TrainingError, match="seq_len must be an integer >= 2"):
+        DataSettings(paths=(str(corpus),), seq_len=1)
+    assert not (tmp_path / "b" / "train_state.pt").exists()
+    # The command line reports the same errors as one line, with a non-zero status.
+    assert main(["train", str(empty), "--config", config, "--out", str(tmp_path / "e"), "--no-progress"]) == 1
