@@ -1,7 +1,7 @@
 """What a run writes to disk: the model (for every command), and the training state (for resume).
 
 out/model/            config.json + model.safetensors (+ tokenizer.json): ``mambastep.load`` reads it
-out/train_state.pt    weights, optimiser, schedule, step, carried states, RNG: exact resume
+out/train_state.pt    weights, optimiser, schedule, step, RNG: exact resume
 
 Both are replaced atomically (a temporary sibling, then a rename), so a run
 killed while writing leaves the previous checkpoint whole. The training state
@@ -31,7 +31,10 @@ TRAIN_STATE_VERSION = 1
 def write_model(model: LanguageModel, tokenizer: Tokenizer, directory: Path) -> None:
     """Save ``model`` and its tokenizer where ``mambastep.load`` and ``load_tokenizer`` find them,
     replacing what was there."""
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    tmp = directory.with_name(f".{directory.name}.tmp")  # only the main process writes here
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while writing
+    tmp.mkdir()
     try:
         extra = {"tokenizer": "bytes"} if isinstance(tokenizer, ByteTokenizer) else None
         save(model, tmp, extra_config=extra)

@@ -5,10 +5,12 @@ the hash of ``f"{seed}/{relative path}"`` falls below ``holdout``. Adding or
 removing other files never moves a file from one side to the other.
 
 Each side is one token stream (its files concatenated in path order), cut
-into ``lanes`` equal rows. Step ``s`` reads window ``s`` of every lane, so the
-data position is the step itself, and consecutive windows of a lane are
-consecutive text: a recurrent model carries its state from one to the next.
-Each process keeps only its own contiguous block of lanes (its shard).
+into ``lanes`` equal rows, one per sequence of the batch. Step ``s`` reads one
+window of every lane at offsets drawn from a generator seeded by (seed, s), so
+the data position is the step itself, a batch covers the whole corpus evenly,
+and consecutive batches are not neighbouring text (which would let the
+weights chase the file at hand instead of learning the language). Each
+process keeps only its own contiguous block of lanes (its shard).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from mambastep.training.settings import DataSettings, TrainingError
 
 @dataclass(frozen=True)
 class TextFile:
+    """A selected file."""
+
     path: Path
     name: str  # path relative to the folder it was found in: what the split hashes
 
@@ -47,6 +51,8 @@ class Split:
 
 @dataclass(frozen=True)
 class Corpus:
+    """The training text, split by file."""
+
     train: Split
     heldout: Split
     heldout_text: bytes  # the held-out files' bytes, concatenated: what gzip and xz are measured on
@@ -149,34 +155,48 @@ class Lanes:
     """A token stream cut into ``count`` equal lanes, read ``seq_len`` tokens at a time.
 
     This process keeps lanes [rank * count / world, (rank + 1) * count / world): a
-    contiguous block of the stream. Window ``i`` gives inputs (b, <= seq_len) and
-    the next tokens as targets.
+    contiguous block of the stream. ``sample`` draws a training window per lane;
+    ``window`` reads the lanes front to back, for evaluation.
     """
 
-    def __init__(self, tokens: Tensor, count: int, seq_len: int, rank: int, world: int, what: str):
+    def __init__(self, tokens: Tensor, count: int, seq_len: int, rank: int, world: int, what: str, min_len: int):
+        """``min_len``: the fewest tokens a lane may hold (seq_len + 1 to sample training windows)."""
         lane_len = len(tokens) // count
-        if lane_len < 2:
+        if lane_len < min_len:
             raise TrainingError(
-                f"the {what} split holds {len(tokens)} tokens, too few for {count} lanes "
-                "(one per sequence of the batch): add text or lower --batch-size"
+                f"the {what} split holds {len(tokens)} tokens, too few for {count} lanes (one per sequence "
+                f"of the batch) of at least {min_len} tokens: add text or lower --batch-size"
+                + (" or --seq-len" if min_len > 2 else "")
             )
-        local = count // world
-        self.tokens = tokens[rank * local * lane_len : (rank + 1) * local * lane_len].view(local, lane_len)
+        self.count, self.local = count, count // world
+        self.first = rank * self.local  # the global index of this process's first lane
+        self.tokens = tokens[self.first * lane_len : (self.first + self.local) * lane_len].view(self.local, lane_len)
         self.seq_len = seq_len
 
-    @property
-    def full_windows(self) -> int:
-        """Windows of exactly ``seq_len`` inputs in each lane."""
-        return (self.tokens.shape[1] - 1) // self.seq_len
+    def sample(self, step: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Training inputs and targets of ``step``: (b, seq_len) int64 each, one window per lane.
+
+        Every process draws the offsets of all lanes from the same generator and keeps its own,
+        so the global batch does not depend on the number of processes.
+        """
+        generator = torch.Generator().manual_seed((seed << 32) + step)
+        starts = torch.randint(0, self.tokens.shape[1] - self.seq_len, (self.count,), generator=generator)
+        mine = starts[self.first : self.first + self.local]
+        index = mine[:, None] + torch.arange(self.seq_len + 1)  # (b, seq_len + 1)
+        piece = self.tokens.gather(1, index).long()
+        return piece[:, :-1], piece[:, 1:]
 
     def windows(self, max_tokens: int | None = None) -> int:
         """Windows needed to read each lane to its end (or to ``max_tokens`` inputs), the last one shorter."""
-        length = self.tokens.shape[1] - 1 if max_tokens is None else min(self.tokens.shape[1] - 1, max_tokens)
-        return -(-length // self.seq_len)
+        return -(-self._end(max_tokens) // self.seq_len)
 
     def window(self, i: int, max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
-        """Inputs and targets of window ``i``: (b, q) int64 each, q <= seq_len."""
-        end = self.tokens.shape[1] - 1 if max_tokens is None else min(self.tokens.shape[1] - 1, max_tokens)
+        """Inputs and targets of window ``i`` from the lanes' starts: (b, q) int64 each, q <= seq_len."""
         start = i * self.seq_len
-        piece = self.tokens[:, start : min(start + self.seq_len, end) + 1].long()
+        piece = self.tokens[:, start : min(start + self.seq_len, self._end(max_tokens)) + 1].long()
         return piece[:, :-1], piece[:, 1:]
+
+    def _end(self, max_tokens: int | None) -> int:
+        """Inputs read per lane: all but its last token, or ``max_tokens``."""
+        inputs = self.tokens.shape[1] - 1
+        return inputs if max_tokens is None else min(inputs, max_tokens)

@@ -57,12 +57,3 @@ def sum_all(values: Tensor, placement: Placement) -> Tensor:
     if placement.world > 1:
         dist.all_reduce(values)
     return values
-
-
-def gather_batch(tensor: Tensor, placement: Placement) -> Tensor:
-    """The processes' tensors joined along dimension 0, in rank order (every process gets it)."""
-    if placement.world == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(placement.world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)

@@ -1,10 +1,8 @@
 """The training loop: check everything, build the run, step, evaluate, checkpoint.
 
 Every check that can fail (settings, config, memory, data, resume) runs before
-the first step. Recurrent models carry their state from one window of a lane
-to the next (truncated backpropagation through time), so they learn to read
-streams longer than a window; models whose state grows with the text (the
-transformer's KV cache) start every window afresh.
+the first step. Each window starts from a fresh state, in training and in
+evaluation alike, so the held-out figure measures what training optimised.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,6 @@ from mambastep.config import ConfigError, ModelConfig, config_from_dict
 from mambastep.configs import BUILTIN_CONFIGS, builtin_config
 from mambastep.loading import load, read_config, resolve
 from mambastep.models import LanguageModel, model_class
-from mambastep.state import ModelState, state_from_tensors
 from mambastep.tokenizer import BYTES, Tokenizer, load_tokenizer
 from mambastep.training import distributed
 from mambastep.training.budget import check_fits, count_parameters
@@ -94,14 +91,11 @@ class _Run:
         self.local_batch = s.batch_size // place.world
         self.memory_estimate = check_fits(config, self.local_batch, self.seq_len, place.world, place.local_world, place.device)
         self.corpus: Corpus = load_corpus(s.data, self.tokenizer)
-        self.train_lanes = Lanes(self.corpus.train.tokens, s.batch_size, self.seq_len, place.rank, place.world, "training")
-        if self.train_lanes.full_windows < 1:
-            raise TrainingError(
-                f"the training split holds {len(self.corpus.train.tokens)} tokens: too few for {s.batch_size} lanes "
-                f"of one window of {self.seq_len} tokens; add text or lower --batch-size or --seq-len"
-            )
+        self.train_lanes = Lanes(
+            self.corpus.train.tokens, s.batch_size, self.seq_len, place.rank, place.world, "training", self.seq_len + 1
+        )
         self.eval_lanes = (
-            Lanes(self.corpus.heldout.tokens, s.batch_size, self.seq_len, place.rank, place.world, "held-out")
+            Lanes(self.corpus.heldout.tokens, s.batch_size, self.seq_len, place.rank, place.world, "held-out", 2)
             if s.data.holdout > 0 else None
         )
         self.out.mkdir(parents=True, exist_ok=True)  # every check has passed
@@ -113,10 +107,9 @@ class _Run:
                 model = model_class(config)(config)
             init_for_training(model)
         self.model: LanguageModel = model.train()
-        self.carries_state = all(layer.seq_dim is None for layer in model.new_state(1).layers)
         self.optimizer = build_optimizer(model, s.optim)
         self.scheduler = build_scheduler(self.optimizer, s.optim, s.steps)
-        self.step, self.state = 0, None
+        self.step = 0
         if saved is not None:
             self._restore(saved)
         self.net = DistributedDataParallel(model) if place.world > 1 else model
@@ -148,19 +141,14 @@ class _Run:
         if saved["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         self.step, self.elapsed_before = saved["step"], saved["elapsed_s"]
-        if saved["lanes_state"] is not None:
-            tensors, metadata = saved["lanes_state"]
-            full = state_from_tensors(tensors, metadata, self.model, self.out / TRAIN_STATE_FILE)
-            mine = range(self.place.rank * self.local_batch, (self.place.rank + 1) * self.local_batch)
-            self.state = full.select(list(mine))
 
     def _header(self) -> dict[str, Any]:
-        s, c = self.settings, self.corpus
+        s, c, config = self.settings, self.corpus, self.model.config
+        parameters = count_parameters(config)
         return {
-            "title": f"{self.model.config.family}, {count_parameters(self.model.config):,} parameters",
+            "title": f"{config.family}, {parameters:,} parameters",
             "settings": asdict(s),
-            "model": {"family": self.model.config.family, "config": asdict(self.model.config),
-                      "parameters": count_parameters(self.model.config)},
+            "model": {"family": config.family, "config": asdict(config), "parameters": parameters},
             "data": {
                 "split_rule": SPLIT_RULE,
                 "train_files": len(c.train.names), "train_tokens": len(c.train.tokens), "train_bytes": c.train.n_bytes,
@@ -168,7 +156,6 @@ class _Run:
                 "heldout_bytes": c.heldout.n_bytes, "heldout_names": list(c.heldout.names),
             },
             "processes": self.place.world,
-            "carries_state": self.carries_state,
             "memory_estimate_bytes": self.memory_estimate,
             "baselines": compressor_baselines(self.corpus.heldout_text),
         }
@@ -181,13 +168,10 @@ class _Run:
         return contextlib.nullcontext()
 
     def _train_step(self) -> Tensor:
-        """One optimiser step on window ``step`` of every lane; returns the local mean loss."""
-        window = self.step % self.train_lanes.full_windows
-        if window == 0:
-            self.state = None  # a new pass over the data starts every lane afresh
-        x, y = (t.to(self.place.device) for t in self.train_lanes.window(window))
+        """One optimiser step on the windows of ``step``; returns this process's mean loss."""
+        x, y = (t.to(self.place.device) for t in self.train_lanes.sample(self.step, self.settings.data.seed))
         with self._autocast():
-            logits, state = self.net(x, self.state)  # (b, q, vocab)
+            logits, _ = self.net(x)  # (b, l, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         if self.settings.optim.grad_clip > 0:
@@ -195,7 +179,6 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state = _detach(state) if self.carries_state else None
         self.step += 1
         return loss.detach()
 
@@ -203,18 +186,18 @@ class _Run:
     def evaluate(self, max_tokens: int | None) -> dict[str, float]:
         """Held-out loss and bits per byte, reading each lane from its start (to ``max_tokens`` inputs per lane)."""
         lanes = self.eval_lanes
-        state, totals = None, torch.zeros(2, dtype=torch.float64, device=self.place.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.place.device)
         for i in range(lanes.windows(max_tokens)):
             x, y = (t.to(self.place.device) for t in lanes.window(i, max_tokens))
             with self._autocast():
-                logits, state = self.model(x, state if self.carries_state else None)
+                logits, _ = self.model(x)  # (b, q, vocab)
             totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
             totals[1] += y.numel()
         nll, count = distributed.sum_all(totals, self.place).tolist()
         return {
             "loss": nll / count,
             "bits_per_byte": bits_per_byte(nll, int(count), self.corpus.heldout.bytes_per_token),
-            "tokens": int(count),
+            "tokens_read": int(count),
         }
 
     def run(self) -> dict[str, Any]:
@@ -267,12 +250,7 @@ class _Run:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def checkpoint(self) -> None:
-        """Write out/model and out/train_state.pt (collective: every process takes part)."""
-        lanes_state = None
-        if self.state is not None:
-            tensors, metadata = self.state.to_tensors()
-            tensors = {k: distributed.gather_batch(t.to(self.place.device), self.place).cpu() for k, t in tensors.items()}
-            lanes_state = (tensors, metadata)
+        """Write out/model and out/train_state.pt (the main process; the others hold the same weights)."""
         if not self.place.main:
             return
         write_model(self.model, self.tokenizer, self.out / MODEL_DIR)
@@ -285,15 +263,8 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if self.place.device.type == "cuda" else []},
-            "lanes_state": lanes_state,
         })
         self.log.write()
-
-
-def _detach(state: ModelState) -> ModelState:
-    """The same state, cut from the graph: gradients stop at the window's edge."""
-    layers = tuple(replace(layer, **{k: t.detach() for k, t in layer.tensors().items()}) for layer in state.layers)
-    return ModelState(layers, state.fingerprint)
 
 
 def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:

@@ -61,6 +61,7 @@ class RunLog:
 
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         fig, ax = plt.subplots(figsize=(7, 4.2))
         train, evals = self.record["train"], self.record["eval"]
@@ -72,6 +73,9 @@ class RunLog:
             ax.axhline(value, ls="--", lw=1, color=f"C{i + 2}", label=f"{name} (held-out)")
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("bits per byte")
+        ax.set_yscale("log")  # the first steps sit far above the rest
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_title(self.record.get("title", "training curve"))
         ax.grid(alpha=0.3)
         ax.legend()

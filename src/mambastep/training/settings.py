@@ -40,8 +40,8 @@ class DataSettings:
         None takes the fine-tuned checkpoint's tokenizer, or "bytes".
     holdout: share of files held out for evaluation, chosen by a hash of
         ``f"{seed}/{relative path}"``, so the split never depends on the order files are found in.
-    seed: seeds the split and the model's initialisation.
-    seq_len: tokens per training window (gradients are truncated there; the state carries on).
+    seed: seeds the split, the model's initialisation and the training windows' offsets.
+    seq_len: tokens per training window; each starts from a fresh state.
     """
 
     paths: tuple[str, ...]
@@ -64,7 +64,7 @@ class DataSettings:
         if not self.include:
             raise TrainingError("include must hold at least one pattern, e.g. '*.py'")
         _check(self, "holdout", 0.0, 0.5, integer=False)
-        _check(self, "seed", 0)
+        _check(self, "seed", 0, 2**31 - 1)
         _check(self, "seq_len", 2)
 
 
@@ -111,7 +111,7 @@ class TrainSettings:
     batch_size: sequences per step, over all processes (each process takes an equal share).
     precision: "bf16" runs the forward pass under bfloat16 autocast (weights and
         optimiser stay float32).
-    eval_every / checkpoint_every / log_every: in steps; 0 turns periodic eval or
+    eval_every / checkpoint_every / log_every: in steps; 0 turns periodic evaluation or
         checkpoints off (the end of the run always evaluates and checkpoints).
     eval_tokens: held-out tokens read by a periodic evaluation; the final one reads them all.
     resume: continue the run saved in ``out`` (the other settings must be the same).
