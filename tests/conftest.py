@@ -52,6 +52,37 @@ def hf_reference(path: Path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
+def random_tokens(vocab_size: int, b: int, l: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_greedy_equals_transformers(model, ref, prompt_len: int = 7, new_tokens: int = 12) -> None:
+    """Our prefill + argmax steps give the tokens of `transformers`' greedy ``generate``."""
+    prompt = random_tokens(model.config.vocab_size, 1, prompt_len)
+    with torch.no_grad():
+        expected = ref.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)[0, prompt_len:]
+    assert len(expected) == new_tokens
+    last, state = model.prefill(prompt)
+    ours = []
+    for _ in range(new_tokens):
+        token = last.argmax(-1)
+        ours.append(int(token))
+        last, state = model.step(token, state)
+    assert ours == expected.tolist()
+
+
+def assert_prefill_then_steps_equal_forward(model, length: int, prefixes: tuple[int, ...]) -> None:
+    """Prefilling a prefix and stepping through the rest gives the logits of one forward pass."""
+    tokens = random_tokens(model.config.vocab_size, 2, length)
+    full, _ = model(tokens)
+    for prefix in prefixes:
+        last, state = model.prefill(tokens[:, :prefix])
+        torch.testing.assert_close(last, full[:, prefix - 1], atol=1e-5, rtol=1e-5)
+        for t in range(prefix, length):
+            last, state = model.step(tokens[:, t], state)
+            torch.testing.assert_close(last, full[:, t], atol=1e-5, rtol=1e-5)
+
+
 def to_original_format(hf_dir: Path, out_dir: Path) -> Path:
     """Rewrite a `transformers` checkpoint in the original state-spaces format (config.json + pytorch_model.bin)."""
     import mambastep
@@ -78,6 +109,15 @@ def to_original_format(hf_dir: Path, out_dir: Path) -> Path:
     (out_dir / "config.json").write_text(json.dumps(config))
     torch.save(tensors, out_dir / "pytorch_model.bin")
     return out_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine the threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

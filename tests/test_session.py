@@ -22,13 +22,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 SMALL = dict(max_rollback=300, checkpoint_every=64)  # several snapshots within a short stream
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine the threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spread(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:

@@ -17,13 +17,7 @@ from mambastep.stream import StreamSettings, run_stream
 TEXT = ("A stream of log lines, read as it arrives: état 🐍 ok\n" * 60).encode()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine the threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 
 import mambastep
 from mambastep.settings import EngineSettings
-from conftest import hf_reference, make_hf_checkpoint, to_original_format
+from conftest import assert_greedy_equals_transformers, assert_prefill_then_steps_equal_forward, hf_reference, make_hf_checkpoint, to_original_format
 
 MAMBA_CONFIGS = [
     dict(),
@@ -46,30 +46,11 @@ def test_forward_equals_transformers(checkpoint):
 
 
 def test_greedy_generation_equals_transformers(checkpoint):
-    model, ref = mambastep.load(checkpoint), hf_reference(checkpoint)
-    prompt = _tokens(model, 1, 7)
-    with torch.no_grad():
-        expected = ref.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 7:]
-    assert len(expected) == 12
-    last, state = model.prefill(prompt)
-    ours = []
-    for _ in range(12):
-        token = last.argmax(-1)
-        ours.append(int(token))
-        last, state = model.step(token, state)
-    assert ours == expected.tolist()
+    assert_greedy_equals_transformers(mambastep.load(checkpoint), hf_reference(checkpoint), new_tokens=12)
 
 
 def test_prefill_then_steps_equals_forward(checkpoint):
-    model = mambastep.load(checkpoint)
-    tokens = _tokens(model, 2, 30)
-    full, _ = model(tokens)
-    for prefix in [1, 2, 17]:
-        last, state = model.prefill(tokens[:, :prefix])
-        torch.testing.assert_close(last, full[:, prefix - 1], atol=1e-5, rtol=1e-5)
-        for t in range(prefix, 30):
-            last, state = model.step(tokens[:, t], state)
-            torch.testing.assert_close(last, full[:, t], atol=1e-5, rtol=1e-5)
+    assert_prefill_then_steps_equal_forward(mambastep.load(checkpoint), 30, (1, 2, 17))
 
 
 def test_prefill_in_pieces_equals_one_prefill(checkpoint):

@@ -10,7 +10,7 @@ import mambastep
 from mambastep.cli import main
 from mambastep.settings import EngineSettings
 from mambastep.state import KVLayerState, ModelState, StateError
-from conftest import hf_reference, make_hf_checkpoint
+from conftest import assert_greedy_equals_transformers, assert_prefill_then_steps_equal_forward, hf_reference, make_hf_checkpoint
 
 CONFIGS = [
     dict(),
@@ -48,29 +48,11 @@ def test_forward_equals_transformers(checkpoint):
 
 
 def test_greedy_generation_equals_transformers(checkpoint):
-    model, ref = mambastep.load(checkpoint), hf_reference(checkpoint)
-    prompt = _tokens(model, 1, 7)
-    with torch.no_grad():
-        expected = ref.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)[0, 7:]
-    last, state = model.prefill(prompt)
-    ours = []
-    for _ in range(10):
-        token = last.argmax(-1)
-        ours.append(int(token))
-        last, state = model.step(token, state)
-    assert ours == expected.tolist()
+    assert_greedy_equals_transformers(mambastep.load(checkpoint), hf_reference(checkpoint), new_tokens=10)
 
 
 def test_prefill_then_steps_equals_forward(checkpoint):
-    model = mambastep.load(checkpoint)
-    tokens = _tokens(model, 2, 20)
-    full, _ = model(tokens)
-    for prefix in [1, 13]:
-        last, state = model.prefill(tokens[:, :prefix])
-        torch.testing.assert_close(last, full[:, prefix - 1], atol=1e-5, rtol=1e-5)
-        for t in range(prefix, 20):
-            last, state = model.step(tokens[:, t], state)
-            torch.testing.assert_close(last, full[:, t], atol=1e-5, rtol=1e-5)
+    assert_prefill_then_steps_equal_forward(mambastep.load(checkpoint), 20, (1, 13))
 
 
 def test_prefill_in_pieces_and_continued_forward(model):
