@@ -32,7 +32,7 @@ class EngineSettings:
     decode: Literal["eager", "compiled"] = "eager"
     threads: int | None = None
     scan_chunk: int = 64
-    prefill_piece: int = 2048
+    prefill_piece: int = 256
 
     def __post_init__(self):
         if self.scan not in SCAN_KERNELS:
