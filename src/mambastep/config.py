@@ -2,7 +2,7 @@
 
 Two on-disk formats are understood: the one `transformers` writes
 (``model_type`` "mamba", "mamba2", or "gpt_neox" for the transformer
-baseline) and the original state-spaces one
+baseline; mambastep's own "mamba_lti" follows it) and the original state-spaces one
 (``d_model``, ``n_layer``, ``ssm_cfg``...). A key that is not understood is an
 error, since it may change the architecture; keys known to matter only for
 initialisation or bookkeeping are ignored.
@@ -57,6 +57,18 @@ class MambaConfig:
     def fingerprint(self) -> str:
         """Short hash of the architecture: states and checkpoints carry it."""
         return _fingerprint(self.family, self)
+
+
+@dataclass(frozen=True)
+class MambaLTIConfig(MambaConfig):
+    """The Mamba-1 block with a time-invariant SSM (S4D-real) in place of the selective S6.
+
+    The Mamba paper's key ablation (its Table 1, "Mamba block with S4"): Δ, B and
+    C are parameters instead of functions of the input. ``model_type``
+    "mamba_lti" is mambastep's own; ``dt_rank`` is unused.
+    """
+
+    family: ClassVar[str] = "mamba_lti"
 
 
 @dataclass(frozen=True)
@@ -156,7 +168,7 @@ class GPTNeoXConfig:
         return _fingerprint(self.family, self)
 
 
-ModelConfig = Union[MambaConfig, Mamba2Config, GPTNeoXConfig]
+ModelConfig = Union[MambaConfig, MambaLTIConfig, Mamba2Config, GPTNeoXConfig]
 
 
 def _check_positive(config: Any, *names: str) -> None:
@@ -260,14 +272,14 @@ def config_from_dict(raw: dict, where: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if "model_type" in raw:
         model_type = raw["model_type"]
-        if model_type == "mamba":
-            return _hf_mamba(raw, where)
+        if model_type in ("mamba", "mamba_lti"):
+            return _hf_mamba(raw, where, MambaLTIConfig if model_type == "mamba_lti" else MambaConfig)
         if model_type == "mamba2":
             return _hf_mamba2(raw, where)
         if model_type == "gpt_neox":
             return _hf_gpt_neox(raw, where)
         raise ConfigError(
-            f"{where}: model_type {model_type!r} is not supported (only 'mamba', 'mamba2' and 'gpt_neox')"
+            f"{where}: model_type {model_type!r} is not supported (only 'mamba', 'mamba2', 'gpt_neox' and 'mamba_lti')"
         )
     if "d_model" in raw and "n_layer" in raw:
         return _original(raw, where)
@@ -295,13 +307,13 @@ def _hf_common(keys: _Keys) -> dict:
     )
 
 
-def _hf_mamba(raw: dict, where: str) -> MambaConfig:
+def _hf_mamba(raw: dict, where: str, cls: type[MambaConfig] = MambaConfig) -> MambaConfig:
     keys = _Keys(raw, where, _IGNORED_HF_KEYS)
     common = _hf_common(keys)
     rank = keys.get("time_step_rank", "auto", (int, str))
     if isinstance(rank, str) and rank != "auto":
         raise ConfigError(f"{where}: time_step_rank must be an integer or 'auto', got {rank!r}")
-    config = MambaConfig(**common, d_state=keys.get("state_size", 16), dt_rank=0 if rank == "auto" else rank)
+    config = cls(**common, d_state=keys.get("state_size", 16), dt_rank=0 if rank == "auto" else rank)
     inner = keys.get("intermediate_size", config.d_inner)
     if inner != config.d_inner:
         raise ConfigError(f"{where}: intermediate_size = {inner} but expand * hidden_size = {config.d_inner}")
@@ -445,7 +457,6 @@ def config_to_hf_dict(config: ModelConfig) -> dict:
         raise ConfigError("D per channel (D_has_hdim) has no Hugging Face config key")
     raw = {
         "model_type": config.family,
-        "architectures": ["MambaForCausalLM" if config.family == "mamba" else "Mamba2ForCausalLM"],
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layer,
         "vocab_size": config.vocab_size,
@@ -459,6 +470,9 @@ def config_to_hf_dict(config: ModelConfig) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
     }
+    architecture = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}.get(config.family)
+    if architecture:  # transformers has no class for mambastep's own families
+        raw["architectures"] = [architecture]
     if isinstance(config, MambaConfig):
         raw.update(intermediate_size=config.d_inner, time_step_rank=config.dt_rank)
     else:

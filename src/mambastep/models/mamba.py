@@ -21,18 +21,24 @@ class MambaMixer(nn.Module):
 
     def __init__(self, config: MambaConfig):
         super().__init__()
-        d, e, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
+        d, e, k = config.d_model, config.d_inner, config.d_conv
         self.config = config
         self.in_proj = nn.Linear(d, 2 * e, bias=config.bias)
         self.conv1d = nn.Conv1d(e, e, k, groups=e, padding=k - 1, bias=config.conv_bias)
+        self.add_ssm_parameters()
+        self.out_proj = nn.Linear(e, d, bias=config.bias)
+        self.dt_probe = nn.Identity()  # sees Δ (b, l, e): a hook here watches the selection (``mambastep inspect``)
+        self.reset_ssm_parameters()
+        self.scan_chunk = EngineSettings().scan_chunk
+        self.fused_scan = False
+
+    def add_ssm_parameters(self) -> None:
+        """S6: Δ, B and C are projections of the input (x_proj, then dt_proj for Δ)."""
+        e, n, r = self.config.d_inner, self.config.d_state, self.config.dt_rank
         self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, e, bias=True)
         self.A_log = nn.Parameter(torch.empty(e, n))
         self.D = nn.Parameter(torch.empty(e))
-        self.out_proj = nn.Linear(e, d, bias=config.bias)
-        self.reset_ssm_parameters()
-        self.scan_chunk = EngineSettings().scan_chunk
-        self.fused_scan = False
 
     def configure(self, settings: EngineSettings) -> None:
         """Choose the prompt scan: the fused CPU kernel is used for inference on CPU only."""
@@ -43,12 +49,10 @@ class MambaMixer(nn.Module):
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         """The paper's initialisation: A = -(1..n) per channel (S4D-real), D = 1,
         dt log-uniform in [dt_min, dt_max] through the dt_proj bias."""
-        e, n = self.A_log.shape
-        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))
+        self.A_log.copy_(_s4d_real_log_A(*self.A_log.shape))
         self.D.fill_(1.0)
         nn.init.uniform_(self.dt_proj.weight, -self.config.dt_rank**-0.5, self.config.dt_rank**-0.5)
-        dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.dt_proj.bias.copy_(_dt_bias_init(self.config.d_inner, dt_min, dt_max))
 
     def new_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> SSMLayerState:
         c = self.config
@@ -59,29 +63,34 @@ class MambaMixer(nn.Module):
 
         One token (l == 1) takes the recurrent step; longer inputs the chunked scan.
         """
-        n, r = self.config.d_state, self.config.dt_rank
         xz = self.in_proj(u)  # (b, l, 2e)
         x, z = xz.chunk(2, dim=-1)  # (b, l, e) each
         weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # (e, k), (e,)
-        A = -torch.exp(self.A_log.float())  # (e, n)
-        one_token = u.shape[1] == 1
-        if one_token:
+        if u.shape[1] == 1:
             x, conv = causal_conv_step(x[:, 0], weight, bias, state.conv)  # (b, e)
             x = x[:, None]  # (b, 1, e)
         else:
             x, conv = causal_conv(x, weight, bias, state.conv)  # (b, l, e)
-        x = F.silu(x)
-        dt, B, C = self.x_proj(x).split([r, n, n], dim=-1)  # (b, l, r), (b, l, n), (b, l, n)
-        dt = F.softplus(self.dt_proj(dt))  # (b, l, e)
-        if one_token:
-            y, ssm = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state.ssm)
-            y = y[:, None]  # (b, 1, e)
-        elif self.fused_scan and u.device.type == "cpu" and not torch.is_grad_enabled():
-            y, ssm = selective_scan_fused(x, dt, A, B, C, self.D, state.ssm)  # (b, l, e)
-        else:
-            y, ssm = selective_scan(x, dt, A, B, C, self.D, state.ssm, self.scan_chunk)  # (b, l, e)
+        y, ssm = self.ssm(F.silu(x), state.ssm)  # (b, l, e)
         y = y.to(z.dtype) * F.silu(z)
         return self.out_proj(y), SSMLayerState(conv=conv, ssm=ssm)
+
+    def ssm(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The selective SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the next state."""
+        n, r = self.config.d_state, self.config.dt_rank
+        dt, B, C = self.x_proj(x).split([r, n, n], dim=-1)  # (b, l, r), (b, l, n), (b, l, n)
+        dt = self.dt_probe(F.softplus(self.dt_proj(dt)))  # (b, l, e)
+        return self.scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D, h)
+
+    def scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The recurrence (``ops.selective_scan`` contract) by the path that suits the input:
+        the step for one token, the fused kernel for CPU inference, else the chunked scan."""
+        if x.shape[1] == 1:
+            y, h = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, h)  # (b, e)
+            return y[:, None], h
+        if self.fused_scan and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return selective_scan_fused(x, dt, A, B, C, D, h)
+        return selective_scan(x, dt, A, B, C, D, h, self.scan_chunk)
 
 
 class MambaLM(SSMLanguageModel):
@@ -89,6 +98,17 @@ class MambaLM(SSMLanguageModel):
 
     def __init__(self, config: MambaConfig):
         super().__init__(config, [MambaMixer(config) for _ in range(config.n_layer)])
+
+
+def _s4d_real_log_A(e: int, n: int) -> Tensor:
+    """log of S4D-real's A = -(1..n), the same for every channel: (e, n)."""
+    return torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1)
+
+
+def _dt_bias_init(e: int, dt_min: float, dt_max: float) -> Tensor:
+    """Biases whose softplus is log-uniform in [dt_min, dt_max]: (e,)."""
+    dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
 
 def _fused_kernels_build() -> bool:

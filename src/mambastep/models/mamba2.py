@@ -29,6 +29,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(c.d_inner if c.D_has_hdim else c.n_heads))
         self.norm = RMSNorm(c.d_inner, c.norm_eps, group_size=c.norm_group_size)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.dt_probe = nn.Identity()  # sees Δ (b, l, h): a hook here watches the selection (``mambastep inspect``)
         self.reset_ssm_parameters()
         self.scan_chunk = EngineSettings().scan_chunk
 
@@ -70,7 +71,7 @@ class Mamba2Mixer(nn.Module):
         B = B.unflatten(-1, (c.n_groups, c.d_state))  # (b, l, g, n)
         C = C.unflatten(-1, (c.n_groups, c.d_state))  # (b, l, g, n)
         # The clamp applies on both paths, so a step always agrees with the chunked scan.
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*c.dt_limit)  # (b, l, h)
+        dt = self.dt_probe(F.softplus(dt.float() + self.dt_bias.float()).clamp(*c.dt_limit))  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
         D = self.D.view(c.n_heads, c.head_dim) if c.D_has_hdim else self.D
         if one_token:
