@@ -17,9 +17,10 @@ DECODE_BACKENDS = ("eager", "compiled")
 class EngineSettings:
     """How a loaded model runs.
 
-    scan: the Mamba-1 prompt scan. "fused" is the compiled CPU kernel (inference on CPU
-        only; built on first use), "torch" the chunked PyTorch scan (any device, gradients),
-        "auto" the fused kernel for CPU inference and the PyTorch scan otherwise.
+    scan: the Mamba-1 scan over a sequence. "fused" is the compiled CPU kernel (CPU only,
+        with its own backward pass for training; built on first use), "torch" the chunked
+        PyTorch scan (any device), "auto" the fused kernel on CPU and the PyTorch scan on
+        other devices.
     decode: "compiled" runs each decode step through torch.compile (a one-time compile
         of a few tens of seconds per model, cached on disk, then faster steps); "eager"
         starts at once.

@@ -45,3 +45,116 @@ def test_fused_scan_stable_for_very_negative_dt_A():
     x, dt, A, B, C, D, state = _inputs(1, 2000, 16, 4)
     y, final = selective_scan_fused(x, torch.full_like(dt, 25.0), torch.full_like(A, -4.0), B, C, D, state)
     assert torch.isfinite(y).all() and torch.isfinite(final).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of the fused scan (its C++ backward) against autograd through the float64 reference.
+
+NAMES = ("x", "dt", "A", "B", "C", "D", "state")
+# float32 arithmetic against float64: errors relative to each gradient's largest entry, with a
+# floor for gradients (dA with dt A = -100: ~1e-40) below float32's normal range (~1e-38), which
+# float32 holds as subnormals with almost no relative precision, or as 0.
+GRAD_REL = 1e-4
+GRAD_FLOOR = 1e-30
+
+
+def _grads(scan, inputs, seed=1):
+    """Gradients of a loss that uses both y and the final state, one per input (None for a None input)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    y, final = scan(*leaves)
+    g = torch.Generator().manual_seed(seed)
+    wy, ws = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(final.shape, generator=g, dtype=torch.float64)
+    ((y.double() * wy).sum() + (final.double() * ws).sum()).backward()
+    return [None if t is None else t.grad for t in leaves]
+
+
+def _reference_grads(inputs):
+    return _grads(selective_scan_ref, [None if t is None else t.detach().double() for t in inputs])
+
+
+def _assert_grads_close(grads, ref_grads, rel=GRAD_REL):
+    for name, g, ref in zip(NAMES, grads, ref_grads):
+        if ref is None:
+            assert g is None, name
+            continue
+        assert g is not None and torch.isfinite(g).all(), name
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(g.double(), ref, atol=rel * scale + GRAD_FLOOR, rtol=rel, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("b,l,e,n", [(1, 1, 5, 1), (3, 2, 17, 4), (2, 64, 16, 16), (3, 130, 37, 16), (3, 130, 5, 1)])
+@pytest.mark.parametrize("with_D", [True, False])
+def test_fused_scan_gradients_match_reference(b, l, e, n, with_D):
+    x, dt, A, B, C, D, state = _inputs(b, l, e, n)
+    inputs = (x, dt, A, B, C, D if with_D else None, state)
+    _assert_grads_close(_grads(selective_scan_fused, inputs), _reference_grads(inputs))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_fused_scan_gradients_for_any_checkpoint_chunk(chunk):
+    from mambastep.ops.cpu import _SelectiveScanFused
+
+    inputs = _inputs(2, 30, 20, 3)
+    _assert_grads_close(_grads(lambda *t: _SelectiveScanFused.apply(*t, chunk), inputs), _reference_grads(inputs))
+
+
+def test_fused_scan_gradients_from_zero_state_and_for_some_inputs_only():
+    x, dt, A, B, C, D, state = _inputs(2, 70, 24, 4)
+    inputs = (x, dt, A, B, C, D, torch.zeros_like(state))
+    _assert_grads_close(_grads(selective_scan_fused, inputs), _reference_grads(inputs))
+    x = x.clone().requires_grad_()
+    y, final = selective_scan_fused(x, dt, A, B, C, D, state)  # only x requires grad
+    (y.sum() + final.sum()).backward()
+    assert x.grad is not None and x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_fused_scan_gradients_stable_for_very_negative_dt_A(every):
+    """dt A = -100 makes exp(dt A) underflow in float32 (0 or subnormal); nothing may divide by it."""
+    x, dt, A, B, C, D, state = _inputs(2, 150, 20, 4)
+    dt = dt.clone()
+    dt[:, ::every] = 25.0  # every token, or every third one among ordinary steps
+    A = torch.full_like(A, -4.0)
+    inputs = (x, dt, A, B, C, D, state)
+    ref = _reference_grads(inputs)
+    assert all(torch.isfinite(g).all() for g in ref)
+    _assert_grads_close(_grads(selective_scan_fused, inputs), ref)
+
+
+def test_fused_scan_gradients_in_bf16():
+    x, dt, A, B, C, D, state = _inputs(2, 70, 20, 4)
+    inputs = [t.bfloat16() for t in (x, dt, A, B, C, D)] + [state]
+    grads = _grads(selective_scan_fused, inputs)
+    for name, t, g in zip(NAMES, inputs, grads):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+    # Against the reference on the same (rounded) inputs; the gradients are rounded to bf16 (8 bits).
+    _assert_grads_close(grads, _reference_grads(inputs), rel=1e-2)
+
+
+def test_fused_scan_inference_path_equals_training_path():
+    x, dt, A, B, C, D, state = _inputs(3, 130, 37, 16)
+    with torch.no_grad():
+        y_inf, final_inf = selective_scan_fused(x, dt, A, B, C, D, state)
+    leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, state)]
+    y, final = selective_scan_fused(*leaves)
+    assert y.requires_grad and final.requires_grad
+    assert torch.equal(y, y_inf) and torch.equal(final, final_inf)
+    with torch.no_grad():  # grad mode off: the inference kernel, even for inputs that require grad
+        y_off, _ = selective_scan_fused(*leaves)
+    assert not y_off.requires_grad and torch.equal(y_off, y_inf)
+
+
+def test_fused_kernels_check_their_arguments():
+    from mambastep.ops.cpu import kernels
+
+    x, dt, A, B, C, D, state = _inputs(2, 5, 8, 3)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        kernels().selective_scan_fused(x.double(), dt, A, B, C, D, state)
+    with pytest.raises(RuntimeError, match=r"B \(b, l, n\) must have shape"):
+        kernels().selective_scan_fused(x, dt, A, B[:, :4].contiguous(), C, D, state)
+    with pytest.raises(RuntimeError, match="dt must be contiguous"):
+        kernels().selective_scan_fused(x, dt.transpose(0, 1).contiguous().transpose(0, 1), A, B, C, D, state)
+    y, final, ckpt = kernels().selective_scan_fused_fwd(x, dt, A, B, C, D, state, 2)
+    assert ckpt.shape == (2, 3, 8, 3) and torch.equal(ckpt[:, 0], state)
+    with pytest.raises(RuntimeError, match="checkpoints .* must have shape"):
+        kernels().selective_scan_fused_bwd(x, dt, A, B, C, D, ckpt, y, final, 4)

@@ -41,7 +41,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(e))
 
     def configure(self, settings: EngineSettings) -> None:
-        """Choose the prompt scan: the fused CPU kernel is used for inference on CPU only."""
+        """Choose the scan: the fused CPU kernel (forward and backward) for inputs on the CPU."""
         self.scan_chunk = settings.scan_chunk
         self.fused_scan = settings.scan == "fused" or (settings.scan == "auto" and _fused_kernels_build())
 
@@ -84,11 +84,11 @@ class MambaMixer(nn.Module):
 
     def scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor]:
         """The recurrence (``ops.selective_scan`` contract) by the path that suits the input:
-        the step for one token, the fused kernel for CPU inference, else the chunked scan."""
+        the step for one token, the fused kernel on CPU, else the chunked scan."""
         if x.shape[1] == 1:
             y, h = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, h)  # (b, e)
             return y[:, None], h
-        if self.fused_scan and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if self.fused_scan and x.device.type == "cpu":
             return selective_scan_fused(x, dt, A, B, C, D, h)
         return selective_scan(x, dt, A, B, C, D, h, self.scan_chunk)
 

@@ -25,6 +25,7 @@ from mambastep.config import ConfigError, ModelConfig, config_from_dict
 from mambastep.configs import BUILTIN_CONFIGS, builtin_config
 from mambastep.loading import load, read_config, resolve
 from mambastep.models import LanguageModel, model_class
+from mambastep.settings import EngineSettings
 from mambastep.tokenizer import BYTES, Tokenizer, load_tokenizer
 from mambastep.training import distributed
 from mambastep.training.budget import check_fits, count_parameters
@@ -106,6 +107,7 @@ class _Run:
             with place.device:
                 model = model_class(config)(config)
             init_for_training(model)
+            model.configure(EngineSettings())
         self.model: LanguageModel = model.train()
         self.optimizer = build_optimizer(model, s.optim)
         self.scheduler = build_scheduler(self.optimizer, s.optim, s.steps)

@@ -2,8 +2,13 @@
 
 The first use builds them (about half a minute, logged) into PyTorch's
 extension cache (``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions);
-later processes load the built library in well under a second. They are for
-inference: they compute no gradients.
+later processes load the built library in well under a second.
+
+``selective_scan_fused`` is differentiable: when grad mode is on and an input
+requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
+tokens and a fused C++ backward recomputes each chunk's states from those
+checkpoints (memory l / CHECKPOINT_CHUNK times the state, never (l, e, n)).
+Otherwise it takes the inference kernel, which saves nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +26,8 @@ _SOURCES = [Path(__file__).with_name("selective_scan.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-mprefer-vector-width=512"]
 _NAME = "mambastep_cpu"
 _module = None
+
+CHECKPOINT_CHUNK = 64  # tokens between the states saved for the backward
 
 
 def kernels():
@@ -40,10 +48,46 @@ def kernels():
     return _module
 
 
+def _f32(t: Tensor) -> Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+class _SelectiveScanFused(torch.autograd.Function):
+    """The fused scan with its fused backward. Inputs as ``selective_scan_fused`` (D may be None)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, state, chunk):
+        args = [_f32(t) for t in (x, dt, A, B, C)]
+        D32 = torch.empty(0) if D is None else _f32(D)
+        y, final, ckpt = kernels().selective_scan_fused_fwd(*args, D32, _f32(state), chunk)
+        ctx.save_for_backward(*args, D32, ckpt)
+        ctx.chunk = chunk
+        ctx.inputs = [(t.dtype, t.shape) if t is not None else None for t in (x, dt, A, B, C, D, state)]
+        return y, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gh):
+        x, dt, A, B, C, D32, ckpt = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD, dstate = kernels().selective_scan_fused_bwd(
+            x, dt, A, B, C, D32, ckpt, _f32(gy), _f32(gh), ctx.chunk
+        )
+        # Partials per sequence (dA, dD) and per channel block (dB, dC), summed here.
+        grads = [dx, ddt, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), dstate]
+        out = [
+            g.to(spec[0]).reshape(spec[1]) if spec is not None and needed else None
+            for g, spec, needed in zip(grads, ctx.inputs, ctx.needs_input_grad)
+        ]
+        return (*out, None)
+
+
 def selective_scan_fused(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The Mamba-1 selective scan in one fused pass (same contract as ``ops.selective_scan``).
+
+    Differentiable with respect to every tensor input (gradients in each input's dtype); when
+    grad mode is off or no input requires grad it runs the inference kernel, which saves nothing.
 
     Args:
         x: (b, l, e), dt: (b, l, e), A: (e, n), B: (b, l, n), C: (b, l, n), D: (e,) or None,
@@ -52,7 +96,9 @@ def selective_scan_fused(
     Returns:
         y: (b, l, e) float32; state: (b, e, n) float32 after the last token.
     """
-    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    D = torch.empty(0) if D is None else f32(D)
-    y, state = kernels().selective_scan_fused(f32(x), f32(dt), f32(A), f32(B), f32(C), D, f32(state))
+    inputs = (x, dt, A, B, C, D, state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _SelectiveScanFused.apply(*inputs, CHECKPOINT_CHUNK)
+    D = torch.empty(0) if D is None else _f32(D)
+    y, state = kernels().selective_scan_fused(_f32(x), _f32(dt), _f32(A), _f32(B), _f32(C), D, _f32(state))
     return y, state
