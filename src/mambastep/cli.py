@@ -372,6 +372,99 @@ def _add_bench_parser(sub) -> None:
     b.set_defaults(func=cmd_bench)
 
 
+def _parse_ids(text: str, flag: str) -> list[int]:
+    """Comma-separated token ids ("3,1,4"; spaces allowed) -> a list of ints."""
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integer token ids, e.g. 3,1,4; got {text!r}") from None
+
+
+def _inspect_input(args: argparse.Namespace, model) -> tuple[torch.Tensor, list[str] | None, torch.Tensor | None]:
+    """The tokens ``inspect`` traces, their labels (None: the plot shows the ids) and the
+    positions to highlight (None: none), from --input, --input-file or --ids and --highlight-ids."""
+    from mambastep.selection import token_labels
+
+    if args.ids is not None:
+        tokens = _parse_ids(args.ids, "--ids")
+        try:  # labels only: a model without a tokenizer still gets a picture, labelled by id
+            tokenizer = load_tokenizer(args.model, tokenizer=args.tokenizer)
+        except (TokenizerError, OSError):
+            tokenizer = None
+    else:
+        if args.input_file is not None:
+            try:
+                text = args.input_file.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"no input file at {args.input_file}") from None
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f"cannot read --input-file {args.input_file} as UTF-8 text ({err})") from None
+        else:
+            text = args.input
+        tokenizer = load_tokenizer(args.model, tokenizer=args.tokenizer)
+        tokens = tokenizer.encode(text)
+    if not tokens:
+        raise ValueError("empty input: there are no tokens to inspect")
+    vocab = model.config.vocab_size
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    tokens = torch.tensor(tokens, dtype=torch.int64)
+    labels = token_labels(tokenizer, tokens) if tokenizer is not None else None
+    highlight = None
+    if args.highlight_ids is not None:
+        marked = torch.tensor(_parse_ids(args.highlight_ids, "--highlight-ids"), dtype=torch.int64)
+        highlight = torch.isin(tokens, marked)
+    return tokens, labels, highlight
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mambastep.selection import plot_selection, selection_summary, trace_selection
+
+    if args.groups < 1:
+        raise ValueError(f"--groups must be >= 1, got {args.groups}")
+    if args.ids is not None:
+        _parse_ids(args.ids, "--ids")  # validate before the slow part
+    model = _load_model(args)
+    tokens, labels, highlight = _inspect_input(args, model)
+    trace = trace_selection(model, tokens, groups=args.groups, progress=True)
+    name = Path(args.model).name if Path(args.model).exists() else args.model
+    plot_selection(trace, args.out, labels=labels, highlight=highlight,
+                   title=f"what {name} ({trace.family}) selects over {trace.length} tokens: log Δ per token, "
+                         f"state norm below" + ("" if highlight is None else f"; red: {int(highlight.sum())} highlighted"))
+    summary = selection_summary(trace, highlight)
+    if args.json:
+        print(json.dumps({"png": str(args.out), "model": args.model, **summary}))
+        return 0
+    print(f"wrote {args.out}")
+    for row in summary["layers"]:
+        line = f"  layer {row['layer']:<3} mean Δ {row['mean_dt']:.4g}"
+        if highlight is not None and row["highlighted_over_other"] is not None:
+            line += f"   highlighted / other {row['highlighted_over_other']:.3g}"
+        print(line + ("   (time-invariant)" if row["time_invariant"] else ""))
+    if highlight is not None and summary["highlighted_over_other"] is not None:
+        print(f"  all layers: Δ at highlighted positions is {summary['highlighted_over_other']:.3g}x Δ elsewhere")
+    return 0
+
+
+def _add_inspect_parser(sub) -> None:
+    ins = sub.add_parser("inspect", help="PNG of what an SSM selects: Δ per token and channel group, and the state norm")
+    _add_model_args(ins)
+    ins.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)")
+    source = ins.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", default=None, help="text to trace")
+    source.add_argument("--input-file", type=Path, default=None, metavar="PATH", help="UTF-8 text file to trace")
+    source.add_argument("--ids", default=None, help="comma-separated token ids, e.g. 3,1,4")
+    ins.add_argument("--highlight-ids", default=None, metavar="IDS",
+                     help="comma-separated token ids: mark the positions that hold them (e.g. data tokens)")
+    ins.add_argument("--groups", type=int, default=16,
+                     help="channel groups per layer for Mamba-1 (Δ averaged within each); Mamba-2 shows every head")
+    ins.add_argument("--out", type=Path, default=Path("selection.png"), help="PNG to write (default: selection.png)")
+    ins.add_argument("--json", action="store_true", help="print the summary (mean Δ per layer...) as JSON")
+    ins.set_defaults(func=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambastep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -393,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     _add_stream_parser(sub)
     _add_bench_parser(sub)
+    _add_inspect_parser(sub)
     return parser
 
 
