@@ -28,7 +28,7 @@ from mambastep import cost
 from mambastep.config import GPTNeoXConfig, ModelConfig
 from mambastep.configs import model_for
 from mambastep.hardware import DTYPES, Hardware, total_memory_bytes
-from mambastep.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from mambastep.memory import available_memory, peak_rss_bytes, reset_peak_rss, rss_bytes
 from mambastep.models import LanguageModel
 from mambastep.settings import EngineSettings
 from mambastep.state import KVLayerState, ModelState
@@ -93,17 +93,6 @@ def synthetic_state(model: LanguageModel, batch: int, context: int, generator: t
     return ModelState(tuple(layers), model.config.fingerprint)
 
 
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 @dataclass
 class _Samples:
     ttft_s: list[float]
@@ -148,7 +137,7 @@ def run_compare(s: CompareSettings, hardware: Hardware, engine: EngineSettings |
     gen = torch.Generator().manual_seed(s.seed)
     for model in models.values():  # first calls pay one-time costs (allocator, kernels)
         model.step(torch.zeros(s.batch, dtype=torch.long), model.prefill(torch.zeros(s.batch, 8, dtype=torch.long))[1])
-    room = MEASURABLE_SHARE * _available_memory()
+    room = MEASURABLE_SHARE * available_memory()
     samples = {(n, c): _Samples([], [], []) for n in models for c in s.contexts}
     skipped = {
         (n, c): f"state of {cost.state_bytes(m.config, c, s.batch, dtype) / 2**30:.1f} GiB exceeds half the available memory"
