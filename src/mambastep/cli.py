@@ -23,6 +23,7 @@ from mambastep.loading import CheckpointError, load
 from mambastep.models.int8 import Int8Linear
 from mambastep.settings import DECODE_BACKENDS, SCAN_KERNELS, EngineSettings
 from mambastep.state import StateError
+from mambastep.tasks import TASKS
 from mambastep.tokenizer import TokenizerError, load_tokenizer
 from mambastep.training import DataSettings, OptimSettings, TrainSettings, train
 from mambastep.training.settings import PRECISIONS
@@ -419,15 +420,44 @@ def _inspect_input(args: argparse.Namespace, model) -> tuple[torch.Tensor, list[
     return tokens, labels, highlight
 
 
+def _task_input(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """A validation sequence of ``args.task`` (its task settings from the run's task.json), labelled by id,
+    its key positions highlighted."""
+    from mambastep.tasks import task as make_task
+    from mambastep.tasks.train import read_task_record
+
+    record = read_task_record(Path(args.model).parent)
+    if record["task"] != args.task:
+        raise ValueError(f"{args.model} was trained on {record['task']!r}, not {args.task!r}")
+    task = make_task(args.task, **record["task_settings"])
+    tokens = task.validation_set(args.length or task.train_length, 1, seed=args.seed).tokens[0]  # (l,)
+    return tokens, [str(t) for t in tokens.tolist()], task.key_positions(tokens)
+
+
+def _task_model(args: argparse.Namespace) -> str:
+    """The model directory ``inspect --task`` reads: the shipped S6 run unless --model names a run or a model."""
+    from mambastep.tasks.train import MODEL_DIR, TASK_FILE, shipped_runs
+
+    if args.model == str(DEFAULT_MODEL):
+        runs = shipped_runs(args.task)
+        if not runs:
+            raise FileNotFoundError(f"no trained model of {args.task!r} ships with mambastep: pass --model")
+        return str(runs[0] / MODEL_DIR)
+    run = Path(args.model)
+    return str(run / MODEL_DIR) if (run / TASK_FILE).is_file() else args.model
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mambastep.selection import plot_selection, selection_summary, trace_selection
 
+    if args.task is not None:
+        args.model = _task_model(args)
     if args.groups < 1:
         raise ValueError(f"--groups must be >= 1, got {args.groups}")
     if args.ids is not None:
         _parse_ids(args.ids, "--ids")  # validate before the slow part
     model = _load_model(args)
-    tokens, labels, highlight = _inspect_input(args, model)
+    tokens, labels, highlight = _task_input(args) if args.task is not None else _inspect_input(args, model)
     trace = trace_selection(model, tokens, groups=args.groups, progress=True)
     name = Path(args.model).name if Path(args.model).exists() else args.model
     plot_selection(trace, args.out, labels=labels, highlight=highlight,
@@ -456,6 +486,11 @@ def _add_inspect_parser(sub) -> None:
     source.add_argument("--input", default=None, help="text to trace")
     source.add_argument("--input-file", type=Path, default=None, metavar="PATH", help="UTF-8 text file to trace")
     source.add_argument("--ids", default=None, help="comma-separated token ids, e.g. 3,1,4")
+    source.add_argument("--task", default=None, choices=sorted(TASKS),
+                        help="a validation sequence of this synthetic task, its key tokens highlighted "
+                             "(--model: a run of `mambastep tasks train`; default: the shipped S6 run)")
+    ins.add_argument("--length", type=int, default=None, help="with --task: the sequence length (default: the training length)")
+    ins.add_argument("--seed", type=int, default=0, help="with --task: which validation sequence")
     ins.add_argument("--highlight-ids", default=None, metavar="IDS",
                      help="comma-separated token ids: mark the positions that hold them (e.g. data tokens)")
     ins.add_argument("--groups", type=int, default=16,
@@ -463,6 +498,84 @@ def _add_inspect_parser(sub) -> None:
     ins.add_argument("--out", type=Path, default=Path("selection.png"), help="PNG to write (default: selection.png)")
     ins.add_argument("--json", action="store_true", help="print the summary (mean Δ per layer...) as JSON")
     ins.set_defaults(func=cmd_inspect)
+
+
+def cmd_tasks_train(args: argparse.Namespace) -> int:
+    from mambastep.tasks.train import TaskTrainSettings, train_task
+
+    task_settings = {k: v for k, v in {"train_length": args.length, "n_memorize": args.n_memorize,
+                                       "vocab_size": args.vocab_size}.items() if v is not None}
+    record = train_task(TaskTrainSettings(
+        task=args.name, layer=args.layer, out=str(args.out or f"{args.name}-{args.layer}"), task_settings=task_settings,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
+        eval_every=args.eval_every, eval_count=args.eval_count, stop_at=args.stop_at, threads=args.threads,
+    ))
+    summary = {k: record[k] for k in ("task", "layer", "train_length", "steps", "wall_s", "validation_accuracy", "parameters")}
+    print(json.dumps(summary) if args.json else
+          f"{args.name}, {args.layer}: validation accuracy {100 * record['validation_accuracy']:.1f}% after "
+          f"{record['steps']} steps ({record['wall_s']:.0f} s); wrote {args.out or f'{args.name}-{args.layer}'}")
+    return 0
+
+
+def cmd_tasks_eval(args: argparse.Namespace) -> int:
+    from mambastep.tasks.evaluate import EvalSettings, evaluate, markdown_table, parse_lengths, plot_accuracy
+    from mambastep.tasks.train import shipped_runs
+
+    runs = [Path(m) for m in args.model] if args.model else shipped_runs(args.name)
+    if not runs:
+        raise FileNotFoundError(f"no trained model of {args.name!r} ships with mambastep: pass --model")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = EvalSettings(
+        lengths=parse_lengths(args.lengths), count=args.count, batch_size=args.batch_size, time_budget_s=args.time_budget,
+        memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
+    )
+    report = evaluate(args.name, runs, settings)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot = plot_accuracy(report, args.out / "accuracy.png")
+    table = markdown_table(report)
+    (args.out / "table.md").write_text(table + "\n")
+    print(json.dumps(report) if args.json else f"{table}\n\nwrote {args.out / 'report.json'}, {plot}")
+    return 0
+
+
+def _add_tasks_parser(sub) -> None:
+    from mambastep.tasks.layers import LAYERS
+
+    tasks = sub.add_parser("tasks", help="the Mamba paper's synthetic tasks: selective copying, induction heads")
+    verbs = tasks.add_subparsers(dest="tasks_command", required=True)
+    tr = verbs.add_parser("train", help="train a 2-layer model of one layer type on a task (fresh data every step)")
+    tr.add_argument("name", choices=sorted(TASKS))
+    tr.add_argument("--layer", choices=LAYERS, required=True,
+                    help="s6: Mamba (selective); s4d: Mamba block, time-invariant SSM; mamba2; attention: transformer with RoPE")
+    tr.add_argument("--out", type=Path, default=None, help="run directory (default: NAME-LAYER)")
+    tr.add_argument("--length", type=int, default=None, help="training length in tokens (default: the paper's)")
+    tr.add_argument("--n-memorize", type=int, default=None, help="selective copying: data tokens to copy (default 16)")
+    tr.add_argument("--vocab-size", type=int, default=None, help="tokens, special ones included (default 16)")
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--eval-every", type=int, default=100)
+    tr.add_argument("--eval-count", type=int, default=256, help="validation sequences")
+    tr.add_argument("--stop-at", type=float, default=None, help="stop once validation accuracy reaches this (e.g. 1.0)")
+    tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=cmd_tasks_train)
+    ev = verbs.add_parser("eval", help="accuracy by sequence length, in constant memory for SSMs")
+    ev.add_argument("name", choices=sorted(TASKS))
+    ev.add_argument("--model", nargs="+", default=None, help="run directories of `tasks train` (default: the shipped runs)")
+    ev.add_argument("--lengths", default="64..1048576", help="'A..B' (powers of two) or a comma-separated list")
+    ev.add_argument("--count", type=int, default=16, help="validation sequences per length")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--time-budget", type=float, default=600.0, help="skip a length predicted to take longer (seconds)")
+    ev.add_argument("--memory-budget", type=float, default=None, help="GiB a model's state may take (default: 80%% of free memory)")
+    ev.add_argument("--out", type=Path, default=Path("tasks-eval"), help="directory for report.json, table.md, accuracy.png")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_tasks_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -487,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stream_parser(sub)
     _add_bench_parser(sub)
     _add_inspect_parser(sub)
+    _add_tasks_parser(sub)
     return parser
 
 

@@ -322,3 +322,15 @@ def test_sample_on_the_generator_device(name):
     batch = t.sample(4, 128, torch.Generator(device="cuda").manual_seed(0))
     assert batch.tokens.is_cuda and batch.targets.is_cuda
     assert batch.n_scored == 4 * (t.n_memorize if isinstance(t, SelectiveCopying) else 1)
+
+
+def test_key_positions_are_the_data_tokens_and_the_trigger_pairs():
+    copying = SelectiveCopying(n_memorize=5)
+    batch = copying.validation_set(40, 1)
+    marked = copying.key_positions(batch.tokens[0])
+    assert int(marked.sum()) == 5 and bool((batch.tokens[0][marked] != 0).all())
+    heads = InductionHeads()
+    tokens = heads.validation_set(64, 1).tokens[0]
+    marked = heads.key_positions(tokens)
+    first = int((tokens == heads.trigger_token).nonzero()[0])
+    assert marked.nonzero().flatten().tolist() == [first, first + 1, 63]

@@ -143,6 +143,11 @@ class Task(ABC):
         """`sample` after its arguments are checked."""
 
     @abstractmethod
+    def key_positions(self, tokens: Tensor) -> Tensor:
+        """(l,) bool for one sequence (l,): the positions that hold what must be remembered
+        (what ``mambastep inspect --task`` highlights)."""
+
+    @abstractmethod
     def describe(self) -> str:
         """One paragraph: the layout of a sequence, in words (for docs and ``--help``)."""
 

@@ -103,6 +103,13 @@ class InductionHeads(Task):
         targets[:, -1] = tokens[rows, first + 1]
         return TaskBatch(tokens, targets)
 
+    def key_positions(self, tokens: Tensor) -> Tensor:
+        """The triggers and the token that follows the first one (the token to recall)."""
+        trigger = tokens == self.trigger_token
+        after = torch.zeros_like(trigger)
+        after[1:] = trigger[:-1]  # the final trigger is the last input: nothing follows it
+        return trigger | after
+
     def describe(self) -> str:
         v = self.vocab_size
         return (

@@ -130,6 +130,10 @@ class SelectiveCopying(Task):
         targets[:, region:] = data  # positions are sorted, so `data` is in order of appearance
         return TaskBatch(tokens, targets)
 
+    def key_positions(self, tokens: Tensor) -> Tensor:
+        """The data tokens: neither noise nor marker."""
+        return (tokens != self.noise_token) & (tokens != self.marker_token)
+
     def describe(self) -> str:
         v, m = self.vocab_size, self.n_memorize
         return (

@@ -33,6 +33,7 @@ from mambastep.training.settings import OptimSettings
 TASK_FILE = "task.json"
 MODEL_DIR = "model"
 CURVE_FILE = "curve.png"
+SHIPPED_RUNS = Path(__file__).resolve().parent.parent / "assets" / "tasks"  # <task>-<layer>/, as train_task writes
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,11 @@ def read_task_record(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a trained task model: no {TASK_FILE}")
     return json.loads(path.read_text())
+
+
+def shipped_runs(task_name: str) -> list[Path]:
+    """The trained runs that ship with mambastep for ``task_name``, in the order of ``LAYERS``."""
+    return [SHIPPED_RUNS / f"{task_name}-{layer}" for layer in LAYERS if (SHIPPED_RUNS / f"{task_name}-{layer}" / TASK_FILE).is_file()]
 
 
 def plot_curve(record: dict[str, Any], path: Path) -> Path:
