@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import mambastep
 from mambastep.settings import EngineSettings
@@ -16,7 +17,8 @@ def test_compiled_decode_equals_eager(tmp_path, family):
     tokens = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(0))
     _, state = eager.prefill(tokens)
     a, b = state, state
-    for batch in (3, 2):  # one graph serves every batch size
+    counters.clear()
+    for batch in (3, 2):
         a, b = a.select(range(batch)), b.select(range(batch))
         for t in range(4):
             token = tokens[:batch, t]
@@ -24,6 +26,8 @@ def test_compiled_decode_equals_eager(tmp_path, family):
             lb, b = compiled.step(token, b)
             torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(b.layers[-1].ssm, a.layers[-1].ssm, atol=1e-5, rtol=1e-5)
+        if batch == 3:  # one graph serves prefilled and stepped states alike
+            assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_fused_and_torch_scans_give_the_same_prefill(tmp_path):

@@ -52,3 +52,12 @@ def test_conv_none_state_is_zeros():
     y, _ = causal_conv(x, w, bias, None)
     y0, _ = causal_conv(x, w, bias, torch.zeros(2, 3, 4))
     torch.testing.assert_close(y, y0, rtol=0, atol=0)
+
+
+def test_the_state_is_its_own_contiguous_tensor():
+    """Not a view of the window: it must not keep the whole input alive, and its layout never varies."""
+    x, weight = torch.randn(1, 50, 6), torch.randn(6, 4)
+    _, state = causal_conv(x, weight)
+    assert state._base is None and state.is_contiguous() and state.stride() == (18, 6, 1)
+    _, state = causal_conv_step(x[:, 0], weight, None, state)
+    assert state._base is None and state.stride() == (18, 6, 1)

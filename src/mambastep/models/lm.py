@@ -89,7 +89,7 @@ class LanguageModel(nn.Module, ABC):
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        # One graph for every batch size, compiled at the first step and cached on disk.
+        # Compiled at the first step (cached on disk); dynamic shapes, so a new batch size compiles at most once more.
         self._compiled_step = torch.compile(self._step_logits, dynamic=True) if settings.decode == "compiled" else None
         log.info("engine: %s", settings)
         return self

@@ -33,7 +33,7 @@ def causal_conv(
     w = weight[:, None, :].to(x.dtype)  # (c, 1, k)
     bias = None if bias is None else bias.to(x.dtype)
     y = F.conv1d(window.transpose(1, 2), w, bias, groups=c)  # (b, c, l)
-    return y.transpose(1, 2), window[:, window.shape[1] - (k - 1) :]
+    return y.transpose(1, 2), _own(window[:, window.shape[1] - (k - 1) :])
 
 
 def causal_conv_step(
@@ -53,4 +53,10 @@ def causal_conv_step(
     y = torch.einsum("bkc,ck->bc", window, weight.to(x.dtype))
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y, window[:, 1:]
+    return y, _own(window[:, 1:])
+
+
+def _own(state: Tensor) -> Tensor:
+    """A contiguous copy, never a view: a state must not keep the whole window alive, and every
+    state has the same layout (a compiled step is then compiled once, not once per layout)."""
+    return state.clone(memory_format=torch.contiguous_format)
