@@ -24,7 +24,7 @@ CROSSING_KEYS = {"transformer", "ssm", "metric", "ratios", "crosses_at_context",
 def test_compare_end_to_end_on_tiny_checkpoints(tmp_path, capsys, monkeypatch):
     ssm, transformer = (make_hf_checkpoint(tmp_path / f, family=f) for f in ("mamba", "gpt_neox"))
     # Pretend memory is scarce: the transformer's cache at 4096 tokens (2 MiB) is skipped, the SSM's state is not.
-    monkeypatch.setattr(compare, "_available_memory", lambda: 2**21)
+    monkeypatch.setattr(compare, "available_memory", lambda: 2**21)
     out = tmp_path / "out"
     args = ["compare", "--models", str(ssm), str(transformer), "--contexts", "4", "16", "64", "4096",
             "--prefill-max", "16", "--repeats", "2", "--decode-steps", "2", "--hardware", "cpu",

@@ -100,7 +100,8 @@ def _predicted_seconds(config, length: int, previous: tuple[int, float] | None) 
 
 
 def evaluate_model(model: LanguageModel, task: Task, settings: EvalSettings, name: str) -> list[dict[str, Any]]:
-    """One row per length: accuracy, seconds, state bytes and peak RSS, or why the length was skipped."""
+    """One row per length: accuracy, seconds, state bytes and peak RSS added (the batch's own
+    tokens and targets, ``input_bytes``, included), or why the length was skipped."""
     budget = settings.memory_budget or int(0.8 * available_memory())
     rows, previous = [], None
     for length in settings.lengths:
@@ -117,14 +118,14 @@ def evaluate_model(model: LanguageModel, task: Task, settings: EvalSettings, nam
         before, started, right, total = rss_bytes(), time.perf_counter(), 0, 0
         for start in tqdm(range(0, settings.count, settings.batch_size), disable=not settings.progress,
                           desc=f"{name} @ {length}", leave=False):
-            batch = task.validation_set(length, settings.count)
-            rows_here = slice(start, start + settings.batch_size)
-            r, n = score(model, TaskBatch(batch.tokens[rows_here], batch.targets[rows_here]))
+            batch = task.validation_set(length, min(settings.batch_size, settings.count - start), start=start)
+            r, n = score(model, batch)
             right, total = right + r, total + n
         seconds = time.perf_counter() - started
         previous = (length, seconds)
         rows.append({**row, "status": MEASURED, "accuracy": right / total, "scored": total, "seconds": round(seconds, 2),
-                     "state_bytes": state_bytes(model.config, length, 1), "peak_rss_added": peak_rss_bytes() - before})
+                     "state_bytes": state_bytes(model.config, length, 1), "peak_rss_added": peak_rss_bytes() - before,
+                     "input_bytes": 2 * 8 * length * min(settings.batch_size, settings.count)})  # tokens and targets, int64
     return rows
 
 
