@@ -460,6 +460,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     tokens, labels, highlight = _task_input(args) if args.task is not None else _inspect_input(args, model)
     trace = trace_selection(model, tokens, groups=args.groups, progress=True)
     name = Path(args.model).name if Path(args.model).exists() else args.model
+    if args.task is not None and name == "model":  # the model of a `tasks train` run: name the run
+        name = Path(args.model).parent.name
     plot_selection(trace, args.out, labels=labels, highlight=highlight,
                    title=f"what {name} ({trace.family}) selects over {trace.length} tokens: log Δ per token, "
                          f"state norm below" + ("" if highlight is None else f"; red: {int(highlight.sum())} highlighted"))
