@@ -23,6 +23,16 @@ def test_every_layer_has_the_papers_shell(layer):
     assert layer_name(config) == layer
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+def test_every_layer_trains_and_its_run_loads(layer, tmp_path):
+    settings = TaskTrainSettings(task="induction_heads", task_settings={"train_length": 16}, layer=layer,
+                                 out=str(tmp_path / layer), steps=3, batch_size=4, eval_every=3, eval_count=8, progress=False)
+    record = train_task(settings)
+    assert record["steps"] == 3 and record["layer"] == layer and len(record["curve"]) == 1
+    report = evaluate("induction_heads", [tmp_path / layer], EvalSettings(lengths=(16,), count=8, progress=False))
+    assert report["rows"][0]["accuracy"] == pytest.approx(record["validation_accuracy"], abs=1e-6)
+
+
 def test_a_short_run_beats_chance(tmp_path):
     """Selective copying at a small scale: 4 tokens to copy from 32 positions, learnt within seconds."""
     settings = TaskTrainSettings(
