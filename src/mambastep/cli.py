@@ -511,6 +511,7 @@ def cmd_tasks_train(args: argparse.Namespace) -> int:
         task=args.name, layer=args.layer, out=str(args.out or f"{args.name}-{args.layer}"), task_settings=task_settings,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
         eval_every=args.eval_every, eval_count=args.eval_count, stop_at=args.stop_at, threads=args.threads,
+        init=str(args.init) if args.init else None,
     ))
     summary = {k: record[k] for k in ("task", "layer", "train_length", "steps", "wall_s", "validation_accuracy", "parameters")}
     print(json.dumps(summary) if args.json else
@@ -563,6 +564,8 @@ def _add_tasks_parser(sub) -> None:
     tr.add_argument("--eval-every", type=int, default=100)
     tr.add_argument("--eval-count", type=int, default=256, help="validation sequences")
     tr.add_argument("--stop-at", type=float, default=None, help="stop once validation accuracy reaches this (e.g. 1.0)")
+    tr.add_argument("--init", type=Path, default=None,
+                    help="continue from this run's weights (same task, layer and length; fresh optimiser and schedule)")
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_tasks_train)

@@ -33,6 +33,17 @@ def test_every_layer_trains_and_its_run_loads(layer, tmp_path):
     assert report["rows"][0]["accuracy"] == pytest.approx(record["validation_accuracy"], abs=1e-6)
 
 
+def test_a_run_continues_from_another_of_the_same_task_and_layer(tmp_path):
+    common = dict(task="induction_heads", task_settings={"train_length": 16}, layer="s6", batch_size=4, eval_every=2,
+                  eval_count=8, progress=False)
+    train_task(TaskTrainSettings(out=str(tmp_path / "first"), steps=3, **common))
+    record = train_task(TaskTrainSettings(out=str(tmp_path / "more"), steps=2, init=str(tmp_path / "first"), **common))
+    assert record["steps"] == 5
+    with pytest.raises(ValueError, match="cannot continue"):
+        train_task(TaskTrainSettings(**{**common, "task_settings": {"train_length": 32}}, out=str(tmp_path / "other"),
+                                     steps=2, init=str(tmp_path / "first")))
+
+
 def test_a_short_run_beats_chance(tmp_path):
     """Selective copying at a small scale: 4 tokens to copy from 32 positions, learnt within seconds."""
     settings = TaskTrainSettings(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from mambastep.loading import save
+from mambastep.loading import load, save
 from mambastep.models import LanguageModel, model_class
 from mambastep.settings import EngineSettings
 from mambastep.tasks import task as make_task
@@ -55,6 +55,7 @@ class TaskTrainSettings:
     eval_every: int = 100
     eval_count: int = 256
     stop_at: float | None = None  # stop once validation accuracy reaches this
+    init: str | None = None  # a run directory to continue from (its weights; a fresh optimiser and schedule)
     threads: int | None = None
     progress: bool = True
 
@@ -107,9 +108,13 @@ def train_task(settings: TaskTrainSettings) -> dict[str, Any]:
         raise ValueError(f"{out} already holds a trained task model ({out / TASK_FILE}); choose another --out")
     validation = task.validation_set(length, s.eval_count)  # checks the length before anything is built
     torch.manual_seed(s.seed)
-    config = layer_config(s.layer, task.vocab_size, s.d_model, s.n_layer)
-    model = model_class(config)(config)
-    init_for_training(model)
+    if s.init is None:
+        config = layer_config(s.layer, task.vocab_size, s.d_model, s.n_layer)
+        model = model_class(config)(config)
+        init_for_training(model)
+        steps_before = 0
+    else:
+        model, steps_before = _continued_model(Path(s.init).expanduser(), s, task)
     model.configure(EngineSettings(threads=s.threads)).train()  # the fused CPU scan, forward and backward
     optim = OptimSettings(lr=s.lr, warmup_steps=min(s.warmup_steps, s.steps), weight_decay=s.weight_decay, min_lr_ratio=0.1)
     optimizer, data = build_optimizer(model, optim), torch.Generator().manual_seed(s.seed)
@@ -133,7 +138,7 @@ def train_task(settings: TaskTrainSettings) -> dict[str, Any]:
         if step % s.eval_every == 0 or step == s.steps:
             accuracy = validation_accuracy(model.eval(), validation)
             model.train()
-            curve.append({"step": step, "loss": sum(losses) / len(losses), "accuracy": accuracy,
+            curve.append({"step": steps_before + step, "loss": sum(losses) / len(losses), "accuracy": accuracy,
                           "elapsed_s": time.perf_counter() - started})
             losses = []
             bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", accuracy=f"{accuracy:.3f}")
@@ -145,8 +150,8 @@ def train_task(settings: TaskTrainSettings) -> dict[str, Any]:
         "task_settings": task.settings(),
         "layer": s.layer,
         "train_length": length,
-        "steps": step,
-        "tokens_seen": step * s.batch_size * length,
+        "steps": steps_before + step,
+        "tokens_seen": (steps_before + step) * s.batch_size * length,
         "wall_s": round(time.perf_counter() - started, 1),
         "validation_accuracy": accuracy,
         "validation_count": s.eval_count,
@@ -158,6 +163,20 @@ def train_task(settings: TaskTrainSettings) -> dict[str, Any]:
     (out / TASK_FILE).write_text(json.dumps(record, indent=1) + "\n")
     plot_curve(record, out / CURVE_FILE)
     return record
+
+
+def _continued_model(run: Path, s: TaskTrainSettings, task: Task) -> tuple[LanguageModel, int]:
+    """The weights of a previous run of the same task, layer and length, and its step count.
+
+    Raises:
+        ValueError: the run was trained on another task, layer or task setting.
+    """
+    record = read_task_record(run)
+    theirs = (record["task"], record["layer"], record["task_settings"])
+    ours = (s.task, s.layer, task.settings())
+    if theirs != ours:
+        raise ValueError(f"cannot continue {run}: it trained {theirs}, these settings ask for {ours}")
+    return load(run / MODEL_DIR, dtype=torch.float32), record["steps"]
 
 
 def read_task_record(directory: Path) -> dict[str, Any]:
