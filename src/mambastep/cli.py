@@ -385,7 +385,7 @@ def _parse_ids(text: str, flag: str) -> list[int]:
 def _inspect_input(args: argparse.Namespace, model) -> tuple[torch.Tensor, list[str] | None, torch.Tensor | None]:
     """The tokens ``inspect`` traces, their labels (None: the plot shows the ids) and the
     positions to highlight (None: none), from --input, --input-file or --ids and --highlight-ids."""
-    from mambastep.selection import token_labels
+    from mambastep.selection import as_token_ids, token_labels
 
     if args.ids is not None:
         tokens = _parse_ids(args.ids, "--ids")
@@ -405,13 +405,7 @@ def _inspect_input(args: argparse.Namespace, model) -> tuple[torch.Tensor, list[
             text = args.input
         tokenizer = load_tokenizer(args.model, tokenizer=args.tokenizer)
         tokens = tokenizer.encode(text)
-    if not tokens:
-        raise ValueError("empty input: there are no tokens to inspect")
-    vocab = model.config.vocab_size
-    bad = [t for t in tokens if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
-    tokens = torch.tensor(tokens, dtype=torch.int64)
+    tokens = as_token_ids(torch.tensor(tokens, dtype=torch.int64), model.config.vocab_size)
     labels = token_labels(tokenizer, tokens) if tokenizer is not None else None
     highlight = None
     if args.highlight_ids is not None:
@@ -509,7 +503,8 @@ def cmd_tasks_train(args: argparse.Namespace) -> int:
                                        "vocab_size": args.vocab_size}.items() if v is not None}
     record = train_task(TaskTrainSettings(
         task=args.name, layer=args.layer, out=str(args.out or f"{args.name}-{args.layer}"), task_settings=task_settings,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+        optim=OptimSettings(lr=args.lr, warmup_steps=args.warmup, weight_decay=0.0),
         eval_every=args.eval_every, eval_count=args.eval_count, stop_at=args.stop_at, threads=args.threads,
         init=str(args.init) if args.init else None,
     ))

@@ -36,26 +36,27 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _proc_field_bytes(path: str, field: str) -> int | None:
+    """A "field: N kB" line of a /proc file, in bytes; None where the file or the field is missing."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size since the last ``reset_peak_rss`` (or the start), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except FileNotFoundError:
-        pass
+    peak = _proc_field_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
 def available_memory() -> int:
     """Bytes the system can still give (MemAvailable of /proc/meminfo); 0 where that is unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_field_bytes("/proc/meminfo", "MemAvailable") or 0

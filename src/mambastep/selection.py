@@ -81,7 +81,8 @@ def _group_mean(dt: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
     return torch.stack([dt[..., start:stop].mean(-1) for start, stop in bounds], dim=-1)
 
 
-def _as_token_ids(tokens: Tensor | Sequence[int], vocab_size: int) -> Tensor:
+def as_token_ids(tokens: Tensor | Sequence[int], vocab_size: int) -> Tensor:
+    """One sequence of token ids as an int64 tensor (l,); ValueError if empty, not integers, or out of range."""
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"inspect takes one sequence of token ids (1-D), got shape {tuple(tokens.shape)}")
@@ -118,7 +119,7 @@ def trace_selection(model, tokens: Tensor | Sequence[int], groups: int = 16, pro
 
     probes = _dt_probes(model)
     family = model.config.family
-    tokens = _as_token_ids(tokens, model.config.vocab_size)
+    tokens = as_token_ids(tokens, model.config.vocab_size)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive integer, got {groups!r}")
 

@@ -9,6 +9,7 @@ from mambastep.config import GPTNeoXConfig, MambaConfig
 from mambastep.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from mambastep.models import MambaLM, TransformerLM
 from mambastep.tasks import task
+from mambastep.training.settings import OptimSettings
 from mambastep.tasks.evaluate import (
     MEASURED, OUT_OF_MEMORY, OUT_OF_TIME, EvalSettings, evaluate, evaluate_model, markdown_table, parse_lengths, score,
 )
@@ -48,7 +49,7 @@ def test_a_short_run_beats_chance(tmp_path):
     """Selective copying at a small scale: 4 tokens to copy from 32 positions, learnt within seconds."""
     settings = TaskTrainSettings(
         task="selective_copying", task_settings={"n_memorize": 4, "train_length": 32}, layer="s6", out=str(tmp_path / "run"),
-        steps=300, batch_size=32, lr=3e-3, eval_every=100, eval_count=256, progress=False,
+        steps=300, batch_size=32, optim=OptimSettings(lr=3e-3, weight_decay=0.0), eval_every=100, eval_count=256, progress=False,
     )
     record = train_task(settings)
     chance = 1 / task("selective_copying").n_answers

@@ -134,9 +134,15 @@ class Task(ABC):
         """The shortest sequence (number of input tokens) this task can lay out."""
 
     @property
-    @abstractmethod
+    def content_tokens(self) -> range:
+        """The ids ``1 .. vocab_size - 2`` that carry content (and so every scored target):
+        both tasks reserve 0 and ``vocab_size - 1`` for their special tokens."""
+        return range(1, self.vocab_size - 1)
+
+    @property
     def n_answers(self) -> int:
         """How many distinct values a scored target can take (uniformly): chance accuracy is ``1 / n_answers``."""
+        return len(self.content_tokens)
 
     @abstractmethod
     def _generate(self, batch_size: int, length: int, generator: torch.Generator) -> TaskBatch:

@@ -78,13 +78,9 @@ def score(model: LanguageModel, batch: TaskBatch) -> tuple[int, int]:
     """(right, scored) for a batch: prefill to the first scored position, then one step per token."""
     scored = (batch.targets != IGNORE).any(0).nonzero()  # positions scored in some row
     first = int(scored[0]) if len(scored) else batch.tokens.shape[1]
-    state = None
-    if first > 0:
-        _, state = model.prefill(batch.tokens[:, :first])
+    state = model.prefill(batch.tokens[:, :first])[1] if first > 0 else model.new_state(batch.tokens.shape[0])
     right = total = 0
     for t in range(first, batch.tokens.shape[1]):
-        if state is None:
-            state = model.new_state(batch.tokens.shape[0])
         logits, state = model.step(batch.tokens[:, t], state)  # (b, vocab)
         r, n = correct(logits, batch.targets[:, t])
         right, total = right + r, total + n

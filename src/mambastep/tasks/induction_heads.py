@@ -82,16 +82,6 @@ class InductionHeads(Task):
     def _length_rule(self) -> str:
         return "trigger, recalled token, at least one other token, final trigger"
 
-    @property
-    def n_answers(self) -> int:
-        """The content values ``1 .. vocab_size - 2``."""
-        return self.vocab_size - 2
-
-    @property
-    def content_tokens(self) -> range:
-        """The ids a non-trigger token (and so the scored target) can take."""
-        return range(1, self.vocab_size - 1)
-
     def _generate(self, batch_size: int, length: int, generator: torch.Generator) -> TaskBatch:
         device = generator.device
         rows = torch.arange(batch_size, device=device)  # (b,)

@@ -107,16 +107,6 @@ class SelectiveCopying(Task):
         m = self.n_memorize
         return f"{m} data tokens + {m} markers with n_memorize={m}"
 
-    @property
-    def n_answers(self) -> int:
-        """The data values ``1 .. vocab_size - 2``."""
-        return self.vocab_size - 2
-
-    @property
-    def data_tokens(self) -> range:
-        """The ids a data token (and so a scored target) can take."""
-        return range(1, self.vocab_size - 1)
-
     def _generate(self, batch_size: int, length: int, generator: torch.Generator) -> TaskBatch:
         device = generator.device
         m = self.n_memorize

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,7 @@ class TaskTrainSettings:
     task_settings: dict[str, int] = field(default_factory=dict)
     steps: int = 2000
     batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-3, weight_decay=0.0))
     d_model: int = 64
     n_layer: int = 2
     seed: int = 0
@@ -65,8 +63,6 @@ class TaskTrainSettings:
         for name in ("steps", "batch_size", "eval_every", "eval_count", "d_model", "n_layer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.stop_at is not None and not 0 < self.stop_at <= 1:
             raise ValueError(f"stop_at must lie in (0, 1], got {self.stop_at}")
 
@@ -116,7 +112,7 @@ def train_task(settings: TaskTrainSettings) -> dict[str, Any]:
     else:
         model, steps_before = _continued_model(Path(s.init).expanduser(), s, task)
     model.configure(EngineSettings(threads=s.threads)).train()  # the fused CPU scan, forward and backward
-    optim = OptimSettings(lr=s.lr, warmup_steps=min(s.warmup_steps, s.steps), weight_decay=s.weight_decay, min_lr_ratio=0.1)
+    optim = replace(s.optim, warmup_steps=min(s.optim.warmup_steps, s.steps))
     optimizer, data = build_optimizer(model, optim), torch.Generator().manual_seed(s.seed)
     scheduler = build_scheduler(optimizer, optim, s.steps)
     curve: list[dict[str, float]] = []
