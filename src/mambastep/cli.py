@@ -21,7 +21,7 @@ from mambastep.config import ConfigError
 from mambastep.generation import SamplingParams, generate
 from mambastep.loading import CheckpointError, load
 from mambastep.models.int8 import Int8Linear
-from mambastep.settings import DECODE_BACKENDS, SCAN_KERNELS, EngineSettings
+from mambastep.settings import DECODE_BACKENDS, MATVEC_KERNELS, SCAN_KERNELS, EngineSettings
 from mambastep.state import StateError
 from mambastep.tasks import TASKS
 from mambastep.tokenizer import TokenizerError, load_tokenizer
@@ -46,13 +46,19 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     engine = EngineSettings()
     parser.add_argument("--scan", choices=SCAN_KERNELS, default=engine.scan,
                         help="Mamba-1 prompt scan: fused CPU kernel, PyTorch, or auto")
+    parser.add_argument("--matvec", choices=MATVEC_KERNELS, default=engine.matvec,
+                        help="decode-step products: fused CPU kernel (float32/bfloat16/int8 weights), PyTorch, or auto")
     parser.add_argument("--decode", choices=DECODE_BACKENDS, default=engine.decode,
                         help="compiled: torch.compile the decode step (one-time compile, cached; faster steps)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
 
 
+def _engine_settings(args: argparse.Namespace) -> EngineSettings:
+    return EngineSettings(scan=args.scan, matvec=args.matvec, decode=args.decode, threads=args.threads)
+
+
 def _load_model(args: argparse.Namespace):
-    settings = EngineSettings(scan=args.scan, decode=args.decode, threads=args.threads)
+    settings = _engine_settings(args)
     dtype = DTYPES[args.dtype] if args.dtype else None
     return load(args.model, dtype=dtype, device=args.device, settings=settings, quantize=args.quantize)
 
@@ -263,7 +269,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         decode_steps=args.decode_steps, repeats=args.repeats, batch=args.batch, dtype=args.dtype,
         memory_budget=int(args.memory_budget_gib * 2**30), seed=args.seed,
     )
-    engine = EngineSettings(scan=args.scan, decode=args.decode, threads=args.threads)
+    engine = _engine_settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # before --calibrate measures
     report = run_compare(settings, _hardware(args), engine)
@@ -340,7 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompts=tuple(args.prompts), decode_steps=args.decode_steps, repeats=args.repeats,
         long_context=args.long_context, baseline=not args.no_baseline,
     )
-    engine = EngineSettings(scan=args.scan, decode=args.decode, threads=args.threads)
+    engine = _engine_settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # before the machine is measured
     report = run_bench(settings, engine)
@@ -354,7 +360,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _add_bench_parser(sub) -> None:
     from mambastep.bench import BenchSettings
 
-    d, engine = BenchSettings(), EngineSettings()
+    d = BenchSettings()
     b = sub.add_parser("bench", help="decode and prefill speed against the roofline and transformers")
     b.add_argument("--model", default=d.model, help="built-in configuration (random weights) or checkpoint")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
@@ -365,9 +371,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--repeats", type=int, default=d.repeats)
     b.add_argument("--long-context", type=int, default=d.long_context, help="0 skips the long-context decode")
     b.add_argument("--no-baseline", action="store_true", help="skip transformers")
-    b.add_argument("--scan", choices=SCAN_KERNELS, default=engine.scan)
-    b.add_argument("--decode", choices=DECODE_BACKENDS, default=engine.decode)
-    b.add_argument("--threads", type=int, default=None)
+    _add_engine_args(b)
     b.add_argument("--markdown", default=None, help="append the Markdown table to this file (e.g. BENCHMARKS.md)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)

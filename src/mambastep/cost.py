@@ -295,10 +295,11 @@ def kv_reads_exceed_weights_at(config: ModelConfig, batch: int = 1, dtype: torch
 def validate_flops(model: LanguageModel, phase: Phase, context: int, batch: int = 1) -> dict[str, dict[str, int]]:
     """Matrix-product FLOPs that ``FlopCounterMode`` counts in a real call, next to this model's terms.
 
-    "weight_matmuls" are the products with weight matrices (aten mm/addmm); "contractions"
+    "weight_matmuls" are the products with weight matrices (aten mm/addmm, and the fused
+    matvec kernel of decode steps); "contractions"
     the mixers' own (bmm, convolution): conv, scan read-out, SSD blocks, attention. Attention
     runs through SDPA's math backend here, whose matmuls the counter sees. The counter cannot
-    see inside fused kernels: configure the model with ``EngineSettings(scan="torch")``.
+    see inside the fused scan: configure the model with ``EngineSettings(scan="torch")``.
     """
     tokens = torch.zeros(batch, max(context, 1), dtype=torch.long)
     counter = FlopCounterMode(display=False)
@@ -314,7 +315,7 @@ def validate_flops(model: LanguageModel, phase: Phase, context: int, batch: int 
     items = terms(model.config, phase, context, batch, model.dtype, model.settings)
     return {
         "weight_matmuls": {
-            "counted": counted.get("mm", 0) + counted.get("addmm", 0),
+            "counted": counted.get("mm", 0) + counted.get("addmm", 0) + counted.get("mambastep.matvec", 0),
             "predicted": sum(t.flops for t in items if t.weight_matmul),
         },
         "contractions": {

@@ -10,6 +10,7 @@ from typing import Literal
 log = logging.getLogger("mambastep")
 
 SCAN_KERNELS = ("auto", "fused", "torch")
+MATVEC_KERNELS = ("auto", "fused", "torch")
 DECODE_BACKENDS = ("eager", "compiled")
 
 
@@ -21,6 +22,10 @@ class EngineSettings:
         with its own backward pass for training; built on first use), "torch" the chunked
         PyTorch scan (any device), "auto" the fused kernel on CPU and the PyTorch scan on
         other devices.
+    matvec: the products of the linear layers with a few activation rows (up to
+        ``models.linear.MATVEC_ROWS``: decode steps). "fused" is the CPU kernel that reads
+        float32, bfloat16 or int8 weights once at memory speed (CPU only, inference only;
+        built on first use), "torch" PyTorch's linear, "auto" the kernel on CPU.
     decode: "compiled" runs each decode step through torch.compile (a one-time compile
         of a few tens of seconds per model, cached on disk, then faster steps); "eager"
         starts at once.
@@ -30,6 +35,7 @@ class EngineSettings:
     """
 
     scan: Literal["auto", "fused", "torch"] = "auto"
+    matvec: Literal["auto", "fused", "torch"] = "auto"
     decode: Literal["eager", "compiled"] = "eager"
     threads: int | None = None
     scan_chunk: int = 64
@@ -38,6 +44,8 @@ class EngineSettings:
     def __post_init__(self):
         if self.scan not in SCAN_KERNELS:
             raise ValueError(f"scan must be one of {SCAN_KERNELS}, got {self.scan!r}")
+        if self.matvec not in MATVEC_KERNELS:
+            raise ValueError(f"matvec must be one of {MATVEC_KERNELS}, got {self.matvec!r}")
         if self.decode not in DECODE_BACKENDS:
             raise ValueError(f"decode must be one of {DECODE_BACKENDS}, got {self.decode!r}")
         for name in ("scan_chunk", "prefill_piece"):

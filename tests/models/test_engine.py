@@ -5,6 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import mambastep
+from mambastep.models.linear import MATVEC_ROWS, Linear, takes_matvec
 from mambastep.settings import EngineSettings
 from conftest import make_hf_checkpoint
 
@@ -64,7 +65,46 @@ def test_fused_and_torch_scans_give_the_same_gradients(tmp_path, family):
         torch.testing.assert_close(grad, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("bad", [dict(scan="fast"), dict(decode="jit"), dict(scan_chunk=0), dict(threads=0)])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "gpt_neox"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matvec_decode_equals_pytorch_linear(tmp_path, family, dtype):
+    """Decode steps through the fused matvec kernel give PyTorch's linear's logits, for batches
+    below and above MATVEC_ROWS (which take F.linear) and through the compiled step."""
+    path = make_hf_checkpoint(tmp_path / family, family=family)
+    plain = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="torch"))
+    fused = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="fused"))
+    compiled = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="fused", decode="compiled"))
+    assert all(m.fused_matvec for m in fused.modules() if isinstance(m, Linear))
+    # float32: the same sums in another order; bfloat16: the layer outputs are rounded to
+    # bfloat16 (8 bits) on both paths, so one rounding may fall the other way.
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype is torch.float32 else dict(atol=0.05, rtol=0.02)
+    for batch in (1, 3, MATVEC_ROWS + 1):
+        tokens = torch.randint(0, 97, (batch, 6), generator=torch.Generator().manual_seed(batch))
+        _, state = plain.prefill(tokens[:, :3])
+        states = [state] * 3
+        for t in range(3, 6):
+            logits = []
+            for i, model in enumerate((plain, fused, compiled)):
+                out, states[i] = model.step(tokens[:, t], states[i])
+                logits.append(out)
+            torch.testing.assert_close(logits[1], logits[0], **tol)
+            torch.testing.assert_close(logits[2], logits[1], **tol)
+
+
+def test_fused_matvec_stays_out_of_training(tmp_path):
+    """A layer that would take the kernel takes F.linear when a gradient is wanted."""
+    layer = Linear(12, 5)
+    layer.fused_matvec = True
+    x = torch.randn(1, 12)
+    assert takes_matvec(layer, x) is False
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None
+    with torch.no_grad():
+        assert takes_matvec(layer, x) and not takes_matvec(layer, torch.randn(MATVEC_ROWS + 1, 12))
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bad", [dict(scan="fast"), dict(matvec="blas"), dict(decode="jit"), dict(scan_chunk=0), dict(threads=0)])
 def test_bad_settings(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineSettings(**bad)

@@ -158,3 +158,100 @@ def test_fused_kernels_check_their_arguments():
     assert ckpt.shape == (2, 3, 8, 3) and torch.equal(ckpt[:, 0], state)
     with pytest.raises(RuntimeError, match="checkpoints .* must have shape"):
         kernels().selective_scan_fused_bwd(x, dt, A, B, C, D, ckpt, y, final, 4)
+
+
+def _matvec_inputs(m, k, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if dtype is torch.int8:
+        weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) / 127
+    else:
+        weight, scale = torch.randn(n, k, generator=g).to(dtype), None
+    return x, weight, scale, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 15, 3), (3, 17, 5), (8, 48, 80), (11, 100, 33), (2, 768, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matvec_matches_reference(dtype, m, k, n, with_bias):
+    """Every weight storage, row counts across the 8-row groups, lengths around the 16-lane vectors."""
+    from mambastep.ops.cpu import matvec
+
+    x, weight, scale, bias = _matvec_inputs(m, k, n, dtype)
+    bias = bias if with_bias else None
+    w64 = weight.double() * (scale.double()[:, None] if scale is not None else 1)  # (n, k)
+    expected = x.double() @ w64.T + (bias.double() if with_bias else 0)
+    got = matvec(x, weight, scale, bias)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    # float32 products and sums (-ffast-math orders them freely): a few float32 roundings of
+    # the sum of |terms|.
+    bound = 4e-7 * (x.double().abs() @ w64.abs().T) * (k**0.5 + 1) + 1e-6
+    assert ((got.double() - expected).abs() <= bound).all()
+
+
+def test_matvec_keeps_leading_dimensions_and_takes_any_float_input():
+    from mambastep.ops.cpu import matvec
+
+    x, weight, _, bias = _matvec_inputs(6, 20, 7, torch.float32)
+    got = matvec(x.view(2, 3, 20).to(torch.bfloat16), weight, None, bias.to(torch.bfloat16))
+    expected = torch.nn.functional.linear(x.to(torch.bfloat16).float(), weight, bias.to(torch.bfloat16).float())
+    torch.testing.assert_close(got, expected.view(2, 3, 7), atol=1e-5, rtol=1e-5)
+
+
+def test_matvec_checks_its_arguments():
+    from mambastep.ops.cpu import matvec
+
+    x, weight, scale, bias = _matvec_inputs(2, 16, 4, torch.int8)
+    with pytest.raises(RuntimeError, match="a scale goes with int8 weights"):
+        matvec(x, weight, None, bias)
+    with pytest.raises(RuntimeError, match="a scale goes with int8 weights"):
+        matvec(x, weight.float(), scale, bias)
+    with pytest.raises(RuntimeError, match="k = 15"):
+        matvec(x[:, :15], weight, scale, bias)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        matvec(x, weight.float().t().contiguous().t(), None, bias)
+    with pytest.raises(RuntimeError, match="bias must be float32 \\(n,\\) with n = 4"):
+        matvec(x, weight, scale, bias[:3])
+    with pytest.raises(RuntimeError, match="weights must be float32, bfloat16 or int8"):
+        matvec(x, weight.double(), None, bias)
+
+
+def test_matvec_runs_inside_a_compiled_graph():
+    """A PyTorch operator with a shape function: torch.compile keeps it in one graph."""
+    from mambastep.ops.cpu import matvec
+
+    x, weight, _, bias = _matvec_inputs(3, 40, 9, torch.bfloat16)
+
+    def f(x):
+        return torch.relu(matvec(x, weight, None, bias)) * 2
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, dynamic=True)(x), f(x))
+
+
+def test_matvec_portable_build_matches_reference(tmp_path):
+    """The kernel without AVX-512 (the build a CPU without it gets), in its own process."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    import mambastep.ops.cpu as cpu
+
+    source = Path(cpu.__file__).with_name("matvec.cpp")
+    script = textwrap.dedent(f"""
+        import torch
+        from torch.utils.cpp_extension import load
+        load(name="matvec_portable", sources=[{str(source)!r}], build_directory={str(tmp_path)!r},
+             extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(11, 37, generator=g)
+        for w, s in [(torch.randn(5, 37, generator=g), None), (torch.randn(5, 37, generator=g).bfloat16(), None),
+                     (torch.randint(-127, 128, (5, 37), generator=g, dtype=torch.int8), torch.rand(5, generator=g))]:
+            expected = x.double() @ (w.double() * (1 if s is None else s.double()[:, None])).T
+            got = torch.ops.mambastep.matvec(x, w, s, None)
+            assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-5), (w.dtype, (got - expected).abs().max())
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

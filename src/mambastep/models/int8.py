@@ -1,8 +1,9 @@
 """Weight-only int8 quantization of a model's linear layers.
 
 Each output row of a weight matrix gets one scale (symmetric, absmax / 127);
-activations stay in float32 and the product runs in PyTorch's int8-weight
-matmul kernel. Decoding reads a quarter of the float32 weight bytes. Norms,
+activations stay in float32. Decode steps take the fused matvec kernel (see
+``models.linear``), which reads a quarter of the float32 weight bytes; longer
+inputs take PyTorch's int8-weight matmul. Norms,
 the SSM parameters (A, D, dt bias), the conv and the embedding lookup are
 untouched: they are a small part of the bytes and most of the sensitivity.
 """
@@ -12,12 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mambastep.models.linear import takes_matvec
+from mambastep.ops.cpu import matvec
+
 
 class Int8Linear(nn.Module):
     """y = x W^T + bias with W stored as int8 rows times a float32 scale per row."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None):
+    def __init__(self, weight: Tensor, bias: Tensor | None, fused_matvec: bool = False):
         super().__init__()
+        self.fused_matvec = fused_matvec
         w = weight.detach().float()  # (out, in)
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).to(torch.int8))
@@ -29,6 +34,8 @@ class Int8Linear(nn.Module):
         return self.weight_int8.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if takes_matvec(self, x):
+            return matvec(x, self.weight_int8, self.scale, self.bias)
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()  # (m, in)
         y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)  # (m, out)
         if self.bias is not None:
@@ -44,12 +51,12 @@ def quantize_int8(model: nn.Module, head: str = "lm_head") -> nn.Module:
     """Replace every nn.Linear of ``model`` (in place) by an Int8Linear; return the model.
 
     A tied head keeps its float embedding for the lookup and gets an int8 copy for the product.
-    The model must hold float32 weights on the CPU.
+    The model must hold float32 weights on the CPU. Each layer keeps its engine settings.
     """
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:
         if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
             raise ValueError(f"int8 weights need float32 weights on the CPU; {name} is {linear.weight.dtype} on {linear.weight.device}")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear(linear.weight, linear.bias))
+        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear(linear.weight, linear.bias, getattr(linear, "fused_matvec", False)))
     return model

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from mambastep.config import ModelConfig
+from mambastep.models.int8 import Int8Linear
+from mambastep.models.linear import Linear
+from mambastep.ops import cpu
 from mambastep.settings import EngineSettings, log
 from mambastep.state import ModelState, SSMLayerState, StateError
 
@@ -89,6 +92,12 @@ class LanguageModel(nn.Module, ABC):
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         self.settings = settings
+        fused_matvec = settings.matvec == "fused" or (settings.matvec == "auto" and cpu.available())
+        if settings.matvec == "fused":
+            cpu.kernels()  # a build failure is an error here, not at the first step
+        for module in self.modules():
+            if isinstance(module, (Linear, Int8Linear)):
+                module.fused_matvec = fused_matvec
         # Compiled at the first step (cached on disk); dynamic shapes, so a new batch size compiles at most once more.
         self._compiled_step = torch.compile(self._step_logits, dynamic=True) if settings.decode == "compiled" else None
         log.info("engine: %s", settings)
@@ -193,7 +202,7 @@ class SSMLanguageModel(LanguageModel):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config, mixers)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import MambaConfig
+from mambastep.models.linear import Linear
 from mambastep.models.lm import SSMLanguageModel
-from mambastep.ops import causal_conv, causal_conv_step, selective_scan, selective_step
-from mambastep.ops.cpu import kernels, selective_scan_fused
-from mambastep.settings import EngineSettings, log
+from mambastep.ops import causal_conv, causal_conv_step, cpu, selective_scan, selective_step
+from mambastep.settings import EngineSettings
 from mambastep.state import SSMLayerState
 
 
@@ -23,10 +23,10 @@ class MambaMixer(nn.Module):
         super().__init__()
         d, e, k = config.d_model, config.d_inner, config.d_conv
         self.config = config
-        self.in_proj = nn.Linear(d, 2 * e, bias=config.bias)
+        self.in_proj = Linear(d, 2 * e, bias=config.bias)
         self.conv1d = nn.Conv1d(e, e, k, groups=e, padding=k - 1, bias=config.conv_bias)
         self.add_ssm_parameters()
-        self.out_proj = nn.Linear(e, d, bias=config.bias)
+        self.out_proj = Linear(e, d, bias=config.bias)
         self.dt_probe = nn.Identity()  # sees Δ (b, l, e): a hook here watches the selection (``mambastep inspect``)
         self.reset_ssm_parameters()
         self.scan_chunk = EngineSettings().scan_chunk
@@ -35,15 +35,15 @@ class MambaMixer(nn.Module):
     def add_ssm_parameters(self) -> None:
         """S6: Δ, B and C are projections of the input (x_proj, then dt_proj for Δ)."""
         e, n, r = self.config.d_inner, self.config.d_state, self.config.dt_rank
-        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.x_proj = Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = Linear(r, e, bias=True)
         self.A_log = nn.Parameter(torch.empty(e, n))
         self.D = nn.Parameter(torch.empty(e))
 
     def configure(self, settings: EngineSettings) -> None:
         """Choose the scan: the fused CPU kernel (forward and backward) for inputs on the CPU."""
         self.scan_chunk = settings.scan_chunk
-        self.fused_scan = settings.scan == "fused" or (settings.scan == "auto" and _fused_kernels_build())
+        self.fused_scan = settings.scan == "fused" or (settings.scan == "auto" and cpu.available())
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
@@ -89,7 +89,7 @@ class MambaMixer(nn.Module):
             y, h = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, h)  # (b, e)
             return y[:, None], h
         if self.fused_scan and x.device.type == "cpu":
-            return selective_scan_fused(x, dt, A, B, C, D, h)
+            return cpu.selective_scan_fused(x, dt, A, B, C, D, h)
         return selective_scan(x, dt, A, B, C, D, h, self.scan_chunk)
 
 
@@ -110,12 +110,3 @@ def _dt_bias_init(e: int, dt_min: float, dt_max: float) -> Tensor:
     dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
 
-
-def _fused_kernels_build() -> bool:
-    """Whether the fused CPU kernels are available; the reason is logged when they are not."""
-    try:
-        kernels()
-    except (RuntimeError, OSError, ImportError) as err:
-        log.warning("fused CPU scan unavailable, using the PyTorch scan: %s", err)
-        return False
-    return True

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import Mamba2Config
+from mambastep.models.linear import Linear
 from mambastep.models.lm import RMSNorm, SSMLanguageModel
 from mambastep.ops import causal_conv, causal_conv_step, ssd_scan, ssd_step
 from mambastep.settings import EngineSettings
@@ -22,13 +23,13 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.in_proj = nn.Linear(c.d_model, c.d_inner + c.conv_dim + c.n_heads, bias=c.bias)
+        self.in_proj = Linear(c.d_model, c.d_inner + c.conv_dim + c.n_heads, bias=c.bias)
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, padding=c.d_conv - 1, bias=c.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(c.n_heads))
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
         self.D = nn.Parameter(torch.empty(c.d_inner if c.D_has_hdim else c.n_heads))
         self.norm = RMSNorm(c.d_inner, c.norm_eps, group_size=c.norm_group_size)
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.out_proj = Linear(c.d_inner, c.d_model, bias=c.bias)
         self.dt_probe = nn.Identity()  # sees Δ (b, l, h): a hook here watches the selection (``mambastep inspect``)
         self.reset_ssm_parameters()
         self.scan_chunk = EngineSettings().scan_chunk

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import GPTNeoXConfig
+from mambastep.models.linear import Linear
 from mambastep.models.lm import LanguageModel
 from mambastep.state import KVLayerState, ModelState
 
@@ -47,8 +48,8 @@ class Attention(nn.Module):
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.config = config
-        self.query_key_value = nn.Linear(config.d_model, 3 * config.d_model, bias=config.attention_bias)
-        self.dense = nn.Linear(config.d_model, config.d_model, bias=config.attention_bias)
+        self.query_key_value = Linear(config.d_model, 3 * config.d_model, bias=config.attention_bias)
+        self.dense = Linear(config.d_model, config.d_model, bias=config.attention_bias)
 
     def forward(self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor) -> tuple[Tensor, KVLayerState]:
         """Args: x (b, l, d), state with the cache of the tokens before, cos/sin (l, r).
@@ -75,8 +76,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.d_model, config.d_ff)
-        self.dense_4h_to_h = nn.Linear(config.d_ff, config.d_model)
+        self.dense_h_to_4h = Linear(config.d_model, config.d_ff)
+        self.dense_4h_to_h = Linear(config.d_ff, config.d_model)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # (b, l, f) inside
@@ -121,7 +122,7 @@ class TransformerLM(LanguageModel):
         super().__init__()
         self.config = config
         self.gpt_neox = GPTNeoX(config)
-        self.embed_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.embed_out = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.tie_embeddings()
 

@@ -41,6 +41,7 @@ trigger and a recall of one token)::
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from mambastep.tasks.base import IGNORE, Task, TaskBatch, _as_int
 

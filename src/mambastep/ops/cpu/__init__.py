@@ -4,6 +4,11 @@ The first use builds them (about half a minute, logged) into PyTorch's
 extension cache (``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions);
 later processes load the built library in well under a second.
 
+``matvec`` is the product of a few activation rows with a weight matrix stored
+as float32, bfloat16 or int8 (with a scale per row): the matrix-vector products
+of a decode step, reading each weight once at memory speed. It is a PyTorch
+operator (``torch.ops.mambastep.matvec``), so ``torch.compile`` keeps it in its graph.
+
 ``selective_scan_fused`` is differentiable: when grad mode is on and an input
 requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
 tokens and a fused C++ backward recomputes each chunk's states from those
@@ -19,10 +24,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("selective_scan.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("selective_scan.cpp", "matvec.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-mprefer-vector-width=512"]
 _NAME = "mambastep_cpu"
 _module = None
@@ -45,7 +51,19 @@ def kernels():
             "loading the fused CPU kernels" + ("" if built else " (compiling them once: about 30 s)")
         )
         _module = load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+        torch.library.register_fake("mambastep::matvec", _matvec_shape)
+        register_flop_formula(torch.ops.mambastep.matvec)(_matvec_flops)
     return _module
+
+
+def available() -> bool:
+    """Whether the kernels are built (building them if need be); logs why when they are not."""
+    try:
+        kernels()
+    except (RuntimeError, OSError, ImportError) as err:
+        log.warning("fused CPU kernels unavailable, using PyTorch's operators: %s", err)
+        return False
+    return True
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -102,3 +120,30 @@ def selective_scan_fused(
     D = torch.empty(0) if D is None else _f32(D)
     y, state = kernels().selective_scan_fused(_f32(x), _f32(dt), _f32(A), _f32(B), _f32(C), D, _f32(state))
     return y, state
+
+
+def _matvec_shape(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])  # the output's shape, for torch.compile
+
+
+def _matvec_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * weight_shape[0]  # multiply-adds, for FlopCounterMode
+
+
+def matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T (times ``scale`` per output row for int8 weights) + bias, in float32.
+
+    Meant for a few rows of x (a decode step: one per sequence): each weight is read once
+    and converted to float32 in registers; the activations and sums are float32.
+
+    Args:
+        x: (..., k) any float dtype; weight: (n, k) float32, bfloat16 or int8;
+        scale: (n,) for int8 weights, else None; bias: (n,) or None.
+
+    Returns:
+        (..., n) float32.
+    """
+    kernels()
+    flat = _f32(x.reshape(-1, x.shape[-1]))  # (m, k)
+    y = torch.ops.mambastep.matvec(flat, weight, scale, None if bias is None else _f32(bias))  # (m, n)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,168 @@
+// Matrix-vector products for decoding on the CPU: y = x W^T (* scale) + bias for a few rows x.
+//
+// A decode step multiplies one activation row per sequence by every weight matrix once, so
+// its speed is the speed at which the weights stream from memory. This kernel reads each
+// weight element once per call, whatever its storage (float32, bfloat16, or int8 with a
+// float32 scale per output row), converts it to float32 in registers and multiplies it into
+// up to kGroup activation rows at a time; the activations and the accumulation stay float32.
+// A weight row is re-read from L1 for each further group of kGroup activation rows.
+// Threads split the output rows.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kGroup = 8;  // activation rows multiplied per pass over a weight row
+
+inline float to_float(float w) { return w; }
+inline float to_float(int8_t w) { return static_cast<float>(w); }
+inline float to_float(uint16_t w) {  // bfloat16 bits: the high half of a float32
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+#if defined(__AVX512F__)
+// 16 weights from `p` as floats; lanes outside `mask` read nothing and are 0.
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+inline __m512 load16(const int8_t* p, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+// out[r] = x[r] . row for the M rows of x (each of length k, stride k). U vectors of the row
+// per iteration give M * U independent accumulators, enough to hide the latency of the FMAs.
+template <typename W, int M, int U>
+void dot_rows(const float* x, const W* row, int64_t k, float* out) {
+  __m512 acc[M][U];
+  for (int r = 0; r < M; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 * U <= k; i += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m512 w = load16(row + i + 16 * u, 0xFFFF);
+      for (int r = 0; r < M; ++r)
+        acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + i + 16 * u), w, acc[r][u]);
+    }
+  }
+  for (; i < k; i += 16) {
+    const __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __m512 w = load16(row + i, mask);
+    for (int r = 0; r < M; ++r)
+      acc[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * k + i), w, acc[r][0]);
+  }
+  for (int r = 0; r < M; ++r) {
+    for (int u = 1; u < U; ++u) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][u]);
+    out[r] = _mm512_reduce_add_ps(acc[r][0]);
+  }
+}
+#else
+// Portable version: out[r] = x[r] . row, left to the compiler to vectorise.
+template <typename W, int M, int U>
+void dot_rows(const float* x, const W* row, int64_t k, float* out) {
+  for (int r = 0; r < M; ++r) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < k; ++i) sum += x[r * k + i] * to_float(row[i]);
+    out[r] = sum;
+  }
+}
+#endif
+
+template <typename W>
+void dot_group(const float* x, const W* row, int64_t k, int rows, float* out) {
+  switch (rows) {
+    case 1: return dot_rows<W, 1, 4>(x, row, k, out);
+    case 2: return dot_rows<W, 2, 2>(x, row, k, out);
+    case 3: return dot_rows<W, 3, 2>(x, row, k, out);
+    case 4: return dot_rows<W, 4, 1>(x, row, k, out);
+    case 5: return dot_rows<W, 5, 1>(x, row, k, out);
+    case 6: return dot_rows<W, 6, 1>(x, row, k, out);
+    case 7: return dot_rows<W, 7, 1>(x, row, k, out);
+    default: return dot_rows<W, kGroup, 1>(x, row, k, out);
+  }
+}
+
+// y (m, n) = x (m, k) W^T for W (n, k), then * scale (n,) and + bias (n,) where given.
+template <typename W>
+void matvec_impl(const float* x, const W* w, const float* scale, const float* bias, float* y,
+                 int64_t m, int64_t k, int64_t n) {
+  // Enough rows per task that a thread's share is worth waking it for (~16k weights).
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    float out[kGroup];
+    for (int64_t o = begin; o < end; ++o) {
+      const W* row = w + o * k;
+      const float s = scale ? scale[o] : 1.f, b = bias ? bias[o] : 0.f;
+      for (int64_t r0 = 0; r0 < m; r0 += kGroup) {
+        const int rows = static_cast<int>(std::min<int64_t>(kGroup, m - r0));
+        dot_group(x + r0 * k, row, k, rows, out);
+        for (int r = 0; r < rows; ++r) y[(r0 + r) * n + o] = out[r] * s + b;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x: (m, k) float32; weight: (n, k) float32, bfloat16 or int8; scale: (n,) float32, required
+// for int8 weights and refused otherwise; bias: (n,) float32 or None. Returns (m, n) float32.
+torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight,
+                     const c10::optional<torch::Tensor>& scale,
+                     const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "matvec: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "matvec: x must be a contiguous float32 (m, k) matrix");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
+              "matvec: weight must be a contiguous (n, k) matrix with k = ", x.size(1),
+              ", got shape ", weight.sizes());
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  const bool int8 = weight.scalar_type() == torch::kInt8;
+  TORCH_CHECK(int8 == (scale.has_value() && scale->defined()),
+              "matvec: a scale goes with int8 weights, and only with them");
+  const float* scale_ptr = nullptr;
+  if (int8) {
+    TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() &&
+                    scale->numel() == n, "matvec: scale must be float32 (n,) with n = ", n);
+    scale_ptr = scale->data_ptr<float>();
+  }
+  const float* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() &&
+                    bias->numel() == n, "matvec: bias must be float32 (n,) with n = ", n);
+    bias_ptr = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (weight.scalar_type()) {
+    case torch::kFloat32:
+      matvec_impl(xp, weight.data_ptr<float>(), scale_ptr, bias_ptr, yp, m, k, n);
+      break;
+    case torch::kBFloat16:
+      matvec_impl(xp, reinterpret_cast<const uint16_t*>(weight.data_ptr()), scale_ptr, bias_ptr,
+                  yp, m, k, n);
+      break;
+    case torch::kInt8:
+      matvec_impl(xp, weight.data_ptr<int8_t>(), scale_ptr, bias_ptr, yp, m, k, n);
+      break;
+    default:
+      TORCH_CHECK(false, "matvec: weights must be float32, bfloat16 or int8, got ",
+                  weight.scalar_type());
+  }
+  return y;
+}
+
+TORCH_LIBRARY(mambastep, m) {
+  m.def("matvec(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("matvec", &matvec); }
