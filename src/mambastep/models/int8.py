@@ -3,7 +3,7 @@
 Each output row of a weight matrix gets one scale (symmetric, absmax / 127);
 activations stay in float32. Decode steps take the fused matvec kernel (see
 ``models.linear``), which reads a quarter of the float32 weight bytes; longer
-inputs take PyTorch's int8-weight matmul. Norms,
+inputs (prompts) are multiplied by a float32 copy of the int8 values and then scaled. Norms,
 the SSM parameters (A, D, dt bias), the conv and the embedding lookup are
 untouched: they are a small part of the bytes and most of the sensitivity.
 """
@@ -11,6 +11,7 @@ untouched: they are a small part of the bytes and most of the sensitivity.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.models.linear import takes_matvec
@@ -36,11 +37,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if takes_matvec(self, x):
             return matvec(x, self.weight_int8, self.scale, self.bias)
-        flat = x.reshape(-1, x.shape[-1]).float().contiguous()  # (m, in)
-        y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)  # (m, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        # Many rows (a prompt): one float32 copy of the int8 values, PyTorch's matmul, then the scales.
+        y = F.linear(x.float(), self.weight_int8.float()) * self.scale  # (..., out)
+        return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> Tensor:
         """The float32 weight this layer computes with: (out, in)."""
