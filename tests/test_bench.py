@@ -34,11 +34,12 @@ def test_bench_cli_appends_markdown(tmp_path, capsys):
     path = make_hf_checkpoint(tmp_path / "m")
     out = tmp_path / "BENCH.md"
     assert main(["bench", "--model", str(path), "--batches", "2", "--prompts", "8", "--decode-steps", "1",
-                 "--repeats", "1", "--long-context", "0", "--no-baseline", "--quantize", "int8", "--json",
+                 "--repeats", "1", "--long-context", "0", "--no-baseline", "--quantize", "int8", "--matvec", "torch", "--json",
                  "--markdown", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "transformers_ms_per_step" not in report["decode"][0] and "context" not in report
-    assert "int8 weights" in out.read_text()
+    assert report["engine"]["matvec"] == "torch"
+    assert "int8 weights" in out.read_text() and "matvec torch" in out.read_text()
 
 
 def test_bad_bench_settings():
@@ -46,3 +47,16 @@ def test_bad_bench_settings():
         BenchSettings(quantize="int8", dtype="bfloat16")
     with pytest.raises(ValueError, match="batches"):
         BenchSettings(batches=(0,))
+
+
+def test_weight_bytes_count_what_a_decode_step_reads(tmp_path):
+    """Every weight once; the embedding table only where the (tied) head reads it whole."""
+    import mambastep
+    from mambastep.bench import weight_bytes
+
+    path = make_hf_checkpoint(tmp_path / "m")
+    full, int8 = mambastep.load(path), mambastep.load(path, quantize="int8")
+    unique = {t.data_ptr(): t for t in full.state_dict().values()}.values()
+    assert weight_bytes(full) == sum(t.numel() * t.element_size() for t in unique)
+    table = int8.get_parameter(int8.embedding_weight)
+    assert weight_bytes(int8) == sum(t.numel() * t.element_size() for t in int8.state_dict().values()) - table.numel() * 4

@@ -78,8 +78,14 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 
 def weight_bytes(model: LanguageModel) -> int:
-    """Bytes a decode step reads from the weights (each tensor once, tied ones once)."""
-    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
+    """Bytes a decode step reads from the weights: each tensor once (tied ones once), except the
+    input embedding table, of which a step reads one row per sequence, unless the head reads it whole."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    embedding = model.get_parameter(model.embedding_weight)
+    head = model.get_submodule(model.head_weight.rpartition(".")[0])
+    if getattr(head, "weight", None) is not embedding:  # untied, or an int8 copy of it
+        del tensors[embedding.data_ptr()]
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def matmul_flops_per_token(model: LanguageModel) -> int:
@@ -205,7 +211,9 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
 def markdown(report: dict) -> str:
     """The report as a Markdown section for BENCHMARKS.md."""
     s = report["settings"]
-    title = f"{s['model']}, {s['dtype']}{', int8 weights' if s['quantize'] else ''}, {report['threads']} threads, decode {report['engine']['decode']}"
+    engine = report["engine"]
+    title = (f"{s['model']}, {s['dtype']}{', int8 weights' if s['quantize'] else ''}, {report['threads']} threads, "
+             f"decode {engine['decode']}, matvec {engine['matvec']}")
     lines = [f"### {title}", "",
              f"Machine: {report['machine']}; weights {report['weight_bytes'] / 2**20:.0f} MiB; "
              f"state {report['state_bytes_per_sequence'] / 2**20:.2f} MiB per sequence.", "",

@@ -44,3 +44,16 @@ def test_int8_refuses_what_it_cannot_do(tmp_path):
         mambastep.load(path, quantize="int4")
     with pytest.raises(ValueError, match="cannot save an int8-quantized model"):
         mambastep.save(mambastep.load(path, quantize="int8"), tmp_path / "out")
+
+
+def test_int8_linear_takes_the_kernel_up_to_its_row_limit():
+    from mambastep.models.linear import takes_matvec
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24)
+    q = Int8Linear(linear.weight, linear.bias, fused_matvec=True)
+    with torch.no_grad():
+        for rows in (1, Int8Linear.matvec_rows, Int8Linear.matvec_rows + 1):
+            x = torch.randn(rows, 40)
+            assert takes_matvec(q, x) == (rows <= Int8Linear.matvec_rows)
+            torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantized(), linear.bias), atol=1e-5, rtol=1e-5)

@@ -21,6 +21,10 @@ from mambastep.ops.cpu import matvec
 class Int8Linear(nn.Module):
     """y = x W^T + bias with W stored as int8 rows times a float32 scale per row."""
 
+    # Up to this many rows the fused kernel; beyond, a float32 copy of the weight, which
+    # writes and reads 4 bytes per weight on every call and pays off only for prompts.
+    matvec_rows = 64
+
     def __init__(self, weight: Tensor, bias: Tensor | None, fused_matvec: bool = False):
         super().__init__()
         self.fused_matvec = fused_matvec

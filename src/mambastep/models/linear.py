@@ -4,8 +4,9 @@ A decode step multiplies one activation row per sequence by each weight matrix,
 so it runs at the speed the weights stream from memory. PyTorch's CPU linear
 reaches that speed for float32 weights only; ``ops.cpu.matvec`` reaches it for
 bfloat16 and int8 weights too. A layer takes the kernel when the engine settings
-allow it (``matvec``), its input is on the CPU with at most ``MATVEC_ROWS`` rows,
-and no gradient is wanted; everything else (prompts, training) takes ``F.linear``.
+allow it (``matvec``), its input is on the CPU with at most ``matvec_rows`` rows
+(``MATVEC_ROWS`` for float weights, beyond which PyTorch's matmul is faster), and no
+gradient is wanted; everything else (prompts, training) takes ``F.linear``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from torch import Tensor, nn
 
 from mambastep.ops.cpu import matvec
 
-MATVEC_ROWS = 8  # rows (sequences x tokens) up to which a product takes the fused kernel
+MATVEC_ROWS = 8  # rows (sequences x tokens) up to which a float linear layer takes the fused kernel
 
 
 def takes_matvec(layer: nn.Module, x: Tensor) -> bool:
-    """Whether ``layer`` computes ``x`` with the fused matvec kernel."""
+    """Whether ``layer`` (with ``fused_matvec`` and ``matvec_rows``) computes ``x`` with the fused matvec kernel."""
     return (
         layer.fused_matvec
         and x.device.type == "cpu"
-        and x.numel() <= MATVEC_ROWS * x.shape[-1]
+        and x.numel() <= layer.matvec_rows * x.shape[-1]
         and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())))
     )
 
@@ -34,6 +35,7 @@ class Linear(nn.Linear):
     the fused matvec kernel; the result has the input's dtype either way."""
 
     fused_matvec = False  # set by LanguageModel.configure
+    matvec_rows = MATVEC_ROWS
 
     def forward(self, x: Tensor) -> Tensor:
         if takes_matvec(self, x):
