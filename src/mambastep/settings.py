@@ -22,8 +22,8 @@ class EngineSettings:
         with its own backward pass for training; built on first use), "torch" the chunked
         PyTorch scan (any device), "auto" the fused kernel on CPU and the PyTorch scan on
         other devices.
-    matvec: the products of the linear layers with a few activation rows (up to
-        ``models.linear.MATVEC_ROWS``: decode steps). "fused" is the CPU kernel that reads
+    matvec: the products of the linear layers with a few activation rows (decode steps: up
+        to 8 rows for float weights, 64 for int8 ones). "fused" is the CPU kernel that reads
         float32, bfloat16 or int8 weights once at memory speed (CPU only, inference only;
         built on first use), "torch" PyTorch's linear, "auto" the kernel on CPU.
     decode: "compiled" runs each decode step through torch.compile (a one-time compile
