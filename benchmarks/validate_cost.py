@@ -3,8 +3,8 @@
 For each model, phase, batch and context: the matrix-product FLOPs that
 torch.utils.flop_counter.FlopCounterMode counts in a real call next to the
 cost model's, and the bytes of the real state next to ``cost.state_bytes``.
-Random weights; the PyTorch scan (FlopCounterMode cannot see inside the fused
-CPU kernel, which does the same arithmetic); one JSON line per case; exit status
+Random weights; the PyTorch scan and linear layers (FlopCounterMode cannot see
+inside the fused CPU kernels, which do the same arithmetic); one JSON line per case; exit status
 1 if anything differs.
 
     python benchmarks/validate_cost.py --threads 1
@@ -37,7 +37,7 @@ def main() -> int:
     exact, model, name = True, None, None
     for model_name, phase, batch, context in tqdm(cases, desc="validating", disable=None):
         if model_name != name:
-            model, name = random_model(model_name, settings=EngineSettings(scan="torch")), model_name
+            model, name = random_model(model_name, settings=EngineSettings(scan="torch", matvec="torch")), model_name
         row = {"model": model_name, "phase": phase, "batch": batch, "context": context,
                **cost.validate_flops(model, phase, context, batch)}
         if phase == "prefill":

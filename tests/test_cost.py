@@ -16,7 +16,7 @@ from conftest import make_hf_checkpoint
 
 # Small pieces and chunks so that a short prompt has uneven pieces, partial chunks, 1-token chunks and
 # a 1-token piece. The PyTorch scan: FlopCounterMode does not see inside the fused CPU kernel.
-SETTINGS = EngineSettings(scan="torch", prefill_piece=7, scan_chunk=4)
+SETTINGS = EngineSettings(scan="torch", matvec="torch", prefill_piece=7, scan_chunk=4)
 CONFIGS = [
     MambaConfig(d_model=16, n_layer=2, vocab_size=97, d_state=4),
     MambaConfig(d_model=12, n_layer=3, vocab_size=50, d_state=3, expand=3, dt_rank=5, bias=True, conv_bias=False, tie_embeddings=False),

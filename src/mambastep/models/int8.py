@@ -38,9 +38,13 @@ class Int8Linear(nn.Module):
     def in_features(self) -> int:
         return self.weight_int8.shape[1]
 
+    def matvec_operands(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The layer as ``ops.cpu.matvec`` takes it: int8 weight, scale per row, bias."""
+        return self.weight_int8, self.scale, self.bias
+
     def forward(self, x: Tensor) -> Tensor:
         if takes_matvec(self, x):
-            return matvec(x, self.weight_int8, self.scale, self.bias)
+            return matvec(x, *self.matvec_operands())
         # Many rows (a prompt): one float32 copy of the int8 values, PyTorch's matmul, then the scales.
         y = F.linear(x.float(), self.weight_int8.float()) * self.scale  # (..., out)
         return y if self.bias is None else y + self.bias

@@ -37,7 +37,11 @@ class Linear(nn.Linear):
     fused_matvec = False  # set by LanguageModel.configure
     matvec_rows = MATVEC_ROWS
 
+    def matvec_operands(self) -> tuple[Tensor, None, Tensor | None]:
+        """The layer as ``ops.cpu.matvec`` takes it: weight, scale (none), bias."""
+        return self.weight, None, self.bias
+
     def forward(self, x: Tensor) -> Tensor:
         if takes_matvec(self, x):
-            return matvec(x, self.weight, None, self.bias).to(x.dtype)
+            return matvec(x, *self.matvec_operands()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import MambaConfig
-from mambastep.models.linear import Linear
+from mambastep.models.linear import Linear, takes_matvec
 from mambastep.models.lm import SSMLanguageModel
 from mambastep.ops import causal_conv, causal_conv_step, cpu, selective_scan, selective_step
 from mambastep.settings import EngineSettings
@@ -17,7 +17,13 @@ from mambastep.state import SSMLayerState
 
 
 class MambaMixer(nn.Module):
-    """in_proj -> causal conv -> SiLU -> selective scan, gated by SiLU(z) -> out_proj."""
+    """in_proj -> causal conv -> SiLU -> selective scan, gated by SiLU(z) -> out_proj.
+
+    A decode step whose products take the fused matvec kernel (``models.linear``) runs as one
+    fused call (``ops.cpu.mamba_step``), unless a hook watches ``dt_probe``.
+    """
+
+    has_fused_step = True  # the S6 step of ``ops.cpu.mamba_step``; a mixer with another SSM says False
 
     def __init__(self, config: MambaConfig):
         super().__init__()
@@ -63,6 +69,8 @@ class MambaMixer(nn.Module):
 
         One token (l == 1) takes the recurrent step; longer inputs the chunked scan.
         """
+        if self.has_fused_step and u.shape[1] == 1 and takes_matvec(self.in_proj, u) and not self.dt_probe._forward_hooks:
+            return self._fused_step(u, state)
         xz = self.in_proj(u)  # (b, l, 2e)
         x, z = xz.chunk(2, dim=-1)  # (b, l, e) each
         weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # (e, k), (e,)
@@ -74,6 +82,14 @@ class MambaMixer(nn.Module):
         y, ssm = self.ssm(F.silu(x), state.ssm)  # (b, l, e)
         y = y.to(z.dtype) * F.silu(z)
         return self.out_proj(y), SSMLayerState(conv=conv, ssm=ssm)
+
+    def _fused_step(self, u: Tensor, state: SSMLayerState) -> tuple[Tensor, SSMLayerState]:
+        """``forward`` for one token (u: (b, 1, d)) in one call of the fused CPU step."""
+        y, conv, ssm = cpu.mamba_step(
+            u[:, 0], *(m.matvec_operands() for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)),
+            self.conv1d.weight[:, 0, :], self.conv1d.bias, self.A_log, self.D, state.conv, state.ssm,
+        )  # (b, d), (b, k-1, e), (b, e, n)
+        return y.to(u.dtype)[:, None], SSMLayerState(conv=conv.to(state.conv.dtype), ssm=ssm.to(state.ssm.dtype))
 
     def ssm(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """The selective SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the next state."""

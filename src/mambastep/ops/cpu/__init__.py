@@ -8,6 +8,7 @@ later processes load the built library in well under a second.
 as float32, bfloat16 or int8 (with a scale per row): the matrix-vector products
 of a decode step, reading each weight once at memory speed. It is a PyTorch
 operator (``torch.ops.mambastep.matvec``), so ``torch.compile`` keeps it in its graph.
+``mamba_step`` is a whole Mamba-1 mixer decode step in one call, around four matvecs.
 
 ``selective_scan_fused`` is differentiable: when grad mode is on and an input
 requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
@@ -28,7 +29,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("selective_scan.cpp", "matvec.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("selective_scan.cpp", "matvec.cpp", "mamba_step.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-mprefer-vector-width=512"]
 _NAME = "mambastep_cpu"
 _module = None
@@ -53,6 +54,7 @@ def kernels():
         _module = load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
         torch.library.register_fake("mambastep::matvec", _matvec_shape)
         register_flop_formula(torch.ops.mambastep.matvec)(_matvec_flops)
+        torch.library.register_fake("mambastep::mamba_step", _mamba_step_shapes)
     return _module
 
 
@@ -147,3 +149,43 @@ def matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor 
     flat = _f32(x.reshape(-1, x.shape[-1]))  # (m, k)
     y = torch.ops.mambastep.matvec(flat, weight, scale, None if bias is None else _f32(bias))  # (m, n)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+Operands = tuple[Tensor, Tensor | None, Tensor | None]  # a linear layer as matvec takes it: weight, scale, bias
+
+
+def _opt_f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else _f32(t)
+
+
+def _mamba_step_shapes(u, in_w, in_scale, in_bias, conv_w, conv_b, x_w, x_scale, dt_w, dt_scale, dt_b, A_log, D,
+                       out_w, out_scale, out_bias, conv_state, ssm_state) -> list[Tensor]:
+    return [u.new_empty(u.shape[0], out_w.shape[0]), torch.empty_like(conv_state), torch.empty_like(ssm_state)]
+
+
+def mamba_step(
+    u: Tensor, in_proj: Operands, x_proj: Operands, dt_proj: Operands, out_proj: Operands,
+    conv_weight: Tensor, conv_bias: Tensor | None, A_log: Tensor, D: Tensor | None,
+    conv_state: Tensor, ssm_state: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step of a Mamba-1 mixer (``models.mamba.MambaMixer``) in one call.
+
+    in_proj, conv step, SiLU, x_proj, dt_proj (its bias inside the softplus), the selective
+    state update with A = -exp(A_log), the D skip, the SiLU(z) gate and out_proj; the products
+    through ``matvec``, everything in float32.
+
+    Args:
+        u: (b, d) normed input; each projection as (weight, scale or None, bias or None);
+        conv_weight: (e, k), conv_bias: (e,) or None; A_log: (e, n); D: (e,) or None;
+        conv_state: (b, k-1, e); ssm_state: (b, e, n).
+
+    Returns:
+        y: (b, d) float32; the next conv state (b, k-1, e) and SSM state (b, e, n), float32.
+    """
+    kernels()
+    (in_w, in_s, in_b), (x_w, x_s, _), (dt_w, dt_s, dt_b), (out_w, out_s, out_b) = in_proj, x_proj, dt_proj, out_proj
+    y, conv, ssm = torch.ops.mambastep.mamba_step(
+        _f32(u), in_w, in_s, _opt_f32(in_b), _f32(conv_weight), _opt_f32(conv_bias), x_w, x_s, dt_w, dt_s, _f32(dt_b),
+        _f32(A_log), _opt_f32(D), out_w, out_s, _opt_f32(out_b), _f32(conv_state), _f32(ssm_state),
+    )
+    return y, conv, ssm
