@@ -137,6 +137,11 @@ def test_fused_mamba_step_equals_the_mixer_step(shape, biases, weights):
     fused = type(state)(conv=torch.randn_like(state.conv), ssm=torch.randn_like(state.ssm))
     plain = type(state)(conv=fused.conv.float(), ssm=fused.ssm.float())
     with torch.no_grad():
+        u = torch.randn(3, 1, shape["d_model"]).to(model.dtype)
+        assert mixer.takes_fused_step(u)  # an eager step takes it ...
+        hook = mixer.dt_probe.register_forward_hook(lambda *args: None)
+        assert not mixer.takes_fused_step(u)  # ... unless Δ is watched (inspect)
+        hook.remove()
         for _ in range(3):
             u = torch.randn(3, 1, shape["d_model"]).to(model.dtype)
             y_fused, fused = mixer._fused_step(u, fused)
