@@ -67,7 +67,8 @@ class MambaMixer(nn.Module):
     def forward(self, u: Tensor, state: SSMLayerState) -> tuple[Tensor, SSMLayerState]:
         """Args: u (b, l, d), state. Returns: (b, l, d) and the next state.
 
-        One token (l == 1) takes the recurrent step; longer inputs the chunked scan.
+        One token (l == 1) takes the recurrent step (in one fused call where
+        ``takes_fused_step``); longer inputs the chunked scan.
         """
         if self.takes_fused_step(u):
             return self._fused_step(u, state)
