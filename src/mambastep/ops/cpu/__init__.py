@@ -1,6 +1,6 @@
 """Fused CPU kernels, compiled once with PyTorch's C++ extension tools and cached.
 
-The first use builds them (about half a minute, logged) into PyTorch's
+The first use builds them (about a minute on two cores, logged) into PyTorch's
 extension cache (``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions);
 later processes load the built library in well under a second.
 
@@ -49,7 +49,7 @@ def kernels():
 
         built = any(Path(_get_build_directory(_NAME, verbose=False)).glob(f"{_NAME}*.so"))
         (log.info if built else log.warning)(
-            "loading the fused CPU kernels" + ("" if built else " (compiling them once: about 30 s)")
+            "loading the fused CPU kernels" + ("" if built else " (compiling them once: about a minute)")
         )
         _module = load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
         torch.library.register_fake("mambastep::matvec", _matvec_shape)
