@@ -54,7 +54,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scale[:, None]
 
 
-def quantize_int8(model: nn.Module, head: str = "lm_head") -> nn.Module:
+def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of ``model`` (in place) by an Int8Linear; return the model.
 
     A tied head keeps its float embedding for the lookup and gets an int8 copy for the product.
@@ -65,5 +65,6 @@ def quantize_int8(model: nn.Module, head: str = "lm_head") -> nn.Module:
         if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
             raise ValueError(f"int8 weights need float32 weights on the CPU; {name} is {linear.weight.dtype} on {linear.weight.device}")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear(linear.weight, linear.bias, getattr(linear, "fused_matvec", False)))
+        quantized = Int8Linear(linear.weight, linear.bias, getattr(linear, "fused_matvec", False))
+        setattr(model.get_submodule(parent) if parent else model, child, quantized)
     return model

@@ -8,7 +8,8 @@ later processes load the built library in well under a second.
 as float32, bfloat16 or int8 (with a scale per row): the matrix-vector products
 of a decode step, reading each weight once at memory speed. It is a PyTorch
 operator (``torch.ops.mambastep.matvec``), so ``torch.compile`` keeps it in its graph.
-``mamba_step`` is a whole Mamba-1 mixer decode step in one call, around four matvecs.
+``mamba_step`` is a whole Mamba-1 mixer decode step in one call, around four matvecs
+(eager steps only: it has no shape function for torch.compile, whose own code is faster).
 
 ``selective_scan_fused`` is differentiable: when grad mode is on and an input
 requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
@@ -54,7 +55,6 @@ def kernels():
         _module = load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
         torch.library.register_fake("mambastep::matvec", _matvec_shape)
         register_flop_formula(torch.ops.mambastep.matvec)(_matvec_flops)
-        torch.library.register_fake("mambastep::mamba_step", _mamba_step_shapes)
     return _module
 
 
@@ -158,11 +158,6 @@ def _opt_f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else _f32(t)
 
 
-def _mamba_step_shapes(u, in_w, in_scale, in_bias, conv_w, conv_b, x_w, x_scale, dt_w, dt_scale, dt_b, A_log, D,
-                       out_w, out_scale, out_bias, conv_state, ssm_state) -> list[Tensor]:
-    return [u.new_empty(u.shape[0], out_w.shape[0]), torch.empty_like(conv_state), torch.empty_like(ssm_state)]
-
-
 def mamba_step(
     u: Tensor, in_proj: Operands, x_proj: Operands, dt_proj: Operands, out_proj: Operands,
     conv_weight: Tensor, conv_bias: Tensor | None, A_log: Tensor, D: Tensor | None,
@@ -187,5 +182,5 @@ def mamba_step(
     y, conv, ssm = torch.ops.mambastep.mamba_step(
         _f32(u), in_w, in_s, _opt_f32(in_b), _f32(conv_weight), _opt_f32(conv_bias), x_w, x_s, dt_w, dt_s, _f32(dt_b),
         _f32(A_log), _opt_f32(D), out_w, out_s, _opt_f32(out_b), _f32(conv_state), _f32(ssm_state),
-    )
+    )  # a list from C++
     return y, conv, ssm

@@ -30,6 +30,13 @@ void check_f32(const torch::Tensor& t, const char* name, std::vector<int64_t> sh
               t.scalar_type(), " ", t.sizes());
 }
 
+// An optional (e,) float32 vector, or zeros where it is missing: the channel loops stay branch-free.
+torch::Tensor vector_or_zeros(const c10::optional<torch::Tensor>& t, const char* name, int64_t e) {
+  if (!t.has_value() || !t->defined()) return torch::zeros({e}, torch::kFloat32);
+  check_f32(*t, name, {e});
+  return *t;
+}
+
 }  // namespace
 
 // u: (b, d) the normed input; *_w/*_scale/*_bias: the four linear layers as matvec takes them;
@@ -56,11 +63,8 @@ std::vector<torch::Tensor> mamba_step(
                   dt_w.size(0) == e && out_w.size(1) == e,
               "mamba_step: the linear layers' shapes do not fit e = ", e, ", n = ", n, ", r = ", r);
 
-  // A missing conv bias or D is a zero one, so that the channel loops stay branch-free.
-  const auto conv_bias = conv_b.has_value() && conv_b->defined() ? *conv_b : torch::zeros({e}, u.options());
-  const auto skip = D.has_value() && D->defined() ? *D : torch::zeros({e}, u.options());
-  if (conv_b.has_value() && conv_b->defined()) check_f32(conv_bias, "conv bias (e,)", {e});
-  if (D.has_value() && D->defined()) check_f32(skip, "D (e,)", {e});
+  const auto conv_bias = vector_or_zeros(conv_b, "conv bias (e,)", e);
+  const auto skip = vector_or_zeros(D, "D (e,)", e);
 
   const auto xz = matvec(u, in_w, in_scale, in_bias);  // (b, 2e): x then z
   auto xs = torch::empty({b, e}, u.options());         // SiLU(conv(x)), the SSM's input
