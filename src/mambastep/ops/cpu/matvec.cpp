@@ -11,7 +11,7 @@
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -32,43 +32,80 @@ inline float to_float(uint16_t w) {  // bfloat16 bits: the high half of a float3
   return f;
 }
 
+// The vector instructions a build has: SimdF32 holds kLanes floats and loads kLanes weights
+// of any storage as floats. AVX-512 and AVX2 (with FMA) builds get one; others the portable loop.
 #if defined(__AVX512F__)
-// 16 weights from `p` as floats; lanes outside `mask` read nothing and are 0.
-inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-inline __m512 load16(const int8_t* p, __mmask16 mask) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-}
+#define MAMBASTEP_SIMD 1
+struct SimdF32 {
+  static constexpr int kLanes = 16;
+  using V = __m512;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const uint16_t* p) {  // bfloat16 -> the high halves of float32 lanes
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  static V load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static float sum(V a) { return _mm512_reduce_add_ps(a); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MAMBASTEP_SIMD 1
+struct SimdF32 {
+  static constexpr int kLanes = 8;
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static V load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static float sum(V a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+#endif
 
+#if defined(MAMBASTEP_SIMD)
 // out[r] = x[r] . row for the M rows of x (each of length k, stride k). U vectors of the row
-// per iteration give M * U independent accumulators, enough to hide the latency of the FMAs.
+// per iteration give M * U independent accumulators, enough to hide the latency of the FMAs;
+// the last k % kLanes weights are added one by one.
 template <typename W, int M, int U>
 void dot_rows(const float* x, const W* row, int64_t k, float* out) {
-  __m512 acc[M][U];
+  using S = SimdF32;
+  constexpr int L = S::kLanes;
+  typename S::V acc[M][U];
   for (int r = 0; r < M; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (int u = 0; u < U; ++u) acc[r][u] = S::zero();
   int64_t i = 0;
-  for (; i + 16 * U <= k; i += 16 * U) {
+  for (; i + L * U <= k; i += L * U) {
     const char* ahead = reinterpret_cast<const char*>(row + i) + kPrefetchBytes;
-    for (int64_t line = 0; line < static_cast<int64_t>(sizeof(W)) * 16 * U; line += 64)
+    for (int64_t line = 0; line < static_cast<int64_t>(sizeof(W)) * L * U; line += 64)
       _mm_prefetch(ahead + line, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
-      const __m512 w = load16(row + i + 16 * u, 0xFFFF);
-      for (int r = 0; r < M; ++r)
-        acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + i + 16 * u), w, acc[r][u]);
+      const auto w = S::load(row + i + L * u);
+      for (int r = 0; r < M; ++r) acc[r][u] = S::fma(S::load(x + r * k + i + L * u), w, acc[r][u]);
     }
   }
-  for (; i < k; i += 16) {
-    const __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
-    const __m512 w = load16(row + i, mask);
-    for (int r = 0; r < M; ++r)
-      acc[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * k + i), w, acc[r][0]);
+  for (; i + L <= k; i += L) {
+    const auto w = S::load(row + i);
+    for (int r = 0; r < M; ++r) acc[r][0] = S::fma(S::load(x + r * k + i), w, acc[r][0]);
   }
   for (int r = 0; r < M; ++r) {
-    for (int u = 1; u < U; ++u) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][u]);
-    out[r] = _mm512_reduce_add_ps(acc[r][0]);
+    for (int u = 1; u < U; ++u) acc[r][0] = S::add(acc[r][0], acc[r][u]);
+    float tail = 0.f;
+    for (int64_t j = i; j < k; ++j) tail += x[r * k + j] * to_float(row[j]);
+    out[r] = S::sum(acc[r][0]) + tail;
   }
 }
 #else
