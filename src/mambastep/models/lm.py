@@ -223,9 +223,13 @@ class SSMLanguageModel(LanguageModel):
         """Final-normed hidden states (b, l, d) and the next state."""
         x = self.backbone.embeddings(tokens)  # (b, l, d)
         residual_dtype = torch.float32 if self.config.residual_in_fp32 else self.dtype
-        residual = x.to(residual_dtype)
+        residual, state = self._layers(x.to(residual_dtype), state)
+        return self.backbone.norm_f(residual), state
+
+    def _layers(self, residual: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """The residual stream (b, l, d) through every block, and the next state."""
         layers = []
         for block, layer_state in zip(self.backbone.layers, state.layers):
             residual, layer_state = block(residual, layer_state)
             layers.append(layer_state)
-        return self.backbone.norm_f(residual), ModelState(tuple(layers), state.fingerprint)
+        return residual, ModelState(tuple(layers), state.fingerprint)

@@ -13,17 +13,11 @@ from mambastep.models.linear import Linear, takes_matvec
 from mambastep.models.lm import SSMLanguageModel
 from mambastep.ops import causal_conv, causal_conv_step, cpu, selective_scan, selective_step
 from mambastep.settings import EngineSettings
-from mambastep.state import SSMLayerState
+from mambastep.state import ModelState, SSMLayerState
 
 
 class MambaMixer(nn.Module):
-    """in_proj -> causal conv -> SiLU -> selective scan, gated by SiLU(z) -> out_proj.
-
-    An eager decode step whose products take the fused matvec kernel (``models.linear``) runs
-    as one fused call (``ops.cpu.mamba_step``); see ``takes_fused_step``.
-    """
-
-    has_fused_step = True  # the S6 step of ``ops.cpu.mamba_step``; a mixer with another SSM says False
+    """in_proj -> causal conv -> SiLU -> selective scan, gated by SiLU(z) -> out_proj."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()
@@ -67,11 +61,8 @@ class MambaMixer(nn.Module):
     def forward(self, u: Tensor, state: SSMLayerState) -> tuple[Tensor, SSMLayerState]:
         """Args: u (b, l, d), state. Returns: (b, l, d) and the next state.
 
-        One token (l == 1) takes the recurrent step (in one fused call where
-        ``takes_fused_step``); longer inputs the chunked scan.
+        One token (l == 1) takes the recurrent step, longer inputs the chunked scan.
         """
-        if self.takes_fused_step(u):
-            return self._fused_step(u, state)
         xz = self.in_proj(u)  # (b, l, 2e)
         x, z = xz.chunk(2, dim=-1)  # (b, l, e) each
         weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # (e, k), (e,)
@@ -84,25 +75,12 @@ class MambaMixer(nn.Module):
         y = y.to(z.dtype) * F.silu(z)
         return self.out_proj(y), SSMLayerState(conv=conv, ssm=ssm)
 
-    def takes_fused_step(self, u: Tensor) -> bool:
-        """Whether one token u (b, 1, d) goes through ``ops.cpu.mamba_step``: when the products
-        take the matvec kernel, outside torch.compile (whose generated code fuses the small
-        operations better: 4-7% faster there) and unless a hook watches ``dt_probe``."""
-        return (
-            self.has_fused_step
-            and u.shape[1] == 1
-            and takes_matvec(self.in_proj, u)
-            and not torch.compiler.is_compiling()
-            and not self.dt_probe._forward_hooks
+    def step_weights(self, norm: Tensor) -> cpu.MambaLayerWeights:
+        """This mixer, after the pre-norm of weight ``norm``, as ``ops.cpu.mamba_layers_step`` takes it."""
+        return cpu.MambaLayerWeights(
+            norm, self.in_proj.matvec_operands(), self.conv1d.weight, self.conv1d.bias, self.x_proj.matvec_operands(),
+            self.dt_proj.matvec_operands(), self.A_log, self.D, self.out_proj.matvec_operands(),
         )
-
-    def _fused_step(self, u: Tensor, state: SSMLayerState) -> tuple[Tensor, SSMLayerState]:
-        """``forward`` for one token (u: (b, 1, d)) in one call of the fused CPU step."""
-        y, conv, ssm = cpu.mamba_step(
-            u[:, 0], *(m.matvec_operands() for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)),
-            self.conv1d.weight[:, 0, :], self.conv1d.bias, self.A_log, self.D, state.conv, state.ssm,
-        )  # (b, d), (b, k-1, e), (b, e, n)
-        return y.to(u.dtype)[:, None], SSMLayerState(conv=conv.to(state.conv.dtype), ssm=ssm.to(state.ssm.dtype))
 
     def ssm(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """The selective SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the next state."""
@@ -123,10 +101,37 @@ class MambaMixer(nn.Module):
 
 
 class MambaLM(SSMLanguageModel):
-    """Mamba-1 language model (``MambaForCausalLM`` in transformers)."""
+    """Mamba-1 language model (``MambaForCausalLM`` in transformers).
+
+    An eager decode step whose products take the fused matvec kernel (``models.linear``) runs
+    the whole stack of layers in one call (``ops.cpu.mamba_layers_step``); see ``takes_fused_step``.
+    """
 
     def __init__(self, config: MambaConfig):
         super().__init__(config, [MambaMixer(config) for _ in range(config.n_layer)])
+
+    def takes_fused_step(self, residual: Tensor) -> bool:
+        """Whether the layers read ``residual`` (b, l, d) in one call of ``ops.cpu.mamba_layers_step``:
+        for one float32 token whose products take the matvec kernel, outside torch.compile
+        (which traces the layers' own operations) and unless a hook watches a ``dt_probe``."""
+        mixers = [block.mixer for block in self.backbone.layers]
+        return (
+            residual.shape[1] == 1
+            and residual.dtype == torch.float32
+            and takes_matvec(mixers[0].in_proj, residual)
+            and not torch.compiler.is_compiling()
+            and not any(m.dt_probe._forward_hooks for m in mixers)
+        )
+
+    def _layers(self, residual: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        if not self.takes_fused_step(residual):
+            return super()._layers(residual, state)
+        residual, conv, ssm = cpu.mamba_layers_step(
+            residual[:, 0], [block.mixer.step_weights(block.norm.weight) for block in self.backbone.layers],
+            [s.conv for s in state.layers], [s.ssm for s in state.layers], self.config.norm_eps,
+        )  # (b, d), the next states
+        layers = tuple(SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm))
+        return residual[:, None], ModelState(layers, state.fingerprint)
 
 
 def _s4d_real_log_A(e: int, n: int) -> Tensor:

@@ -8,8 +8,8 @@ later processes load the built library in well under a second.
 as float32, bfloat16 or int8 (with a scale per row): the matrix-vector products
 of a decode step, reading each weight once at memory speed. It is a PyTorch
 operator (``torch.ops.mambastep.matvec``), so ``torch.compile`` keeps it in its graph.
-``mamba_step`` is a whole Mamba-1 mixer decode step in one call, around four matvecs
-(eager steps only: it has no shape function for torch.compile, whose own code is faster).
+``mamba_layers_step`` is the decode step of a whole Mamba-1 stack of layers in one call:
+norms, four matvecs and the state update per layer, residual adds (eager steps only).
 
 ``selective_scan_fused`` is differentiable: when grad mode is on and an input
 requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
@@ -21,7 +21,9 @@ Otherwise it takes the inference kernel, which saves nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -154,33 +156,44 @@ def matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor 
 Operands = tuple[Tensor, Tensor | None, Tensor | None]  # a linear layer as matvec takes it: weight, scale, bias
 
 
-def _opt_f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else _f32(t)
+class MambaLayerWeights(NamedTuple):
+    """One Mamba-1 layer (``models.mamba``) as ``mamba_layers_step`` takes it."""
+
+    norm: Tensor  # (d,) the pre-norm's weight
+    in_proj: Operands
+    conv_weight: Tensor  # (e, 1, k) or (e, k)
+    conv_bias: Tensor | None  # (e,)
+    x_proj: Operands  # without a bias
+    dt_proj: Operands  # with its bias, added inside the softplus
+    A_log: Tensor  # (e, n)
+    D: Tensor | None  # (e,)
+    out_proj: Operands
 
 
-def mamba_step(
-    u: Tensor, in_proj: Operands, x_proj: Operands, dt_proj: Operands, out_proj: Operands,
-    conv_weight: Tensor, conv_bias: Tensor | None, A_log: Tensor, D: Tensor | None,
-    conv_state: Tensor, ssm_state: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One decode step of a Mamba-1 mixer (``models.mamba.MambaMixer``) in one call.
+def mamba_layers_step(
+    residual: Tensor, layers: Sequence[MambaLayerWeights], conv_states: Sequence[Tensor],
+    ssm_states: Sequence[Tensor], eps: float,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One decode step through a stack of Mamba-1 layers in one call.
 
-    in_proj, conv step, SiLU, x_proj, dt_proj (its bias inside the softplus), the selective
-    state update with A = -exp(A_log), the D skip, the SiLU(z) gate and out_proj; the products
-    through ``matvec``, everything in float32.
+    Per layer: RMSNorm, in_proj, conv step, SiLU, x_proj, dt_proj (its bias inside the
+    softplus), the selective state update with A = -exp(A_log), the D skip, the SiLU(z) gate,
+    out_proj and the residual add; the products through ``matvec``, everything in float32.
 
     Args:
-        u: (b, d) normed input; each projection as (weight, scale or None, bias or None);
-        conv_weight: (e, k), conv_bias: (e,) or None; A_log: (e, n); D: (e,) or None;
-        conv_state: (b, k-1, e); ssm_state: (b, e, n).
+        residual: (b, d) float32, the residual stream entering the first layer; layers: each
+        layer's weights; conv_states: (b, k-1, e) per layer; ssm_states: (b, e, n) per layer;
+        eps: the norms' epsilon.
 
     Returns:
-        y: (b, d) float32; the next conv state (b, k-1, e) and SSM state (b, e, n), float32.
+        the residual stream after the last layer (b, d) float32; the next conv states and SSM
+        states, each in the dtype of the state it replaces.
     """
     kernels()
-    (in_w, in_s, in_b), (x_w, x_s, _), (dt_w, dt_s, dt_b), (out_w, out_s, out_b) = in_proj, x_proj, dt_proj, out_proj
-    y, conv, ssm = torch.ops.mambastep.mamba_step(
-        _f32(u), in_w, in_s, _opt_f32(in_b), _f32(conv_weight), _opt_f32(conv_bias), x_w, x_s, dt_w, dt_s, _f32(dt_b),
-        _f32(A_log), _opt_f32(D), out_w, out_s, _opt_f32(out_b), _f32(conv_state), _f32(ssm_state),
-    )  # a list from C++
-    return y, conv, ssm
+    params = []  # the flat list of ``Param`` in mamba_step.cpp
+    for w in layers:
+        (in_w, in_s, in_b), (x_w, x_s, _), (dt_w, dt_s, dt_b), (out_w, out_s, out_b) = w.in_proj, w.x_proj, w.dt_proj, w.out_proj
+        params += [w.norm, in_w, in_s, in_b, w.conv_weight, w.conv_bias, x_w, x_s, dt_w, dt_s, dt_b, w.A_log, w.D, out_w, out_s, out_b]
+    out = torch.ops.mambastep.mamba_layers_step(residual, params, list(conv_states), list(ssm_states), eps)
+    n = len(layers)
+    return out[0], out[1 : 1 + n], out[1 + n :]
