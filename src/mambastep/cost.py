@@ -299,7 +299,7 @@ def validate_flops(model: LanguageModel, phase: Phase, context: int, batch: int 
     matvec kernel of decode steps); "contractions"
     the mixers' own (bmm, convolution): conv, scan read-out, SSD blocks, attention. Attention
     runs through SDPA's math backend here, whose matmuls the counter sees. The counter cannot
-    see inside the fused scan or the fused Mamba-1 decode step: configure the model with
+    see inside the fused scan or the fused Mamba and Mamba-2 decode steps: configure the model with
     ``EngineSettings(scan="torch", matvec="torch")``.
     """
     tokens = torch.zeros(batch, max(context, 1), dtype=torch.long)

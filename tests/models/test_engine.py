@@ -111,18 +111,28 @@ def test_bad_settings(bad):
         EngineSettings(**bad)
 
 
-@pytest.mark.parametrize("shape", [dict(d_model=24, d_state=5, d_conv=4), dict(d_model=40, d_state=16, d_conv=2, dt_rank=3)])
+FUSED_STEP_SHAPES = [
+    ("mamba", dict(d_model=24, d_state=5, d_conv=4)),
+    ("mamba", dict(d_model=40, d_state=16, d_conv=2, dt_rank=3)),
+    ("mamba2", dict(d_model=24, d_state=5, d_conv=4, head_dim=6)),  # 8 heads, 1 group, D per head
+    ("mamba2", dict(d_model=20, d_state=16, d_conv=2, head_dim=5, n_groups=2, D_has_hdim=True, dt_limit=(0.01, 0.2))),
+]
+
+
+@pytest.mark.parametrize("family, shape", FUSED_STEP_SHAPES)
 @pytest.mark.parametrize("biases", [dict(conv_bias=True, bias=False), dict(conv_bias=False, bias=True)])
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
-def test_fused_layers_step_equals_the_layers_own_steps(shape, biases, weights):
-    """ops.cpu.mamba_layers_step (one call per step) against the blocks' own steps on the same
-    weights, over a few tokens from a random state: awkward widths, with and without biases."""
-    from mambastep.config import MambaConfig
-    from mambastep.models import MambaLM
+def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, weights):
+    """The fused CPU step of a stack of layers (one call per step) against the blocks' own steps
+    on the same weights, over a few tokens from a random state: awkward widths, groups, dt
+    limits, with and without biases."""
+    from mambastep.config import Mamba2Config, MambaConfig
+    from mambastep.models import Mamba2LM, MambaLM
     from mambastep.models.int8 import quantize_int8
 
     torch.manual_seed(0)
-    model = MambaLM(MambaConfig(n_layer=3, vocab_size=11, **shape, **biases))
+    config, lm = (MambaConfig, MambaLM) if family == "mamba" else (Mamba2Config, Mamba2LM)
+    model = lm(config(n_layer=3, vocab_size=11, **shape, **biases))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -176,3 +186,22 @@ def test_fused_layers_step_checks_its_arguments():
         mamba_layers_step(torch.randn(1, d), [layer._replace(dt_proj=(torch.randn(e, r), None, None))], conv[:1], ssm[:1], 1e-5)
     with pytest.raises(RuntimeError, match="two states per layer"):
         mamba_layers_step(torch.randn(1, d), [layer], conv, ssm[:1], 1e-5)
+
+
+def test_fused_mamba2_layers_step_checks_its_arguments():
+    from mambastep.ops.cpu import Mamba2LayerWeights, mamba2_layers_step
+
+    d, e, h, p, n, g, k = 6, 8, 2, 4, 3, 1, 4
+    c = e + 2 * g * n
+    layer = Mamba2LayerWeights(norm=torch.ones(d), in_proj=(torch.randn(e + c + h, d), None, None), conv_weight=torch.randn(c, 1, k),
+                               conv_bias=None, dt_bias=torch.zeros(h), A_log=torch.zeros(h), D=torch.ones(h), gate_norm=torch.ones(e),
+                               out_proj=(torch.randn(d, e), None, None))
+    conv, ssm = [torch.randn(1, k - 1, c)], [torch.randn(1, h, p, n)]
+    residual, convs, ssms = mamba2_layers_step(torch.randn(1, d), [layer], conv, ssm, 1e-5, g, (0.0, float("inf")))
+    assert residual.shape == (1, d) and convs[0].shape == (1, k - 1, c) and ssms[0].shape == (1, h, p, n)
+    with pytest.raises(RuntimeError, match="do not fit"):  # two groups need 2gn more conv channels
+        mamba2_layers_step(torch.randn(1, d), [layer], conv, ssm, 1e-5, 2, (0.0, float("inf")))
+    with pytest.raises(RuntimeError, match=r"D \(h,\) or \(e,\) must have shape"):
+        mamba2_layers_step(torch.randn(1, d), [layer._replace(D=torch.ones(3))], conv, ssm, 1e-5, g, (0.0, float("inf")))
+    with pytest.raises(RuntimeError, match="the residual must be float32"):
+        mamba2_layers_step(torch.randn(1, d, dtype=torch.float64), [layer], conv, ssm, 1e-5, g, (0.0, float("inf")))

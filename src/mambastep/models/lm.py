@@ -7,7 +7,8 @@ and ``_hidden``. ``SSMLanguageModel`` is the shell of Mamba and Mamba-2:
 embedding -> n_layer x (RMSNorm -> mixer, residual add) -> RMSNorm -> LM head.
 
 A family supplies its mixer. The residual stream is kept in float32 when the
-config says ``residual_in_fp32``.
+config says ``residual_in_fp32``. An eager decode step on the CPU runs the whole stack in one call
+of the mixers' fused step where they have one (``SSMLanguageModel.takes_fused_step``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from mambastep.config import ModelConfig
 from mambastep.models.int8 import Int8Linear
-from mambastep.models.linear import Linear
+from mambastep.models.linear import Linear, takes_matvec
 from mambastep.ops import cpu
 from mambastep.settings import EngineSettings, log
 from mambastep.state import ModelState, SSMLayerState, StateError
@@ -226,8 +227,31 @@ class SSMLanguageModel(LanguageModel):
         residual, state = self._layers(x.to(residual_dtype), state)
         return self.backbone.norm_f(residual), state
 
+    def takes_fused_step(self, residual: Tensor) -> bool:
+        """Whether the layers read ``residual`` (b, l, d) in one call of the mixers' ``layers_step``
+        (a fused CPU step, ``ops.cpu``): for one float32 token whose products take the matvec
+        kernel, outside torch.compile (which traces the layers' own operations) and unless a
+        hook watches a ``dt_probe``. A mixer without a fused step has ``layers_step = None``."""
+        mixers = [block.mixer for block in self.backbone.layers]
+        return (
+            mixers[0].layers_step is not None
+            and residual.shape[1] == 1
+            and residual.dtype == torch.float32
+            and takes_matvec(mixers[0].in_proj, residual)
+            and not torch.compiler.is_compiling()
+            and not any(m.dt_probe._forward_hooks for m in mixers)
+        )
+
     def _layers(self, residual: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """The residual stream (b, l, d) through every block, and the next state."""
+        if self.takes_fused_step(residual):
+            blocks = self.backbone.layers
+            residual, conv, ssm = blocks[0].mixer.layers_step(
+                residual[:, 0], [block.mixer.step_weights(block.norm.weight) for block in blocks],
+                [s.conv for s in state.layers], [s.ssm for s in state.layers],
+            )  # (b, d), the next states
+            layers = tuple(SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm))
+            return residual[:, None], ModelState(layers, state.fingerprint)
         layers = []
         for block, layer_state in zip(self.backbone.layers, state.layers):
             residual, layer_state = block(residual, layer_state)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambastep.config import MambaConfig
-from mambastep.models.linear import Linear, takes_matvec
+from mambastep.models.linear import Linear
 from mambastep.models.lm import SSMLanguageModel
 from mambastep.ops import causal_conv, causal_conv_step, cpu, selective_scan, selective_step
 from mambastep.settings import EngineSettings
-from mambastep.state import ModelState, SSMLayerState
+from mambastep.state import SSMLayerState
 
 
 class MambaMixer(nn.Module):
@@ -76,11 +76,15 @@ class MambaMixer(nn.Module):
         return self.out_proj(y), SSMLayerState(conv=conv, ssm=ssm)
 
     def step_weights(self, norm: Tensor) -> cpu.MambaLayerWeights:
-        """This mixer, after the pre-norm of weight ``norm``, as ``ops.cpu.mamba_layers_step`` takes it."""
+        """This mixer, after the pre-norm of weight ``norm``, as ``layers_step`` takes it."""
         return cpu.MambaLayerWeights(
             norm, self.in_proj.matvec_operands(), self.conv1d.weight, self.conv1d.bias, self.x_proj.matvec_operands(),
             self.dt_proj.matvec_operands(), self.A_log, self.D, self.out_proj.matvec_operands(),
         )
+
+    def layers_step(self, residual: Tensor, weights: list, conv: list[Tensor], ssm: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """A decode step through a stack of layers like this one in one call (``ops.cpu.mamba_layers_step``)."""
+        return cpu.mamba_layers_step(residual, weights, conv, ssm, self.config.norm_eps)
 
     def ssm(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """The selective SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the next state."""
@@ -101,37 +105,10 @@ class MambaMixer(nn.Module):
 
 
 class MambaLM(SSMLanguageModel):
-    """Mamba-1 language model (``MambaForCausalLM`` in transformers).
-
-    An eager decode step whose products take the fused matvec kernel (``models.linear``) runs
-    the whole stack of layers in one call (``ops.cpu.mamba_layers_step``); see ``takes_fused_step``.
-    """
+    """Mamba-1 language model (``MambaForCausalLM`` in transformers)."""
 
     def __init__(self, config: MambaConfig):
         super().__init__(config, [MambaMixer(config) for _ in range(config.n_layer)])
-
-    def takes_fused_step(self, residual: Tensor) -> bool:
-        """Whether the layers read ``residual`` (b, l, d) in one call of ``ops.cpu.mamba_layers_step``:
-        for one float32 token whose products take the matvec kernel, outside torch.compile
-        (which traces the layers' own operations) and unless a hook watches a ``dt_probe``."""
-        mixers = [block.mixer for block in self.backbone.layers]
-        return (
-            residual.shape[1] == 1
-            and residual.dtype == torch.float32
-            and takes_matvec(mixers[0].in_proj, residual)
-            and not torch.compiler.is_compiling()
-            and not any(m.dt_probe._forward_hooks for m in mixers)
-        )
-
-    def _layers(self, residual: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        if not self.takes_fused_step(residual):
-            return super()._layers(residual, state)
-        residual, conv, ssm = cpu.mamba_layers_step(
-            residual[:, 0], [block.mixer.step_weights(block.norm.weight) for block in self.backbone.layers],
-            [s.conv for s in state.layers], [s.ssm for s in state.layers], self.config.norm_eps,
-        )  # (b, d), the next states
-        layers = tuple(SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm))
-        return residual[:, None], ModelState(layers, state.fingerprint)
 
 
 def _s4d_real_log_A(e: int, n: int) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from mambastep.config import Mamba2Config
 from mambastep.models.linear import Linear
 from mambastep.models.lm import RMSNorm, SSMLanguageModel
-from mambastep.ops import causal_conv, causal_conv_step, ssd_scan, ssd_step
+from mambastep.ops import causal_conv, causal_conv_step, cpu, ssd_scan, ssd_step
 from mambastep.settings import EngineSettings
 from mambastep.state import SSMLayerState
 
@@ -82,6 +82,19 @@ class Mamba2Mixer(nn.Module):
             y, ssm = ssd_scan(x, dt, A, B, C, D, state.ssm, self.scan_chunk)  # (b, l, h, p)
         y = y.flatten(-2) * F.silu(z.float())  # (b, l, e)
         return self.out_proj(self.norm(y)), SSMLayerState(conv=conv, ssm=ssm)
+
+
+    def step_weights(self, norm: Tensor) -> cpu.Mamba2LayerWeights:
+        """This mixer, after the pre-norm of weight ``norm``, as ``layers_step`` takes it."""
+        return cpu.Mamba2LayerWeights(
+            norm, self.in_proj.matvec_operands(), self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
+            self.norm.weight, self.out_proj.matvec_operands(),
+        )
+
+    def layers_step(self, residual: Tensor, weights: list, conv: list[Tensor], ssm: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """A decode step through a stack of layers like this one in one call (``ops.cpu.mamba2_layers_step``)."""
+        c = self.config
+        return cpu.mamba2_layers_step(residual, weights, conv, ssm, c.norm_eps, c.n_groups, c.dt_limit)
 
 
 class Mamba2LM(SSMLanguageModel):

@@ -21,6 +21,8 @@ from mambastep.models.mamba import MambaMixer, _dt_bias_init, _s4d_real_log_A
 class TimeInvariantMixer(MambaMixer):
     """Mamba's block around an S4D-real SSM: h_t = exp(Δ A) h_{t-1} + Δ x_t,  y_t = Σ_n C h_t + D x_t."""
 
+    layers_step = None  # no fused decode step for this SSM
+
     def add_ssm_parameters(self) -> None:
         e, n = self.config.d_inner, self.config.d_state
         self.dt_bias = nn.Parameter(torch.empty(e))  # Δ = softplus(dt_bias)

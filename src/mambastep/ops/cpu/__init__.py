@@ -8,8 +8,9 @@ later processes load the built library in well under a second.
 as float32, bfloat16 or int8 (with a scale per row): the matrix-vector products
 of a decode step, reading each weight once at memory speed. It is a PyTorch
 operator (``torch.ops.mambastep.matvec``), so ``torch.compile`` keeps it in its graph.
-``mamba_layers_step`` is the decode step of a whole Mamba-1 stack of layers in one call:
-norms, four matvecs and the state update per layer, residual adds (eager steps only).
+``mamba_layers_step`` and ``mamba2_layers_step`` are the decode step of a whole stack of
+Mamba-1 or Mamba-2 layers in one call: norms, matvecs and the state update per layer,
+residual adds (eager steps only).
 
 ``selective_scan_fused`` is differentiable: when grad mode is on and an input
 requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
@@ -169,6 +170,38 @@ class MambaLayerWeights(NamedTuple):
     D: Tensor | None  # (e,)
     out_proj: Operands
 
+    def params(self) -> list[Tensor | None]:
+        """The flat list of ``MambaParam`` in mamba_step.cpp."""
+        (in_w, in_s, in_b), (x_w, x_s, _), (dt_w, dt_s, dt_b), (out_w, out_s, out_b) = self.in_proj, self.x_proj, self.dt_proj, self.out_proj
+        return [self.norm, in_w, in_s, in_b, self.conv_weight, self.conv_bias, x_w, x_s, dt_w, dt_s, dt_b, self.A_log, self.D, out_w, out_s, out_b]
+
+
+class Mamba2LayerWeights(NamedTuple):
+    """One Mamba-2 layer (``models.mamba2``) as ``mamba2_layers_step`` takes it."""
+
+    norm: Tensor  # (d,) the pre-norm's weight
+    in_proj: Operands  # d -> z (e), x B C (c = e + 2gn), dt (h)
+    conv_weight: Tensor  # (c, 1, k) or (c, k)
+    conv_bias: Tensor | None  # (c,)
+    dt_bias: Tensor  # (h,)
+    A_log: Tensor  # (h,)
+    D: Tensor | None  # (h,) or (e,)
+    gate_norm: Tensor  # (e,) the gated RMSNorm's weight
+    out_proj: Operands
+
+    def params(self) -> list[Tensor | None]:
+        """The flat list of ``Mamba2Param`` in mamba_step.cpp."""
+        (in_w, in_s, in_b), (out_w, out_s, out_b) = self.in_proj, self.out_proj
+        return [self.norm, in_w, in_s, in_b, self.conv_weight, self.conv_bias, self.dt_bias, self.A_log, self.D, self.gate_norm, out_w, out_s, out_b]
+
+
+def _layers_step(op: str, residual: Tensor, layers, conv_states, ssm_states, *args) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    kernels()
+    params = [t for layer in layers for t in layer.params()]
+    out = getattr(torch.ops.mambastep, op)(residual, params, list(conv_states), list(ssm_states), *args)
+    n = len(layers)
+    return out[0], out[1 : 1 + n], out[1 + n :]
+
 
 def mamba_layers_step(
     residual: Tensor, layers: Sequence[MambaLayerWeights], conv_states: Sequence[Tensor],
@@ -189,11 +222,27 @@ def mamba_layers_step(
         the residual stream after the last layer (b, d) float32; the next conv states and SSM
         states, each in the dtype of the state it replaces.
     """
-    kernels()
-    params = []  # the flat list of ``Param`` in mamba_step.cpp
-    for w in layers:
-        (in_w, in_s, in_b), (x_w, x_s, _), (dt_w, dt_s, dt_b), (out_w, out_s, out_b) = w.in_proj, w.x_proj, w.dt_proj, w.out_proj
-        params += [w.norm, in_w, in_s, in_b, w.conv_weight, w.conv_bias, x_w, x_s, dt_w, dt_s, dt_b, w.A_log, w.D, out_w, out_s, out_b]
-    out = torch.ops.mambastep.mamba_layers_step(residual, params, list(conv_states), list(ssm_states), eps)
-    n = len(layers)
-    return out[0], out[1 : 1 + n], out[1 + n :]
+    return _layers_step("mamba_layers_step", residual, layers, conv_states, ssm_states, eps)
+
+
+def mamba2_layers_step(
+    residual: Tensor, layers: Sequence[Mamba2LayerWeights], conv_states: Sequence[Tensor],
+    ssm_states: Sequence[Tensor], eps: float, n_groups: int, dt_limit: tuple[float, float],
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One decode step through a stack of Mamba-2 layers in one call.
+
+    Per layer: RMSNorm, in_proj, conv step over x, B and C, SiLU, Δ = softplus(dt + dt_bias)
+    clamped to ``dt_limit``, the state update with decay exp(-Δ exp(A_log)) per head, the D
+    skip, the SiLU(z) gate, the gated RMSNorm over ``n_groups`` groups, out_proj and the
+    residual add; the products through ``matvec``, everything in float32.
+
+    Args:
+        as ``mamba_layers_step``, with conv_states (b, k-1, e + 2gn) and ssm_states (b, h, p, n)
+        per layer; n_groups: g; dt_limit: (low, high), high may be infinite.
+
+    Returns:
+        as ``mamba_layers_step``.
+    """
+    low, high = dt_limit
+    high = min(high, torch.finfo(torch.float32).max)  # the kernel is built for finite math
+    return _layers_step("mamba2_layers_step", residual, layers, conv_states, ssm_states, eps, n_groups, low, high)

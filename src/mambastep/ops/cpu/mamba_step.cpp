@@ -1,8 +1,8 @@
-// One decode step of a whole Mamba-1 model's stack of layers in one call: for each layer,
-// RMSNorm, in_proj, causal conv step, SiLU, x_proj, dt_proj, softplus, selective state update,
-// gate, out_proj and the residual add.
+// One decode step of a whole stack of Mamba-1 or Mamba-2 layers in one call: for each layer,
+// RMSNorm, the mixer's step (its products, causal conv step, SiLU, softplus, state update, gate)
+// and the residual add.
 //
-// The four products of a layer go through the matvec kernel (matvec.cpp), so the weights keep
+// A layer's products go through the matvec kernel (matvec.cpp), so the weights keep
 // their storage (float32, bfloat16 or int8 with a scale per row); everything between them is
 // a pass over the channels. The residual stream, activations, conv window and SSM state are
 // float32 here. An eager decode step made of ~35 small operators per layer spends as much time
@@ -28,7 +28,7 @@ inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }  // as
 
 // `t` as contiguous float32 (itself when it already is), checked to have `shape`.
 torch::Tensor f32(const torch::Tensor& t, const char* name, c10::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, "mamba_layers_step: ", name, " must have shape ", shape,
+  TORCH_CHECK(t.sizes() == shape, "fused step: ", name, " must have shape ", shape,
               ", got ", t.sizes());
   return t.to(torch::kFloat32).contiguous();
 }
@@ -46,51 +46,93 @@ c10::optional<torch::Tensor> opt_f32(const c10::optional<torch::Tensor>& t) {
   return t->to(torch::kFloat32).contiguous();
 }
 
-// One layer's parameters, in the order of the flat list the operator takes.
-enum Param {
+// One layer's parameters, in the order of the flat list each operator takes.
+enum MambaParam {
   kNorm, kInW, kInScale, kInBias, kConvW, kConvB, kXW, kXScale, kDtW, kDtScale, kDtB, kALog, kD,
-  kOutW, kOutScale, kOutBias, kParamsPerLayer
+  kOutW, kOutScale, kOutBias, kMambaParams
+};
+enum Mamba2Param {
+  k2Norm, k2InW, k2InScale, k2InBias, k2ConvW, k2ConvB, k2DtBias, k2ALog, k2D, k2GateNorm, k2OutW,
+  k2OutScale, k2OutBias, kMamba2Params
 };
 
-// (b, d) -> (b, d): x / sqrt(mean(x^2) + eps) * weight, row by row.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  const int64_t b = x.size(0), d = x.size(1);
+// (b, d) -> (b, d): x / sqrt(mean(x^2) + eps) * weight over each group of `group` channels.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t group) {
+  const int64_t rows = x.numel() / group;
   auto y = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < b; ++r) {
+  const int64_t d = weight.numel();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * group;
+    const float* wr = w + (r * group) % d;
     float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < d; ++i) sq += xp[r * d + i] * xp[r * d + i];
-    const float inv = 1.f / sqrtf(sq / d + static_cast<float>(eps));
+    for (int64_t i = 0; i < group; ++i) sq += xr[i] * xr[i];
+    const float inv = 1.f / sqrtf(sq / group + static_cast<float>(eps));
 #pragma omp simd
-    for (int64_t i = 0; i < d; ++i) yp[r * d + i] = xp[r * d + i] * inv * w[i];
+    for (int64_t i = 0; i < group; ++i) yp[r * group + i] = xr[i] * inv * wr[i];
   }
   return y;
+}
+
+// The causal conv's step over c channels, then SiLU. x_new: row bi's new input at
+// x_new + bi * stride; conv_w: (c, k); conv_b: (c,); conv_state: (b, k-1, c), oldest first.
+// Returns SiLU(conv) (b, c) and the next conv state (b, k-1, c).
+std::array<torch::Tensor, 2> conv_step_silu(const float* x_new, int64_t stride, int64_t b,
+                                            const torch::Tensor& conv_w, const torch::Tensor& conv_b,
+                                            const torch::Tensor& conv_state) {
+  const int64_t c = conv_w.size(0), k = conv_w.size(1);
+  auto out = torch::empty({b, c}, conv_state.options());
+  auto next = torch::empty_like(conv_state);
+  const float* cw = conv_w.data_ptr<float>();
+  const float* cb = conv_b.data_ptr<float>();
+  const float* cs = conv_state.data_ptr<float>();
+  float* nc = next.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // The loops over channels are innermost, so they vectorise (SiLU's exp included).
+  at::parallel_for(0, c, kChannelGrain, [&](int64_t c0, int64_t c1) {
+    for (int64_t bi = 0; bi < b; ++bi) {
+      const float* window = cs + bi * (k - 1) * c;
+      const float* x = x_new + bi * stride;
+#pragma omp simd
+      for (int64_t i = c0; i < c1; ++i) {
+        float acc = cb[i] + cw[i * k + k - 1] * x[i];
+        for (int64_t j = 0; j < k - 1; ++j) acc += cw[i * k + j] * window[j * c + i];
+        op[bi * c + i] = silu(acc);
+      }
+      float* shifted = nc + bi * (k - 1) * c;  // the window without its oldest row, then x
+      for (int64_t j = 0; j + 1 < k - 1; ++j)
+        std::copy(window + (j + 1) * c + c0, window + (j + 1) * c + c1, shifted + j * c + c0);
+      if (k > 1) std::copy(x + c0, x + c1, shifted + (k - 2) * c + c0);
+    }
+  });
+  return {out, next};
 }
 
 // One layer's entries of the operator's flat parameter list.
 class LayerParams {
  public:
-  LayerParams(const c10::List<c10::optional<torch::Tensor>>& all, int64_t layer)
-      : all_(all), layer_(layer) {}
-  c10::optional<torch::Tensor> get(Param p) const { return all_.get(layer_ * kParamsPerLayer + p); }
-  torch::Tensor required(Param p, const char* name) const {
+  LayerParams(const c10::List<c10::optional<torch::Tensor>>& all, int64_t layer, int64_t per_layer)
+      : all_(all), layer_(layer), per_layer_(per_layer) {}
+  int64_t index() const { return layer_; }
+  c10::optional<torch::Tensor> get(int p) const { return all_.get(layer_ * per_layer_ + p); }
+  torch::Tensor required(int p, const char* name) const {
     auto t = get(p);
-    TORCH_CHECK(present(t), "mamba_layers_step: layer ", layer_, " has no ", name);
+    TORCH_CHECK(present(t), "fused step: layer ", layer_, " has no ", name);
     return *t;
   }
 
  private:
   const c10::List<c10::optional<torch::Tensor>>& all_;
-  int64_t layer_;
+  int64_t layer_, per_layer_;
 };
 
-// One mixer's step. u: (b, d) the normed input, float32; conv_state: (b, k-1, e); ssm_state:
-// (b, e, n). Returns the mixer's output (b, d), the next conv state and the next SSM state, all
+// One Mamba-1 mixer's step. u: (b, d) the normed input, float32; conv_state: (b, k-1, e);
+// ssm_state: (b, e, n). Returns the mixer's output (b, d), the next conv state and the next SSM state, all
 // float32 and new tensors.
-std::array<torch::Tensor, 3> mixer_step(const torch::Tensor& u, const LayerParams& layer,
+std::array<torch::Tensor, 3> mamba_mixer_step(const torch::Tensor& u, const LayerParams& layer,
                                         const torch::Tensor& conv_state_in,
                                         const torch::Tensor& ssm_state_in) {
   const auto in_w = layer.required(kInW, "in_proj weight");
@@ -114,31 +156,9 @@ std::array<torch::Tensor, 3> mixer_step(const torch::Tensor& u, const LayerParam
   const auto skip = vector_or_zeros(layer.get(kD), "D (e,)", e);
 
   const auto xz = matvec(u, in_w, layer.get(kInScale), opt_f32(layer.get(kInBias)));  // (b, 2e): x then z
-  auto xs = torch::empty({b, e}, u.options());         // SiLU(conv(x)), the SSM's input
-  auto next_conv = torch::empty_like(conv_state);
   const float* xz_p = xz.data_ptr<float>();
-  const float* cw = conv_w.data_ptr<float>();
-  const float* cb = conv_bias.data_ptr<float>();
-  const float* cs = conv_state.data_ptr<float>();
-  float* nc = next_conv.data_ptr<float>();
-  float* xs_p = xs.data_ptr<float>();
-  // The loops over channels are innermost, so they vectorise (SiLU's exp included).
-  at::parallel_for(0, e, kChannelGrain, [&](int64_t c0, int64_t c1) {
-    for (int64_t bi = 0; bi < b; ++bi) {
-      const float* window = cs + bi * (k - 1) * e;  // (k-1, e), oldest first
-      const float* x_new = xz_p + bi * 2 * e;
-#pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) {
-        float acc = cb[c] + cw[c * k + k - 1] * x_new[c];
-        for (int64_t j = 0; j < k - 1; ++j) acc += cw[c * k + j] * window[j * e + c];
-        xs_p[bi * e + c] = silu(acc);
-      }
-      float* shifted = nc + bi * (k - 1) * e;  // the window without its oldest row, then x
-      for (int64_t j = 0; j + 1 < k - 1; ++j)
-        std::copy(window + (j + 1) * e + c0, window + (j + 1) * e + c1, shifted + j * e + c0);
-      if (k > 1) std::copy(x_new + c0, x_new + c1, shifted + (k - 2) * e + c0);
-    }
-  });
+  const auto [xs, next_conv] = conv_step_silu(xz_p, 2 * e, b, conv_w, conv_bias, conv_state);  // the SSM's input
+  const float* xs_p = xs.data_ptr<float>();
 
   const auto dbc = matvec(xs, x_w, layer.get(kXScale), c10::nullopt);  // (b, r + 2n): dt low rank, B, C
   const auto dt = matvec(dbc.narrow(1, 0, r).contiguous(), dt_w, layer.get(kDtScale), c10::nullopt);  // (b, e)
@@ -186,35 +206,109 @@ std::array<torch::Tensor, 3> mixer_step(const torch::Tensor& u, const LayerParam
   return {matvec(y, out_w, layer.get(kOutScale), opt_f32(layer.get(kOutBias))), next_conv, next_ssm};
 }
 
-}  // namespace
+// One Mamba-2 mixer's step. u: (b, d) the normed input, float32; conv_state: (b, k-1, c) with
+// c = e + 2gn channels (x, B, C); ssm_state: (b, h, p, n). Returns the mixer's output (b, d), the
+// next conv state and the next SSM state, all float32 and new tensors.
+std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const LayerParams& layer,
+                                               const torch::Tensor& conv_state_in,
+                                               const torch::Tensor& ssm_state_in, double eps,
+                                               int64_t groups, double dt_min, double dt_max) {
+  const auto in_w = layer.required(k2InW, "in_proj weight");
+  const auto out_w = layer.required(k2OutW, "out_proj weight");
+  const auto conv_any = layer.required(k2ConvW, "conv weight");
+  const auto gate_norm = layer.required(k2GateNorm, "gated norm weight");
+  const int64_t b = u.size(0), d = u.size(1), c = conv_any.size(0), k = conv_any.size(-1);
+  const int64_t e = gate_norm.numel(), h = ssm_state_in.size(1), p = ssm_state_in.size(2),
+                n = ssm_state_in.size(3);
+  TORCH_CHECK(ssm_state_in.dim() == 4 && h * p == e && c == e + 2 * groups * n && h % groups == 0,
+              "mamba2_layers_step: SSM state (b, h, p, n) ", ssm_state_in.sizes(), ", conv channels ",
+              c, ", gated norm ", e, " and n_groups ", groups, " do not fit");
+  const auto conv_w = f32(conv_any.reshape({c, k}), "conv weight (c, k)", {c, k});  // from (c, 1, k)
+  const auto A_log = f32(layer.required(k2ALog, "A_log"), "A_log (h,)", {h});
+  const auto dt_bias = f32(layer.required(k2DtBias, "dt bias"), "dt bias (h,)", {h});
+  const auto norm_w = f32(gate_norm, "gated norm weight (e,)", {e});
+  const auto conv_state = f32(conv_state_in, "conv state (b, k-1, c)", {b, k - 1, c});
+  const auto ssm_state = f32(ssm_state_in, "SSM state (b, h, p, n)", {b, h, p, n});
+  const int64_t width = e + c + h;  // in_proj's output: z, then x B C, then dt
+  TORCH_CHECK(in_w.size(0) == width && out_w.size(0) == d && out_w.size(1) == e,
+              "mamba2_layers_step: the linear layers' shapes do not fit d = ", d, ", e = ", e,
+              ", conv channels ", c, ", heads ", h);
+  const auto conv_bias = vector_or_zeros(layer.get(k2ConvB), "conv bias (c,)", c);
+  // D per head (h,) or per channel (e,), as a per-channel vector
+  auto D = layer.get(k2D);
+  const auto skip = !present(D) ? torch::zeros({e}, torch::kFloat32)
+                    : D->numel() == h ? f32(*D, "D (h,)", {h}).repeat_interleave(p)
+                                      : f32(*D, "D (h,) or (e,)", {e});
 
-// residual: (b, d) float32, the residual stream entering the first layer; params:
-// kParamsPerLayer entries per layer in the order of Param (None where a layer has no such
-// tensor; the linear weights float32, bfloat16 or int8 as matvec takes them, the rest any float
-// dtype); conv_states[i]: (b, k-1, e) and ssm_states[i]: (b, e, n), any float dtype; eps: the
-// norms' epsilon. Returns 1 + 2 * layers new tensors: the residual stream after the last layer
-// (b, d) float32, every layer's next conv state, then every layer's next SSM state, each in
-// the dtype of the state it replaces.
-std::vector<torch::Tensor> mamba_layers_step(const torch::Tensor& residual,
-                                             const c10::List<c10::optional<torch::Tensor>>& params,
-                                             const std::vector<torch::Tensor>& conv_states,
-                                             const std::vector<torch::Tensor>& ssm_states,
-                                             double eps) {
+  const auto zxd = matvec(u, in_w, layer.get(k2InScale), opt_f32(layer.get(k2InBias)));  // (b, width)
+  const float* zxd_p = zxd.data_ptr<float>();
+  const auto [xbc, next_conv] = conv_step_silu(zxd_p + e, width, b, conv_w, conv_bias, conv_state);  // (b, c)
+  auto y = torch::empty({b, e}, u.options());
+  auto next_ssm = torch::empty_like(ssm_state);
+  const float* xbc_p = xbc.data_ptr<float>();
+  const float* Al = A_log.data_ptr<float>();
+  const float* dtb = dt_bias.data_ptr<float>();
+  const float* Dp = skip.data_ptr<float>();
+  const float* hs = ssm_state.data_ptr<float>();
+  float* hn = next_ssm.data_ptr<float>();
+  float* y_p = y.data_ptr<float>();
+  const int64_t heads_per_group = h / groups;
+  at::parallel_for(0, b * h, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {  // one (sequence, head) per task
+      const int64_t bi = t / h, hd = t % h;
+      const float* x = xbc_p + bi * c + hd * p;  // (p,)
+      const float* B = xbc_p + bi * c + e + (hd / heads_per_group) * n;  // (n,)
+      const float* C = B + groups * n;
+      const float delta = std::min(std::max(softplus(zxd_p[bi * width + e + c + hd] + dtb[hd]),
+                                            static_cast<float>(dt_min)), static_cast<float>(dt_max));
+      const float decay = expf(-delta * expf(Al[hd]));
+      const float* state = hs + t * p * n;
+      float* state_next = hn + t * p * n;
+      for (int64_t i = 0; i < p; ++i) {  // the state update, vectorised over the state
+        const float dx = delta * x[i];
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < n; ++j) {
+          const float s = decay * state[i * n + j] + dx * B[j];
+          state_next[i * n + j] = s;
+          acc += s * C[j];
+        }
+        y_p[bi * e + hd * p + i] = acc + Dp[hd * p + i] * x[i];
+      }
+    }
+  });
+  float* yg = y.data_ptr<float>();
+  for (int64_t bi = 0; bi < b; ++bi) {  // the SiLU(z) gate
+    const float* z = zxd_p + bi * width;
+#pragma omp simd
+    for (int64_t i = 0; i < e; ++i) yg[bi * e + i] *= silu(z[i]);
+  }
+  const auto normed = rms_norm(y, norm_w, eps, e / groups);
+  return {matvec(normed, out_w, layer.get(k2OutScale), opt_f32(layer.get(k2OutBias))), next_conv, next_ssm};
+}
+
+// The stack of layers around a mixer step `mixer(u, layer, conv_state, ssm_state)`: see below.
+template <typename MixerStep>
+std::vector<torch::Tensor> layers_step(const char* op, const torch::Tensor& residual,
+                                       const c10::List<c10::optional<torch::Tensor>>& params,
+                                       int64_t per_layer, const std::vector<torch::Tensor>& conv_states,
+                                       const std::vector<torch::Tensor>& ssm_states, double eps,
+                                       MixerStep mixer) {
   const int64_t layers = static_cast<int64_t>(conv_states.size());
-  TORCH_CHECK(residual.dim() == 2 && residual.scalar_type() == torch::kFloat32,
-              "mamba_layers_step: the residual must be float32 (b, d), got ", residual.scalar_type(),
-              " ", residual.sizes());
+  TORCH_CHECK(residual.dim() == 2 && residual.scalar_type() == torch::kFloat32, op,
+              ": the residual must be float32 (b, d), got ", residual.scalar_type(), " ",
+              residual.sizes());
   TORCH_CHECK(static_cast<int64_t>(ssm_states.size()) == layers &&
-                  static_cast<int64_t>(params.size()) == layers * kParamsPerLayer,
-              "mamba_layers_step: ", kParamsPerLayer, " parameters and two states per layer, got ",
-              params.size(), " parameters, ", layers, " conv states and ", ssm_states.size(),
-              " SSM states");
+                  static_cast<int64_t>(params.size()) == layers * per_layer,
+              op, ": ", per_layer, " parameters and two states per layer, got ", params.size(),
+              " parameters, ", layers, " conv states and ", ssm_states.size(), " SSM states");
   auto x = residual.contiguous().clone();  // (b, d), updated layer by layer
+  const int64_t d = x.size(1);
   std::vector<torch::Tensor> out(1 + 2 * layers);
   for (int64_t i = 0; i < layers; ++i) {
-    const LayerParams layer(params, i);
-    const auto norm_w = f32(layer.required(kNorm, "norm weight"), "norm weight (d,)", {x.size(1)});
-    auto [y, conv, ssm] = mixer_step(rms_norm(x, norm_w, eps), layer, conv_states[i], ssm_states[i]);
+    const LayerParams layer(params, i, per_layer);
+    const auto norm_w = f32(layer.required(0, "norm weight"), "norm weight (d,)", {d});
+    auto [y, conv, ssm] = mixer(rms_norm(x, norm_w, eps, d), layer, conv_states[i], ssm_states[i]);
     x.add_(y);
     out[1 + i] = conv.to(conv_states[i].scalar_type());
     out[1 + layers + i] = ssm.to(ssm_states[i].scalar_type());
@@ -223,9 +317,47 @@ std::vector<torch::Tensor> mamba_layers_step(const torch::Tensor& residual,
   return out;
 }
 
+}  // namespace
+
+// residual: (b, d) float32, the residual stream entering the first layer; params: the layers'
+// parameters, one run of MambaParam (or Mamba2Param) per layer (None where a layer has no such
+// tensor; the linear weights float32, bfloat16 or int8 as matvec takes them, the rest any
+// float dtype); conv_states[i] and ssm_states[i]: layer i's state, any float dtype; eps: the
+// norms' epsilon. Returns 1 + 2 * layers new tensors: the residual stream after the last layer
+// (b, d) float32, every layer's next conv state, then every layer's next SSM state, each in
+// the dtype of the state it replaces.
+std::vector<torch::Tensor> mamba_layers_step(const torch::Tensor& residual,
+                                             const c10::List<c10::optional<torch::Tensor>>& params,
+                                             const std::vector<torch::Tensor>& conv_states,
+                                             const std::vector<torch::Tensor>& ssm_states,
+                                             double eps) {
+  return layers_step("mamba_layers_step", residual, params, kMambaParams, conv_states, ssm_states,
+                     eps, mamba_mixer_step);
+}
+
+// As mamba_layers_step, for Mamba-2 layers; n_groups: the groups of B and C (and of the gated
+// norm); dt_min, dt_max: the clamp of Δ after the softplus.
+std::vector<torch::Tensor> mamba2_layers_step(const torch::Tensor& residual,
+                                              const c10::List<c10::optional<torch::Tensor>>& params,
+                                              const std::vector<torch::Tensor>& conv_states,
+                                              const std::vector<torch::Tensor>& ssm_states,
+                                              double eps, int64_t n_groups, double dt_min,
+                                              double dt_max) {
+  return layers_step("mamba2_layers_step", residual, params, kMamba2Params, conv_states,
+                     ssm_states, eps, [&](const torch::Tensor& u, const LayerParams& layer,
+                                          const torch::Tensor& conv, const torch::Tensor& ssm) {
+                       return mamba2_mixer_step(u, layer, conv, ssm, eps, n_groups, dt_min, dt_max);
+                     });
+}
+
 TORCH_LIBRARY_FRAGMENT(mambastep, m) {
   m.def("mamba_layers_step(Tensor residual, Tensor?[] params, Tensor[] conv_states, "
         "Tensor[] ssm_states, float eps) -> Tensor[]");
+  m.def("mamba2_layers_step(Tensor residual, Tensor?[] params, Tensor[] conv_states, "
+        "Tensor[] ssm_states, float eps, int n_groups, float dt_min, float dt_max) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("mamba_layers_step", &mamba_layers_step); }
+TORCH_LIBRARY_IMPL(mambastep, CPU, m) {
+  m.impl("mamba_layers_step", &mamba_layers_step);
+  m.impl("mamba2_layers_step", &mamba2_layers_step);
+}
