@@ -6,10 +6,14 @@ reaches that speed for float32 weights only; ``ops.cpu.matvec`` reaches it for
 bfloat16 and int8 weights too. A layer takes the kernel when the engine settings
 allow it (``matvec``), its input is on the CPU with at most ``matvec_rows`` rows
 (``MATVEC_ROWS`` for float weights, beyond which PyTorch's matmul is faster), and no
-gradient is wanted; everything else (prompts, training) takes ``F.linear``.
+gradient is wanted; everything else (prompts, training) takes ``F.linear``, in float32 for
+bfloat16 weights on a CPU without native bfloat16 matrix products (where PyTorch's bfloat16
+matmul runs hundreds of times slower than its float32 one).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,13 @@ def takes_matvec(layer: nn.Module, x: Tensor) -> bool:
     )
 
 
+@cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's bfloat16 kernels, which
+    need AVX-512 or AMX); elsewhere PyTorch's bfloat16 matmul is a slow reference loop."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same checkpoints) whose decode-step products may take
     the fused matvec kernel; the result has the input's dtype either way."""
@@ -44,4 +55,7 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if takes_matvec(self, x):
             return matvec(x, *self.matvec_operands()).to(x.dtype)
+        if self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_bf16_matmul():
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)  # upcast: float32 products
         return F.linear(x, self.weight, self.bias)
