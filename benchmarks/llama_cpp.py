@@ -7,7 +7,7 @@ then for each type, interleaved repeat by repeat in the same run, measures batch
 - llama.cpp: one ``llama-bench -p PROMPT -n STEPS -t THREADS -r 1 -o json`` per repeat
   (it runs its own warm-up): prefill tokens/s (ppPROMPT) and decode ms/token (tgSTEPS);
 - mambastep on the same weights (f32: float32; bf16: bfloat16; q8_0: float32 with int8
-  weight-only linear layers), decode="compiled": decode ms/token as ``mambastep bench``
+  weight-only linear layers), decode as ``--decode`` says: decode ms/token as ``mambastep bench``
   measures it (model.step after a warm-up step, from a state prefilled with 16 tokens),
   and prefill tokens/s of model.prefill on a PROMPT-token prompt (after one untimed
   warm-up prefill).
@@ -107,6 +107,7 @@ def main() -> int:
     parser.add_argument("--no-repack", action="store_true",
                         help="run llama-bench with --repack 0: no extra weight layouts, so no AMX kernels (on x86 the "
                              "only extra layout for these types); for machines where AMX tile instructions fault")
+    parser.add_argument("--decode", choices=["eager", "compiled"], default="compiled", help="mambastep's decode backend")
     parser.add_argument("--json-out", type=Path, help="also write the JSON document here")
     args = parser.parse_args()
     if min(args.threads, args.prompt, args.decode_steps, args.repeats) < 1:
@@ -114,12 +115,12 @@ def main() -> int:
     convert, bench = _tools(args.llama_cpp.resolve())
 
     report = {"model": args.model, "threads": args.threads, "prompt_tokens": args.prompt, "decode_steps": args.decode_steps,
-              "repeats": args.repeats, "llama_cpp_repack": not args.no_repack, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "repeats": args.repeats, "decode": args.decode, "llama_cpp_repack": not args.no_repack, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": {"mambastep": mambastep.__version__, "torch": torch.__version__}, "types": []}
     progress = tqdm(total=len(args.types) * (1 + args.repeats), desc="llama.cpp vs mambastep", disable=None)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save(random_model(args.model), Path(tmp) / args.model)
-        settings = EngineSettings(decode="compiled", threads=args.threads)
+        settings = EngineSettings(decode=args.decode, threads=args.threads)
         gen = torch.Generator().manual_seed(0)
         for kind in args.types:
             gguf = Path(tmp) / f"{args.model}-{kind}.gguf"
