@@ -170,12 +170,19 @@ def _parse_ids(words: list[bytes]) -> np.ndarray:
 @contextlib.contextmanager
 def _sigint_held() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) back until the block ends, so a chunk is fed or saved whole;
-    a Ctrl-C pressed meanwhile raises KeyboardInterrupt as the block ends."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    a Ctrl-C pressed meanwhile raises KeyboardInterrupt as the block ends.
+
+    A handler notes the signal rather than a mask blocking it: with the main thread
+    blocking SIGINT the kernel hands the signal to another thread (a kernel's worker),
+    and a read of stdin after the block would then wait without seeing it."""
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class _Reporter:
