@@ -83,7 +83,6 @@ class Mamba2Mixer(nn.Module):
         y = y.flatten(-2) * F.silu(z.float())  # (b, l, e)
         return self.out_proj(self.norm(y)), SSMLayerState(conv=conv, ssm=ssm)
 
-
     def step_weights(self, norm: Tensor) -> cpu.Mamba2LayerWeights:
         """This mixer, after the pre-norm of weight ``norm``, as ``layers_step`` takes it."""
         return cpu.Mamba2LayerWeights(

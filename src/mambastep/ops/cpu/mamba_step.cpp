@@ -116,7 +116,6 @@ class LayerParams {
  public:
   LayerParams(const c10::List<c10::optional<torch::Tensor>>& all, int64_t layer, int64_t per_layer)
       : all_(all), layer_(layer), per_layer_(per_layer) {}
-  int64_t index() const { return layer_; }
   c10::optional<torch::Tensor> get(int p) const { return all_.get(layer_ * per_layer_ + p); }
   torch::Tensor required(int p, const char* name) const {
     auto t = get(p);
@@ -130,11 +129,11 @@ class LayerParams {
 };
 
 // One Mamba-1 mixer's step. u: (b, d) the normed input, float32; conv_state: (b, k-1, e);
-// ssm_state: (b, e, n). Returns the mixer's output (b, d), the next conv state and the next SSM state, all
-// float32 and new tensors.
+// ssm_state: (b, e, n). Returns the mixer's output (b, d), the next conv state and the next SSM
+// state, all float32 and new tensors.
 std::array<torch::Tensor, 3> mamba_mixer_step(const torch::Tensor& u, const LayerParams& layer,
-                                        const torch::Tensor& conv_state_in,
-                                        const torch::Tensor& ssm_state_in) {
+                                              const torch::Tensor& conv_state_in,
+                                              const torch::Tensor& ssm_state_in) {
   const auto in_w = layer.required(kInW, "in_proj weight");
   const auto x_w = layer.required(kXW, "x_proj weight");
   const auto dt_w = layer.required(kDtW, "dt_proj weight");
@@ -217,10 +216,12 @@ std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const Lay
   const auto out_w = layer.required(k2OutW, "out_proj weight");
   const auto conv_any = layer.required(k2ConvW, "conv weight");
   const auto gate_norm = layer.required(k2GateNorm, "gated norm weight");
+  TORCH_CHECK(ssm_state_in.dim() == 4, "mamba2_layers_step: the SSM state must be (b, h, p, n), got ",
+              ssm_state_in.sizes());
   const int64_t b = u.size(0), d = u.size(1), c = conv_any.size(0), k = conv_any.size(-1);
   const int64_t e = gate_norm.numel(), h = ssm_state_in.size(1), p = ssm_state_in.size(2),
                 n = ssm_state_in.size(3);
-  TORCH_CHECK(ssm_state_in.dim() == 4 && h * p == e && c == e + 2 * groups * n && h % groups == 0,
+  TORCH_CHECK(h * p == e && c == e + 2 * groups * n && h % groups == 0,
               "mamba2_layers_step: SSM state (b, h, p, n) ", ssm_state_in.sizes(), ", conv channels ",
               c, ", gated norm ", e, " and n_groups ", groups, " do not fit");
   const auto conv_w = f32(conv_any.reshape({c, k}), "conv weight (c, k)", {c, k});  // from (c, 1, k)
@@ -257,6 +258,7 @@ std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const Lay
     for (int64_t t = t0; t < t1; ++t) {  // one (sequence, head) per task
       const int64_t bi = t / h, hd = t % h;
       const float* x = xbc_p + bi * c + hd * p;  // (p,)
+      const float* z = zxd_p + bi * width + hd * p;  // (p,) the gate's input
       const float* B = xbc_p + bi * c + e + (hd / heads_per_group) * n;  // (n,)
       const float* C = B + groups * n;
       const float delta = std::min(std::max(softplus(zxd_p[bi * width + e + c + hd] + dtb[hd]),
@@ -273,16 +275,10 @@ std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const Lay
           state_next[i * n + j] = s;
           acc += s * C[j];
         }
-        y_p[bi * e + hd * p + i] = acc + Dp[hd * p + i] * x[i];
+        y_p[bi * e + hd * p + i] = (acc + Dp[hd * p + i] * x[i]) * silu(z[i]);
       }
     }
   });
-  float* yg = y.data_ptr<float>();
-  for (int64_t bi = 0; bi < b; ++bi) {  // the SiLU(z) gate
-    const float* z = zxd_p + bi * width;
-#pragma omp simd
-    for (int64_t i = 0; i < e; ++i) yg[bi * e + i] *= silu(z[i]);
-  }
   const auto normed = rms_norm(y, norm_w, eps, e / groups);
   return {matvec(normed, out_w, layer.get(k2OutScale), opt_f32(layer.get(k2OutBias))), next_conv, next_ssm};
 }
