@@ -45,7 +45,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     engine = EngineSettings()
     parser.add_argument("--scan", choices=SCAN_KERNELS, default=engine.scan,
-                        help="Mamba-1 prompt scan: fused CPU kernel, PyTorch, or auto")
+                        help="Mamba-1 and Mamba-2 prompt scans: fused CPU kernels, PyTorch, or auto")
     parser.add_argument("--matvec", choices=MATVEC_KERNELS, default=engine.matvec,
                         help="decode-step products: fused CPU kernel (float32/bfloat16/int8 weights), PyTorch, or auto")
     parser.add_argument("--decode", choices=DECODE_BACKENDS, default=engine.decode,

@@ -18,10 +18,11 @@ DECODE_BACKENDS = ("eager", "compiled")
 class EngineSettings:
     """How a loaded model runs.
 
-    scan: the Mamba-1 scan over a sequence. "fused" is the compiled CPU kernel (CPU only,
-        with its own backward pass for training; built on first use), "torch" the chunked
-        PyTorch scan (any device), "auto" the fused kernel on CPU and the PyTorch scan on
-        other devices.
+    scan: the Mamba-1 and Mamba-2 scans over a sequence. "fused" is the compiled CPU kernels
+        (CPU only, built on first use; Mamba-1's with its own backward pass for training,
+        Mamba-2's inference only: where gradients are needed Mamba-2 takes the PyTorch scan),
+        "torch" the chunked PyTorch scans (any device), "auto" the fused kernels on CPU and the
+        PyTorch scans on other devices.
     matvec: the products of the linear layers with a few activation rows (decode steps: up
         to 8 rows for float weights, 64 for int8 ones). "fused" is the CPU kernel that reads
         float32, bfloat16 or int8 weights once at memory speed (CPU only, inference only;

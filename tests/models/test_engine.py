@@ -32,8 +32,9 @@ def test_compiled_decode_equals_eager(tmp_path, family):
             assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_fused_and_torch_scans_give_the_same_prefill(tmp_path):
-    path = make_hf_checkpoint(tmp_path / "m", hidden_size=24)
+@pytest.mark.parametrize("family, config", [("mamba", dict(hidden_size=24)), ("mamba2", dict(hidden_size=24, num_heads=6, n_groups=2, head_dim=8))])
+def test_fused_and_torch_scans_give_the_same_prefill(tmp_path, family, config):
+    path = make_hf_checkpoint(tmp_path / "m", family=family, **config)
     fused = mambastep.load(path, settings=EngineSettings(scan="fused"))
     plain = mambastep.load(path, settings=EngineSettings(scan="torch"))
     tokens = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(1))
@@ -43,11 +44,12 @@ def test_fused_and_torch_scans_give_the_same_prefill(tmp_path):
         torch.testing.assert_close(a.ssm, b.ssm, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["mamba", "mamba_lti"])
+@pytest.mark.parametrize("family", ["mamba", "mamba_lti", "mamba2"])
 def test_fused_and_torch_scans_give_the_same_gradients(tmp_path, family):
-    """Training through the fused kernel's backward equals training through the PyTorch scan."""
-    if family == "mamba":
-        path = make_hf_checkpoint(tmp_path / "m", hidden_size=24)
+    """Training through the fused kernel's backward equals training through the PyTorch scan
+    (Mamba-2's fused scan is inference only: with gradients it takes the PyTorch scan)."""
+    if family in ("mamba", "mamba2"):
+        path = make_hf_checkpoint(tmp_path / "m", family=family, hidden_size=24, **({"num_heads": 6} if family == "mamba2" else {}))
     else:
         from mambastep.config import MambaLTIConfig
         from mambastep.loading import save

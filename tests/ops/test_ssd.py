@@ -1,4 +1,5 @@
-"""ssd_scan (chunked Mamba-2 SSD) against the sequential spec and the one-token step."""
+"""ssd_scan (chunked Mamba-2 SSD) and the fused CPU kernel against the sequential spec and
+the one-token step."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mambastep.ops.cpu import kernels, ssd_scan_fused
 from mambastep.ops.reference import ssd_scan_ref
 from mambastep.ops.ssd import ssd_scan
 from mambastep.ops.step import ssd_step
@@ -213,3 +215,77 @@ def test_gradients_match_reference_with_very_negative_decay():
     for ours, ref in zip(grads(ssd_scan, chunk_size=16), grads(ssd_scan_ref), strict=True):
         assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, ref, **FP64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused CPU kernel (float32, token by token). Its errors against the float64 spec are those
+# of the chunked float32 scan (worst seen: 1/25 of FP32), so it shares FP32.
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + [(2, 4, 2, 40, 20, "hp")])  # 40: head blocks of 16, 16, 8
+@pytest.mark.parametrize("l", [1, 2, 3, 50, 131])
+def test_fused_matches_fp64_reference(l, layout):
+    b, h, g, p, n, d_form = layout
+    args = make(b, l, h, g, p, n, d_form, dtype=torch.float32)
+    before = args[-1].clone()
+    y, state = ssd_scan_fused(*args)
+    y_ref, state_ref = ssd_scan_ref(*as64(args))
+    assert y.dtype == state.dtype == torch.float32 and torch.equal(args[-1], before)
+    torch.testing.assert_close(y.double(), y_ref, **FP32)
+    torch.testing.assert_close(state.double(), state_ref, **FP32)
+
+
+def test_fused_mamba2_130m_head_shape_and_bf16_inputs():
+    x, dt, A, B, C, D, state = make(1, 70, 3, 1, 64, 128, "h", dtype=torch.float32)
+    x, B, C = x.bfloat16(), B.bfloat16(), C.bfloat16()
+    y, s = ssd_scan_fused(x, dt, A, B, C, D, state)
+    y_ref, s_ref = ssd_scan_ref(*as64((x, dt, A, B, C, D, state)))
+    torch.testing.assert_close(y.double(), y_ref, **BF16)
+    torch.testing.assert_close(s.double(), s_ref, **BF16)
+
+
+@pytest.mark.parametrize("cut", [1, 47, 64, 129])
+def test_fused_split_carrying_state_equals_one_call(cut):
+    x, dt, A, B, C, D, state = make(3, 130, 6, 3, 5, 8, "hp", dtype=torch.float32)
+    y, s = ssd_scan_fused(x, dt, A, B, C, D, state)
+    y1, s1 = ssd_scan_fused(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], D, state)
+    y2, s2 = ssd_scan_fused(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], D, s1)
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(s2, s, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_very_negative_decay_long_sequence():
+    gen = torch.Generator().manual_seed(1)
+    b, l, h, g, p, n = 2, 4096, 4, 2, 3, 4
+    dt, A = strong_decays(b, l, h, gen)
+    x = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64)
+    B, C = torch.randn(2, b, l, g, n, generator=gen, dtype=torch.float64)
+    state = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)
+    args = tuple(t.float() for t in (x, dt, A, B, C, torch.ones(h), state))
+    y, s = ssd_scan_fused(*args)
+    y_ref, s_ref = ssd_scan_ref(*as64(args))
+    torch.testing.assert_close(y.double(), y_ref, **FP32)
+    torch.testing.assert_close(s.double(), s_ref, **FP32)
+
+
+def test_fused_refuses_gradients():
+    args = make(1, 5, 4, 2, 3, 2, "h", dtype=torch.float32)
+    x = args[0].requires_grad_()
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        ssd_scan_fused(x, *args[1:])
+    with torch.no_grad():
+        ssd_scan_fused(*args)
+
+
+def test_fused_checks_its_arguments():
+    x, dt, A, B, C, D, state = make(2, 5, 4, 2, 3, 2, "hp", dtype=torch.float32)
+    op = torch.ops.mambastep.ssd_scan
+    kernels()
+    with pytest.raises(RuntimeError, match="x .* must be float32"):
+        op(x.double(), dt, A, B, C, D, state)
+    with pytest.raises(RuntimeError, match=r"state \(b, h, p, n\) must have shape"):
+        op(x, dt, A, B, C, D, state[:, :, :2].contiguous())
+    with pytest.raises(RuntimeError, match="4 heads do not split into 3 groups"):
+        op(x, dt, A, B.repeat(1, 1, 2, 1)[:, :, :3].contiguous(), C, D, state)
+    with pytest.raises(RuntimeError, match="dt .* must be contiguous"):
+        op(x, dt.transpose(0, 1).contiguous().transpose(0, 1), A, B, C, D, state)

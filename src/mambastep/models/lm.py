@@ -93,7 +93,7 @@ class LanguageModel(nn.Module, ABC):
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        fused_matvec = settings.matvec == "fused" or (settings.matvec == "auto" and cpu.available())
+        fused_matvec = cpu.chosen(settings.matvec)
         if settings.matvec == "fused":
             cpu.kernels()  # a build failure is an error here, not at the first step
         for module in self.modules():

@@ -43,7 +43,7 @@ class MambaMixer(nn.Module):
     def configure(self, settings: EngineSettings) -> None:
         """Choose the scan: the fused CPU kernel (forward and backward) for inputs on the CPU."""
         self.scan_chunk = settings.scan_chunk
-        self.fused_scan = settings.scan == "fused" or (settings.scan == "auto" and cpu.available())
+        self.fused_scan = cpu.chosen(settings.scan)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:

@@ -33,9 +33,12 @@ class Mamba2Mixer(nn.Module):
         self.dt_probe = nn.Identity()  # sees Δ (b, l, h): a hook here watches the selection (``mambastep inspect``)
         self.reset_ssm_parameters()
         self.scan_chunk = EngineSettings().scan_chunk
+        self.fused_scan = False
 
     def configure(self, settings: EngineSettings) -> None:
+        """Choose the scan: the fused CPU kernel for inference on the CPU, else the chunked SSD."""
         self.scan_chunk = settings.scan_chunk
+        self.fused_scan = cpu.chosen(settings.scan)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
@@ -79,9 +82,16 @@ class Mamba2Mixer(nn.Module):
             y, ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state.ssm)  # (b, h, p)
             y = y[:, None]  # (b, 1, h, p)
         else:
-            y, ssm = ssd_scan(x, dt, A, B, C, D, state.ssm, self.scan_chunk)  # (b, l, h, p)
+            y, ssm = self.scan(x, dt, A, B, C, D, state.ssm)  # (b, l, h, p)
         y = y.flatten(-2) * F.silu(z.float())  # (b, l, e)
         return self.out_proj(self.norm(y)), SSMLayerState(conv=conv, ssm=ssm)
+
+    def scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The SSD over a sequence (``ops.ssd_scan`` contract): the fused kernel for inference on
+        the CPU, else the chunked scan (which autograd can go through)."""
+        if self.fused_scan and x.device.type == "cpu" and not cpu.wants_grad(x, dt, A, B, C, D, h):
+            return cpu.ssd_scan_fused(x, dt, A, B, C, D, h)
+        return ssd_scan(x, dt, A, B, C, D, h, self.scan_chunk)
 
     def step_weights(self, norm: Tensor) -> cpu.Mamba2LayerWeights:
         """This mixer, after the pre-norm of weight ``norm``, as ``layers_step`` takes it."""

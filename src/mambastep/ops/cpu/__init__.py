@@ -12,6 +12,9 @@ operator (``torch.ops.mambastep.matvec``), so ``torch.compile`` keeps it in its 
 Mamba-1 or Mamba-2 layers in one call: norms, matvecs and the state update per layer,
 residual adds (eager steps only).
 
+``ssd_scan_fused`` is the Mamba-2 scan over a prompt, token by token in one fused pass
+(inference only).
+
 ``selective_scan_fused`` is differentiable: when grad mode is on and an input
 requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
 tokens and a fused C++ backward recomputes each chunk's states from those
@@ -33,7 +36,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("selective_scan.cpp", "matvec.cpp", "mamba_step.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("selective_scan.cpp", "ssd_scan.cpp", "matvec.cpp", "mamba_step.cpp")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-mprefer-vector-width=512"]
 _NAME = "mambastep_cpu"
 _module = None
@@ -69,6 +72,17 @@ def available() -> bool:
         log.warning("fused CPU kernels unavailable, using PyTorch's operators: %s", err)
         return False
     return True
+
+
+def chosen(setting: str) -> bool:
+    """Whether an engine setting ("auto", "fused" or "torch") picks these kernels: "fused"
+    always, "auto" when they build on this machine."""
+    return setting == "fused" or (setting == "auto" and available())
+
+
+def wants_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an operation on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -119,11 +133,37 @@ def selective_scan_fused(
     Returns:
         y: (b, l, e) float32; state: (b, e, n) float32 after the last token.
     """
-    inputs = (x, dt, A, B, C, D, state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _SelectiveScanFused.apply(*inputs, CHECKPOINT_CHUNK)
+    if wants_grad(x, dt, A, B, C, D, state):
+        return _SelectiveScanFused.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
     D = torch.empty(0) if D is None else _f32(D)
     y, state = kernels().selective_scan_fused(_f32(x), _f32(dt), _f32(A), _f32(B), _f32(C), D, _f32(state))
+    return y, state
+
+
+def ssd_scan_fused(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The Mamba-2 scan in one fused pass (same contract as ``ops.ssd_scan``); inference only.
+
+    Each state entry is updated token by token in float32, as in ``reference.ssd_scan_ref``,
+    so there is no chunk size: the result is the same for any split of the sequence.
+
+    Args:
+        x: (b, l, h, p), dt: (b, l, h) after softplus and clamping, A: (h,), B: (b, l, g, n),
+        C: (b, l, g, n), D: (h,), (h, p) or None, state: (b, h, p, n). Any float dtype.
+
+    Returns:
+        y: (b, l, h, p) float32; state: (b, h, p, n) float32 after the last token.
+
+    Raises:
+        RuntimeError: an input requires grad while grad mode is on (the kernel has no backward).
+    """
+    if wants_grad(x, dt, A, B, C, D, state):
+        raise RuntimeError("ssd_scan_fused has no backward pass: use ops.ssd_scan where gradients are needed")
+    kernels()
+    h, p = x.shape[2], x.shape[3]
+    D = torch.empty(0) if D is None else _f32(D.reshape(h, -1).expand(h, p))  # (h, p)
+    y, state = torch.ops.mambastep.ssd_scan(_f32(x), _f32(dt), _f32(A), _f32(B), _f32(C), D, _f32(state))
     return y, state
 
 

@@ -1,0 +1,135 @@
+// Fused Mamba-2 scan (SSD with a scalar decay per head) for the CPU, inference only.
+//
+//   h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t,   y_t = h_t · C_t + D x_t
+//
+// run token by token in float32, one pass over the sequence per (sequence, head, block of
+// kRows head channels). The block's state, (n, kRows) with the channels innermost, stays in
+// L1 and its channel loops vectorise without horizontal sums. Nothing of size (q, q) or
+// (l, h, p, n) is ever written, and the decay is one exp per head and token. Tokens go two at
+// a time, so each state entry is loaded and stored once per pair.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <math.h>
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 16;  // head channels per work item
+
+// One head's view of the inputs of one sequence, each pointer at token 0 and channel 0 of it.
+struct HeadInputs {
+  const float* x;   // token t, channel i at x[t * x_stride + i]
+  const float* dt;  // token t at dt[t * dt_stride]
+  const float* B;   // token t, state j at B[t * bc_stride + j]
+  const float* C;
+  int64_t x_stride, dt_stride, bc_stride;
+};
+
+// Channels [0, w) of one token, zero-padded to kRows lanes, times dt.
+inline void load_dx(const float* x, float dt, float* dx, int64_t w) {
+  for (int64_t i = 0; i < kRows; ++i) dx[i] = i < w ? dt * x[i] : 0.f;
+}
+
+// Advance the block state hb (n, kRows) over the kTokens tokens from t, writing their y: the
+// state is loaded and stored once for all of them.
+template <int kTokens>
+void scan_tokens(const HeadInputs& in, float A, const float* D, float* hb, float* y, int64_t t,
+                 int64_t n, int64_t w) {
+  float decay[kTokens], dx[kTokens][kRows], acc[kTokens][kRows] = {};
+  const float *B[kTokens], *C[kTokens];
+  for (int k = 0; k < kTokens; ++k) {
+    const float d = in.dt[(t + k) * in.dt_stride];
+    decay[k] = expf(d * A);
+    load_dx(in.x + (t + k) * in.x_stride, d, dx[k], w);
+    B[k] = in.B + (t + k) * in.bc_stride;
+    C[k] = in.C + (t + k) * in.bc_stride;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    float* h_j = hb + j * kRows;
+#pragma omp simd
+    for (int64_t i = 0; i < kRows; ++i) {
+      float s = h_j[i];
+      for (int k = 0; k < kTokens; ++k) {
+        s = decay[k] * s + dx[k][i] * B[k][j];
+        acc[k][i] += s * C[k][j];
+      }
+      h_j[i] = s;
+    }
+  }
+  for (int k = 0; k < kTokens; ++k) {
+    const float* x = in.x + (t + k) * in.x_stride;
+    float* y_t = y + (t + k) * in.x_stride;
+    for (int64_t i = 0; i < w; ++i) y_t[i] = acc[k][i] + (D ? D[i] * x[i] : 0.f);
+  }
+}
+
+// Scan channels [0, w) (w <= kRows) of one head over l tokens. state (w, n) rows of the head's
+// state, updated in place; y written at the same offsets as x; D (w,) or null.
+void scan_rows(const HeadInputs& in, float A, const float* D, float* state, float* y, int64_t l,
+               int64_t n, int64_t w) {
+  std::vector<float> hb(n * kRows, 0.f);  // (n, kRows)
+  for (int64_t i = 0; i < w; ++i)
+    for (int64_t j = 0; j < n; ++j) hb[j * kRows + i] = state[i * n + j];
+  int64_t t = 0;
+  for (; t + 1 < l; t += 2) scan_tokens<2>(in, A, D, hb.data(), y, t, n, w);
+  if (t < l) scan_tokens<1>(in, A, D, hb.data(), y, t, n, w);
+  for (int64_t i = 0; i < w; ++i)
+    for (int64_t j = 0; j < n; ++j) state[i * n + j] = hb[j * kRows + i];
+}
+
+void check(const torch::Tensor& t, const char* name, c10::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, "ssd_scan_fused: ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "ssd_scan_fused: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "ssd_scan_fused: ", name, " must be contiguous");
+}
+
+}  // namespace
+
+// x: (b, l, h, p); dt: (b, l, h) after softplus and clamping; A: (h,); B, C: (b, l, g, n), head
+// hd reading group hd / (h / g); D: (h, p) or empty; state: (b, h, p, n). All float32 and
+// contiguous. Returns y (b, l, h, p) and the state after the last token (b, h, p, n).
+std::vector<torch::Tensor> ssd_scan_fused(const torch::Tensor& x, const torch::Tensor& dt,
+                                          const torch::Tensor& A, const torch::Tensor& B,
+                                          const torch::Tensor& C, const torch::Tensor& D,
+                                          const torch::Tensor& state) {
+  TORCH_CHECK(x.dim() == 4 && B.dim() == 4, "ssd_scan_fused: x must be (b, l, h, p) and B (b, l, g, n), got ",
+              x.sizes(), " and ", B.sizes());
+  const int64_t b = x.size(0), l = x.size(1), h = x.size(2), p = x.size(3);
+  const int64_t g = B.size(2), n = B.size(3);
+  TORCH_CHECK(g >= 1 && h % g == 0, "ssd_scan_fused: ", h, " heads do not split into ", g, " groups");
+  check(x, "x (b, l, h, p)", {b, l, h, p});
+  check(dt, "dt (b, l, h)", {b, l, h});
+  check(A, "A (h,)", {h});
+  check(B, "B (b, l, g, n)", {b, l, g, n});
+  check(C, "C (b, l, g, n)", {b, l, g, n});
+  if (D.numel()) check(D, "D (h, p)", {h, p});
+  check(state, "state (b, h, p, n)", {b, h, p, n});
+  auto next = state.clone();
+  auto y = torch::empty_like(x);
+  const int64_t blocks = (p + kRows - 1) / kRows, heads_per_group = h / g;
+  const float* D_ptr = D.numel() ? D.data_ptr<float>() : nullptr;
+  at::parallel_for(0, b * h * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bi = item / (h * blocks), hd = (item / blocks) % h, i0 = (item % blocks) * kRows;
+      const int64_t group = hd / heads_per_group;
+      const HeadInputs in{x.data_ptr<float>() + (bi * l * h + hd) * p + i0,
+                          dt.data_ptr<float>() + bi * l * h + hd,
+                          B.data_ptr<float>() + (bi * l * g + group) * n,
+                          C.data_ptr<float>() + (bi * l * g + group) * n,
+                          h * p, h, g * n};
+      scan_rows(in, A.data_ptr<float>()[hd], D_ptr ? D_ptr + hd * p + i0 : nullptr,
+                next.data_ptr<float>() + ((bi * h + hd) * p + i0) * n,
+                y.data_ptr<float>() + (bi * l * h + hd) * p + i0, l, n, std::min(kRows, p - i0));
+    }
+  });
+  return {y, next};
+}
+
+TORCH_LIBRARY_FRAGMENT(mambastep, m) {
+  m.def("ssd_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor state) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("ssd_scan", &ssd_scan_fused); }
