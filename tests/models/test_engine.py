@@ -209,18 +209,19 @@ def test_fused_mamba2_layers_step_checks_its_arguments():
         mamba2_layers_step(torch.randn(1, d, dtype=torch.float64), [layer], conv, ssm, 1e-5, g, (0.0, float("inf")))
 
 
-def test_bfloat16_products_upcast_on_cpus_without_native_bfloat16(monkeypatch):
-    """Where PyTorch's bfloat16 matmul is slow, a bfloat16 layer multiplies in float32 and
-    rounds the result to bfloat16; elsewhere it keeps PyTorch's bfloat16 product."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_upcast_on_cpus_without_native_kernels(monkeypatch, dtype):
+    """Where PyTorch's bfloat16 (float16) matmul is slow, such a layer multiplies in float32 and
+    rounds the result back; elsewhere it keeps PyTorch's own product."""
     from mambastep.models import linear
 
     torch.manual_seed(0)
-    layer = Linear(12, 5).to(torch.bfloat16)
-    x = torch.randn(MATVEC_ROWS + 12, 12).to(torch.bfloat16)
-    monkeypatch.setattr(linear, "cpu_has_bf16_matmul", lambda: False)
-    want = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    layer = Linear(12, 5).to(dtype)
+    x = torch.randn(MATVEC_ROWS + 12, 12).to(dtype)
+    monkeypatch.setattr(linear, "computes_in", lambda d: d not in (torch.bfloat16, torch.float16))
+    want = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()).to(dtype)
     got = layer(x)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    monkeypatch.setattr(linear, "cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setattr(linear, "computes_in", lambda d: True)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)

@@ -61,3 +61,22 @@ def test_the_state_is_its_own_contiguous_tensor():
     assert state._base is None and state.is_contiguous() and state.stride() == (18, 6, 1)
     _, state = causal_conv_step(x[:, 0], weight, None, state)
     assert state._base is None and state.stride() == (18, 6, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_conv_upcasts_on_cpus_without_native_kernels(monkeypatch, dtype):
+    """Where PyTorch's bfloat16 (float16) conv is slow, the conv runs in float32 and rounds its
+    output back; elsewhere it keeps PyTorch's own; the state is the same inputs either way."""
+    from mambastep.ops import conv
+
+    x, w, bias, state = _inputs(2, 9, 6, 4, dtype)
+    monkeypatch.setattr(conv, "computes_in", lambda d: d not in (torch.bfloat16, torch.float16))
+    y, new_state = causal_conv(x, w, bias, state)
+    want, want_state = causal_conv(*(t.float() for t in (x, w, bias, state)))
+    assert y.dtype == new_state.dtype == dtype
+    torch.testing.assert_close(y, want.to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(new_state, want_state.to(dtype), atol=0, rtol=0)
+    monkeypatch.setattr(conv, "computes_in", lambda d: True)
+    window = torch.cat([state, x], dim=1).transpose(1, 2)
+    native = torch.nn.functional.conv1d(window, w[:, None, :], bias, groups=6).transpose(1, 2)
+    torch.testing.assert_close(causal_conv(x, w, bias, state)[0], native, atol=0, rtol=0)

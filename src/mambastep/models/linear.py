@@ -7,19 +7,17 @@ bfloat16 and int8 weights too. A layer takes the kernel when the engine settings
 allow it (``matvec``), its input is on the CPU with at most ``matvec_rows`` rows
 (``MATVEC_ROWS`` for float weights, beyond which PyTorch's matmul is faster), and no
 gradient is wanted; everything else (prompts, training) takes ``F.linear``, in float32 for
-bfloat16 weights on a CPU without native bfloat16 matrix products (where PyTorch's bfloat16
-matmul runs hundreds of times slower than its float32 one).
+bfloat16 or float16 weights on a CPU without native products in that dtype (where PyTorch's
+bfloat16 matmul runs hundreds of times slower than its float32 one).
 """
 
 from __future__ import annotations
-
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mambastep.ops.cpu import matvec
+from mambastep.ops.cpu import computes_in, matvec
 
 MATVEC_ROWS = 8  # rows (sequences x tokens) up to which a float linear layer takes the fused kernel
 
@@ -32,13 +30,6 @@ def takes_matvec(layer: nn.Module, x: Tensor) -> bool:
         and x.numel() <= layer.matvec_rows * x.shape[-1]
         and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())))
     )
-
-
-@cache
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's bfloat16 kernels, which
-    need AVX-512 or AMX); elsewhere PyTorch's bfloat16 matmul is a slow reference loop."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class Linear(nn.Linear):
@@ -55,7 +46,7 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if takes_matvec(self, x):
             return matvec(x, *self.matvec_operands()).to(x.dtype)
-        if self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_bf16_matmul():
+        if x.device.type == "cpu" and not computes_in(self.weight.dtype):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)  # upcast: float32 products
         return F.linear(x, self.weight, self.bias)

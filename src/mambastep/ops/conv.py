@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mambastep.ops.cpu import computes_in
+
 
 def causal_conv(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, state: Tensor | None = None
@@ -23,17 +25,19 @@ def causal_conv(
         state: (b, k-1, c) the k-1 inputs before ``x``, or None for zeros.
 
     Returns:
-        y: (b, l, c) in the dtype of ``x``; state: (b, k-1, c) the last k-1 inputs.
+        y: (b, l, c) in the dtype of ``x``; state: (b, k-1, c) the last k-1 inputs. On a CPU
+        without native kernels for the dtype of ``x`` the conv runs in float32 and rounds back.
     """
     b, l, c = x.shape
     k = weight.shape[1]
     if state is None:
         state = x.new_zeros(b, k - 1, c)
     window = torch.cat([state.to(x.dtype), x], dim=1)  # (b, k-1+l, c)
-    w = weight[:, None, :].to(x.dtype)  # (c, 1, k)
-    bias = None if bias is None else bias.to(x.dtype)
-    y = F.conv1d(window.transpose(1, 2), w, bias, groups=c)  # (b, c, l)
-    return y.transpose(1, 2), _own(window[:, window.shape[1] - (k - 1) :])
+    work = x.dtype if x.device.type != "cpu" or computes_in(x.dtype) else torch.float32
+    w = weight[:, None, :].to(work)  # (c, 1, k)
+    bias = None if bias is None else bias.to(work)
+    y = F.conv1d(window.transpose(1, 2).to(work), w, bias, groups=c)  # (b, c, l)
+    return y.transpose(1, 2).to(x.dtype), _own(window[:, window.shape[1] - (k - 1) :])
 
 
 def causal_conv_step(

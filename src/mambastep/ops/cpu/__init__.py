@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,6 +73,21 @@ def available() -> bool:
         log.warning("fused CPU kernels unavailable, using PyTorch's operators: %s", err)
         return False
     return True
+
+
+@cache
+def computes_in(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies and convolves ``dtype`` natively: always for float32 and
+    float64; bfloat16 and float16 through oneDNN's kernels for them, which need AVX-512 (BF16,
+    FP16) or AMX. Elsewhere PyTorch's CPU matmul and conv in those dtypes are slow reference
+    loops (10 to 300 times slower than float32), so callers compute in float32 instead."""
+    if dtype in (torch.float32, torch.float64):
+        return True
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
 def chosen(setting: str) -> bool:
