@@ -24,10 +24,12 @@ class EngineSettings:
         "torch" the chunked PyTorch scans (any device), "auto" the fused kernels on CPU and the
         PyTorch scans on other devices.
     matvec: the products of the linear layers with a few activation rows (decode steps: up
-        to 8 rows for float weights, 64 for int8 ones). "fused" is the CPU kernel that reads
+        to 16 rows for weights PyTorch multiplies natively, 64 for int8 weights and for
+        bfloat16 ones on CPUs without native bfloat16). "fused" is the CPU kernel that reads
         float32, bfloat16 or int8 weights once at memory speed (CPU only, inference only;
-        built on first use), and with it an eager Mamba or Mamba-2 decode step runs all its layers
-        in one fused call; "torch" PyTorch's linear and operators; "auto" the kernels on CPU.
+        built on first use), and with it an eager Mamba or Mamba-2 decode step of up to 64
+        sequences runs all its layers in one fused call; "torch" PyTorch's linear and
+        operators; "auto" the kernels on CPU.
     decode: "compiled" runs each decode step through torch.compile (a one-time compile
         of a few tens of seconds per model, cached on disk, then faster steps); "eager"
         starts at once.

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mambastep.models.linear import takes_matvec
+from mambastep.models.linear import WIDE_MATVEC_ROWS, takes_matvec
 from mambastep.ops.cpu import matvec
 
 
@@ -23,7 +23,7 @@ class Int8Linear(nn.Module):
 
     # Up to this many rows the fused kernel; beyond, a float32 copy of the weight, which
     # writes and reads 4 bytes per weight on every call and pays off only for prompts.
-    matvec_rows = 64
+    matvec_rows = WIDE_MATVEC_ROWS
 
     def __init__(self, weight: Tensor, bias: Tensor | None, fused_matvec: bool = False):
         super().__init__()

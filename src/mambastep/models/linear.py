@@ -4,9 +4,11 @@ A decode step multiplies one activation row per sequence by each weight matrix,
 so it runs at the speed the weights stream from memory. PyTorch's CPU linear
 reaches that speed for float32 weights only; ``ops.cpu.matvec`` reaches it for
 bfloat16 and int8 weights too. A layer takes the kernel when the engine settings
-allow it (``matvec``), its input is on the CPU with at most ``matvec_rows`` rows
-(``MATVEC_ROWS`` for float weights, beyond which PyTorch's matmul is faster), and no
-gradient is wanted; everything else (prompts, training) takes ``F.linear``, in float32 for
+allow it (``matvec``), the kernel reads its weights' dtype (float32, bfloat16, int8), its
+input is on the CPU with at most ``matvec_rows`` rows, and no gradient is wanted. The rows are
+``MATVEC_ROWS`` for weights PyTorch multiplies natively (beyond, its matmul is faster), and
+``WIDE_MATVEC_ROWS`` for the others (int8; bfloat16 on a CPU without native bfloat16 kernels),
+whose alternative is a float32 copy of the weight on every call; everything else (prompts, training) takes ``F.linear``, in float32 for
 bfloat16 or float16 weights on a CPU without native products in that dtype (where PyTorch's
 bfloat16 matmul runs hundreds of times slower than its float32 one).
 """
@@ -19,7 +21,9 @@ from torch import Tensor, nn
 
 from mambastep.ops.cpu import computes_in, matvec
 
-MATVEC_ROWS = 8  # rows (sequences x tokens) up to which a float linear layer takes the fused kernel
+MATVEC_ROWS = 16  # rows (sequences x tokens) up to which float weights that PyTorch multiplies natively take the fused kernel
+WIDE_MATVEC_ROWS = 64  # the same for weights PyTorch would first copy to float32
+MATVEC_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # the weights the kernel reads
 
 
 def takes_matvec(layer: nn.Module, x: Tensor) -> bool:
@@ -37,7 +41,13 @@ class Linear(nn.Linear):
     the fused matvec kernel; the result has the input's dtype either way."""
 
     fused_matvec = False  # set by LanguageModel.configure
-    matvec_rows = MATVEC_ROWS
+
+    @property
+    def matvec_rows(self) -> int:
+        """Rows up to which this layer takes the fused kernel (0: its weights' dtype is not one the kernel reads)."""
+        if self.weight.dtype not in MATVEC_DTYPES:
+            return 0
+        return MATVEC_ROWS if computes_in(self.weight.dtype) else WIDE_MATVEC_ROWS
 
     def matvec_operands(self) -> tuple[Tensor, None, Tensor | None]:
         """The layer as ``ops.cpu.matvec`` takes it: weight, scale (none), bias."""
