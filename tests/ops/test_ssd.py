@@ -119,14 +119,24 @@ def test_no_state_is_zero_state():
     torch.testing.assert_close(s, s0, **FP64)
 
 
+def chunked(*args):
+    return ssd_scan(*args, chunk_size=16)
+
+
+# The chunked scan in float64, and the fused CPU kernel (float32 only: its pieces and whole agree
+# to the rounding of float32 additions in another order).
+SCANS = [(chunked, torch.float64, FP64), (ssd_scan_fused, torch.float32, dict(atol=1e-6, rtol=1e-6))]
+
+
+@pytest.mark.parametrize("scan, dtype, tol", SCANS)
 @pytest.mark.parametrize("cut", [1, 47, 64, 129])
-def test_split_carrying_state_equals_one_call(cut):
-    x, dt, A, B, C, D, state = make(3, 130, 6, 3, 5, 8, "hp")
-    y, s = ssd_scan(x, dt, A, B, C, D, state, chunk_size=16)
-    y1, s1 = ssd_scan(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], D, state, chunk_size=16)
-    y2, s2 = ssd_scan(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], D, s1, chunk_size=16)
-    torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, **FP64)
-    torch.testing.assert_close(s2, s, **FP64)
+def test_split_carrying_state_equals_one_call(cut, scan, dtype, tol):
+    x, dt, A, B, C, D, state = make(3, 130, 6, 3, 5, 8, "hp", dtype=dtype)
+    y, s = scan(x, dt, A, B, C, D, state)
+    y1, s1 = scan(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], D, state)
+    y2, s2 = scan(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], D, s1)
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, **tol)
+    torch.testing.assert_close(s2, s, **tol)
 
 
 def strong_decays(b, l, h, gen):
@@ -141,8 +151,8 @@ def strong_decays(b, l, h, gen):
     return dt, A
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_very_negative_decay_long_sequence(dtype):
+@pytest.mark.parametrize("scan, dtype", [(chunked, torch.float64), (chunked, torch.float32), (ssd_scan_fused, torch.float32)])
+def test_very_negative_decay_long_sequence(scan, dtype):
     gen = torch.Generator().manual_seed(1)
     b, l, h, g, p, n = 2, 4096, 4, 2, 3, 4
     dt, A = strong_decays(b, l, h, gen)
@@ -150,7 +160,7 @@ def test_very_negative_decay_long_sequence(dtype):
     B, C = torch.randn(2, b, l, g, n, generator=gen, dtype=torch.float64)
     state = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)
     args = tuple(t.to(dtype) for t in (x, dt, A, B, C, torch.ones(h), state))
-    y, s = ssd_scan(*args, chunk_size=64)
+    y, s = scan(*args)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
     y_ref, s_ref = ssd_scan_ref(*as64(args))
     tol = FP64 if dtype == torch.float64 else FP32
@@ -242,30 +252,6 @@ def test_fused_mamba2_130m_head_shape_and_bf16_inputs():
     y_ref, s_ref = ssd_scan_ref(*as64((x, dt, A, B, C, D, state)))
     torch.testing.assert_close(y.double(), y_ref, **BF16)
     torch.testing.assert_close(s.double(), s_ref, **BF16)
-
-
-@pytest.mark.parametrize("cut", [1, 47, 64, 129])
-def test_fused_split_carrying_state_equals_one_call(cut):
-    x, dt, A, B, C, D, state = make(3, 130, 6, 3, 5, 8, "hp", dtype=torch.float32)
-    y, s = ssd_scan_fused(x, dt, A, B, C, D, state)
-    y1, s1 = ssd_scan_fused(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], D, state)
-    y2, s2 = ssd_scan_fused(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], D, s1)
-    torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(s2, s, atol=1e-6, rtol=1e-6)
-
-
-def test_fused_very_negative_decay_long_sequence():
-    gen = torch.Generator().manual_seed(1)
-    b, l, h, g, p, n = 2, 4096, 4, 2, 3, 4
-    dt, A = strong_decays(b, l, h, gen)
-    x = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64)
-    B, C = torch.randn(2, b, l, g, n, generator=gen, dtype=torch.float64)
-    state = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)
-    args = tuple(t.float() for t in (x, dt, A, B, C, torch.ones(h), state))
-    y, s = ssd_scan_fused(*args)
-    y_ref, s_ref = ssd_scan_ref(*as64(args))
-    torch.testing.assert_close(y.double(), y_ref, **FP32)
-    torch.testing.assert_close(s.double(), s_ref, **FP32)
 
 
 def test_fused_refuses_gradients():
