@@ -1,8 +1,10 @@
 """`mambastep bench` end to end on a tiny checkpoint: the report's schema and its arithmetic."""
 
 import json
+import time
 
 import pytest
+import torch
 
 from mambastep.bench import BenchSettings, markdown, run_bench
 from mambastep.cli import main
@@ -60,3 +62,21 @@ def test_weight_bytes_count_what_a_decode_step_reads(tmp_path):
     assert weight_bytes(full) == sum(t.numel() * t.element_size() for t in unique)
     table = int8.get_parameter(int8.embedding_weight)
     assert weight_bytes(int8) == sum(t.numel() * t.element_size() for t in int8.state_dict().values()) - table.numel() * 4
+
+
+def test_matmul_peak_shrinks_the_product_where_matmul_is_slow(monkeypatch):
+    """On a CPU without native kernels for a dtype a 2048 x 2048 product takes a minute: the
+    measurement then shrinks it to fit its time budget."""
+    from mambastep import hardware
+
+    sizes = []
+    real_mm = torch.mm
+
+    def slow_mm(a, b):
+        sizes.append(a.shape[0])
+        time.sleep(0.01 * (a.shape[0] / 256) ** 3)  # 0.01 s at 256: 2048 would take 5 s
+        return real_mm(a, b)
+
+    monkeypatch.setattr(hardware.torch, "mm", slow_mm)
+    hardware.matmul_peak(torch.float32, repeats=1, budget_s=0.3)
+    assert max(sizes) == 512  # about 0.08 s per product; 1024 would take 0.64 s
