@@ -7,10 +7,11 @@ bfloat16 and int8 weights too. A layer takes the kernel when the engine settings
 allow it (``matvec``), the kernel reads its weights' dtype (float32, bfloat16, int8), its
 input is on the CPU with at most ``matvec_rows`` rows, and no gradient is wanted. The rows are
 ``MATVEC_ROWS`` for weights PyTorch multiplies natively (beyond, its matmul is faster), and
-``WIDE_MATVEC_ROWS`` for the others (int8; bfloat16 on a CPU without native bfloat16 kernels),
-whose alternative is a float32 copy of the weight on every call; everything else (prompts, training) takes ``F.linear``, in float32 for
-bfloat16 or float16 weights on a CPU without native products in that dtype (where PyTorch's
-bfloat16 matmul runs hundreds of times slower than its float32 one).
+``WIDE_MATVEC_ROWS`` for the others (int8; bfloat16 on a CPU without native bfloat16
+kernels), whose alternative is a float32 copy of the weight on every call. Everything else
+(prompts, training) takes ``F.linear``, in float32 for bfloat16 or float16 weights on a CPU
+without native products in that dtype (where PyTorch's bfloat16 matmul runs hundreds of
+times slower than its float32 one).
 """
 
 from __future__ import annotations
