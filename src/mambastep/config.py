@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Union
 
 
@@ -53,7 +54,7 @@ class MambaConfig:
         _check_positive(self, "dt_rank")
         object.__setattr__(self, "d_inner", self.expand * self.d_model)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Short hash of the architecture: states and checkpoints carry it."""
         return _fingerprint(self.family, self)
@@ -114,7 +115,7 @@ class Mamba2Config:
         object.__setattr__(self, "conv_dim", d_inner + 2 * self.n_groups * self.d_state)
         object.__setattr__(self, "norm_group_size", d_inner // self.n_groups)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Short hash of the architecture: states and checkpoints carry it."""
         return _fingerprint(self.family, self)
@@ -162,7 +163,7 @@ class GPTNeoXConfig:
         object.__setattr__(self, "head_dim", head_dim)
         object.__setattr__(self, "rotary_dim", rotary_dim)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Short hash of the architecture: states and checkpoints carry it."""
         return _fingerprint(self.family, self)

@@ -196,6 +196,53 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
                 torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_fused_step_follows_changes_to_the_weights(family):
+    """A model prepares its layers' weights for the fused step once (float32 copies, A = -exp(A_log))
+    and keeps them while they match its parameters: after an in-place update, a replaced layer or a
+    dtype change, its next step is still the one its current weights give."""
+    from mambastep.config import Mamba2Config, MambaConfig
+    from mambastep.models import Mamba2LM, MambaLM
+    from mambastep.models.int8 import quantize_int8
+    from mambastep.ops.cpu import FusedLayers
+
+    torch.manual_seed(0)
+    config, extra, lm = (MambaConfig, dict(), MambaLM) if family == "mamba" else (Mamba2Config, dict(head_dim=8), Mamba2LM)
+    model = lm(config(n_layer=2, vocab_size=11, d_model=16, d_state=4, **extra)).configure(EngineSettings(matvec="fused"))
+    token = torch.tensor([3, 5])
+
+    def check_step(tol=1e-5):
+        """One fused step against the layers' own steps through F.linear, from the same state."""
+        reference = copy.deepcopy(model).configure(EngineSettings(matvec="torch"))
+        state = model.new_state(2)
+        with torch.no_grad():
+            model.step(token, state)  # prepares (or keeps) the fused weights
+            prepared = model._fused_layers
+            got, _ = model.step(token, state)
+            assert model._fused_layers is prepared and prepared.current()  # kept between steps
+            want, _ = reference.step(token, reference.new_state(2))
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        return prepared
+
+    prepared = check_step()
+    mixer = model.backbone.layers[1].mixer
+    with torch.no_grad():  # an optimizer step, or load_state_dict, writes in place
+        mixer.A_log.add_(0.5)
+        model.backbone.layers[0].norm.weight.mul_(2.0)
+    assert not prepared.current()
+    prepared = check_step()
+    quantize_int8(model)  # replaces the linear layers: their weights are new tensors
+    assert not prepared.current()
+    prepared = check_step(tol=1e-4)
+    model.to(torch.bfloat16)
+    assert model._fused_layers is None
+    check_step(tol=2e-2)
+    with torch.inference_mode():  # inference tensors keep no version counter: never kept
+        frozen = lm(config(n_layer=1, vocab_size=11, d_model=16, d_state=4, **extra))
+    layers = FusedLayers([frozen.backbone.layers[0].mixer.step_weights(frozen.backbone.layers[0].norm.weight)])
+    assert not layers.current()
+
+
 def test_fused_layers_step_checks_its_arguments():
     from mambastep.ops.cpu import MambaLayerWeights, mamba_layers_step
 

@@ -38,6 +38,15 @@ class Int8Linear(nn.Module):
     def in_features(self) -> int:
         return self.weight_int8.shape[1]
 
+    def _apply(self, fn, recurse=True):
+        kept = {"scale": self.scale, "bias": self.bias}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():  # a model's .to(dtype) leaves them float32 (matvec needs it)
+            after = getattr(self, name)
+            if after is not None and after.dtype != torch.float32:
+                setattr(self, name, before.to(after.device))
+        return self
+
     def matvec_operands(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """The layer as ``ops.cpu.matvec`` takes it: int8 weight, scale per row, bias."""
         return self.weight_int8, self.scale, self.bias

@@ -212,10 +212,16 @@ class SSMLanguageModel(LanguageModel):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
 
+    _fused_layers: cpu.FusedLayers | None = None  # the layers' weights as the fused step takes them
+
     def configure(self, settings: EngineSettings) -> "SSMLanguageModel":
         for block in self.backbone.layers:
             block.mixer.configure(settings)
         return super().configure(settings)
+
+    def _apply(self, fn, recurse=True):
+        self._fused_layers = None  # .to(), .float(), ... may give the parameters new tensors
+        return super()._apply(fn, recurse)
 
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> ModelState:
         """A zero state for ``batch_size`` sequences (the state of an empty prefix)."""
@@ -253,9 +259,10 @@ class SSMLanguageModel(LanguageModel):
         """The residual stream (b, l, d) through every block, and the next state."""
         if self.takes_fused_step(residual):
             blocks = self.backbone.layers
+            if self._fused_layers is None or not self._fused_layers.current():
+                self._fused_layers = cpu.FusedLayers([block.mixer.step_weights(block.norm.weight) for block in blocks])
             residual, conv, ssm = blocks[0].mixer.layers_step(
-                residual[:, 0], [block.mixer.step_weights(block.norm.weight) for block in blocks],
-                [s.conv for s in state.layers], [s.ssm for s in state.layers],
+                residual[:, 0], self._fused_layers, [s.conv for s in state.layers], [s.ssm for s in state.layers],
             )  # (b, d), the next states
             layers = tuple(SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm))
             return residual[:, None], ModelState(layers, state.fingerprint)

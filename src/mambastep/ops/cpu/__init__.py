@@ -226,10 +226,14 @@ class MambaLayerWeights(NamedTuple):
     D: Tensor | None  # (e,)
     out_proj: Operands
 
-    def params(self) -> list[Tensor | None]:
-        """The flat list of ``MambaParam`` in mamba_step.cpp."""
+    def params(self, derive: FusedLayers) -> list[Tensor | None]:
+        """The flat list of ``MambaParam`` in mamba_step.cpp, its derived tensors made by ``derive``."""
+        f32 = derive.float32
         (in_w, in_s, in_b), (x_w, x_s, _), (dt_w, dt_s, dt_b), (out_w, out_s, out_b) = self.in_proj, self.x_proj, self.dt_proj, self.out_proj
-        return [self.norm, in_w, in_s, in_b, self.conv_weight, self.conv_bias, x_w, x_s, dt_w, dt_s, dt_b, self.A_log, self.D, out_w, out_s, out_b]
+        return [
+            f32(self.norm), in_w, in_s, f32(in_b), f32(self.conv_weight), f32(self.conv_bias), x_w, x_s, dt_w, dt_s,
+            f32(dt_b), derive.decay_rates(self.A_log), f32(self.D), out_w, out_s, f32(out_b),
+        ]
 
 
 class Mamba2LayerWeights(NamedTuple):
@@ -245,22 +249,90 @@ class Mamba2LayerWeights(NamedTuple):
     gate_norm: Tensor  # (e,) the gated RMSNorm's weight
     out_proj: Operands
 
-    def params(self) -> list[Tensor | None]:
-        """The flat list of ``Mamba2Param`` in mamba_step.cpp."""
+    def params(self, derive: FusedLayers) -> list[Tensor | None]:
+        """The flat list of ``Mamba2Param`` in mamba_step.cpp, its derived tensors made by ``derive``."""
+        f32 = derive.float32
         (in_w, in_s, in_b), (out_w, out_s, out_b) = self.in_proj, self.out_proj
-        return [self.norm, in_w, in_s, in_b, self.conv_weight, self.conv_bias, self.dt_bias, self.A_log, self.D, self.gate_norm, out_w, out_s, out_b]
+        return [
+            f32(self.norm), in_w, in_s, f32(in_b), f32(self.conv_weight), f32(self.conv_bias), f32(self.dt_bias),
+            derive.decay_rates(self.A_log), f32(self.D), f32(self.gate_norm), out_w, out_s, f32(out_b),
+        ]
+
+
+class _Registrations:
+    """Counts parameters, buffers and submodules assigned to any module since import: a
+    ``FusedLayers`` built before a layer was replaced (``quantize_int8``, say) is stale."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *args) -> None:
+        cls.count += 1
+
+
+for _register in (
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+    torch.nn.modules.module.register_module_module_registration_hook,
+):
+    _register(_Registrations.bump)
+
+
+class FusedLayers:
+    """A stack of layers' weights in the flat form a fused decode step takes, prepared once.
+
+    The linear layers' weights stay as stored (matvec reads them); the small tensors (norms,
+    conv, biases, D) become float32 and A_log becomes A = -exp(A_log), the float32 decay rates,
+    so a step does not convert them again. A model keeps one while ``current()``: no parameter,
+    buffer or submodule has been assigned anywhere since, and every tensor it derived something
+    from still has the same storage and has not been modified in place.
+    """
+
+    def __init__(self, layers: Sequence[MambaLayerWeights] | Sequence[Mamba2LayerWeights]):
+        self._sources: list[tuple[Tensor, int, int]] = []  # (tensor, data_ptr, version) of what was derived from
+        self._tracked = True  # False once a source is an inference tensor, which keeps no version
+        self._registrations = _Registrations.count
+        self.count = len(layers)
+        self.params = [t for layer in layers for t in layer.params(self)]
+
+    def float32(self, t: Tensor | None) -> Tensor | None:
+        """``t`` as contiguous float32: itself when it already is, else a copy derived from it."""
+        if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+            return t
+        self._track(t)
+        return _f32(t)
+
+    def decay_rates(self, A_log: Tensor) -> Tensor:
+        """A = -exp(A_log) in float32, as the mixers' forward computes it."""
+        self._track(A_log)
+        return -torch.exp(A_log.float())
+
+    def _track(self, source: Tensor) -> None:
+        if source.is_inference():
+            self._tracked = False
+        else:
+            self._sources.append((source, source.data_ptr(), source._version))
+
+    def current(self) -> bool:
+        """Whether these weights still match the parameters they were prepared from."""
+        return (
+            self._tracked
+            and self._registrations == _Registrations.count
+            and all(t.data_ptr() == ptr and t._version == version for t, ptr, version in self._sources)
+        )
 
 
 def _layers_step(op: str, residual: Tensor, layers, conv_states, ssm_states, *args) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     kernels()
-    params = [t for layer in layers for t in layer.params()]
-    out = getattr(torch.ops.mambastep, op)(residual, params, list(conv_states), list(ssm_states), *args)
-    n = len(layers)
+    if not isinstance(layers, FusedLayers):
+        layers = FusedLayers(layers)
+    out = getattr(torch.ops.mambastep, op)(residual, layers.params, list(conv_states), list(ssm_states), *args)
+    n = layers.count
     return out[0], out[1 : 1 + n], out[1 + n :]
 
 
 def mamba_layers_step(
-    residual: Tensor, layers: Sequence[MambaLayerWeights], conv_states: Sequence[Tensor],
+    residual: Tensor, layers: FusedLayers | Sequence[MambaLayerWeights], conv_states: Sequence[Tensor],
     ssm_states: Sequence[Tensor], eps: float,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One decode step through a stack of Mamba-1 layers in one call.
@@ -271,8 +343,8 @@ def mamba_layers_step(
 
     Args:
         residual: (b, d) float32, the residual stream entering the first layer; layers: each
-        layer's weights; conv_states: (b, k-1, e) per layer; ssm_states: (b, e, n) per layer;
-        eps: the norms' epsilon.
+        layer's weights, or a ``FusedLayers`` prepared from them; conv_states: (b, k-1, e) per
+        layer; ssm_states: (b, e, n) per layer; eps: the norms' epsilon.
 
     Returns:
         the residual stream after the last layer (b, d) float32; the next conv states and SSM
@@ -282,7 +354,7 @@ def mamba_layers_step(
 
 
 def mamba2_layers_step(
-    residual: Tensor, layers: Sequence[Mamba2LayerWeights], conv_states: Sequence[Tensor],
+    residual: Tensor, layers: FusedLayers | Sequence[Mamba2LayerWeights], conv_states: Sequence[Tensor],
     ssm_states: Sequence[Tensor], eps: float, n_groups: int, dt_limit: tuple[float, float],
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One decode step through a stack of Mamba-2 layers in one call.

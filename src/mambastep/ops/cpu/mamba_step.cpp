@@ -48,11 +48,11 @@ c10::optional<torch::Tensor> opt_f32(const c10::optional<torch::Tensor>& t) {
 
 // One layer's parameters, in the order of the flat list each operator takes.
 enum MambaParam {
-  kNorm, kInW, kInScale, kInBias, kConvW, kConvB, kXW, kXScale, kDtW, kDtScale, kDtB, kALog, kD,
+  kNorm, kInW, kInScale, kInBias, kConvW, kConvB, kXW, kXScale, kDtW, kDtScale, kDtB, kA, kD,
   kOutW, kOutScale, kOutBias, kMambaParams
 };
 enum Mamba2Param {
-  k2Norm, k2InW, k2InScale, k2InBias, k2ConvW, k2ConvB, k2DtBias, k2ALog, k2D, k2GateNorm, k2OutW,
+  k2Norm, k2InW, k2InScale, k2InBias, k2ConvW, k2ConvB, k2DtBias, k2A, k2D, k2GateNorm, k2OutW,
   k2OutScale, k2OutBias, kMamba2Params
 };
 
@@ -139,11 +139,11 @@ std::array<torch::Tensor, 3> mamba_mixer_step(const torch::Tensor& u, const Laye
   const auto dt_w = layer.required(kDtW, "dt_proj weight");
   const auto out_w = layer.required(kOutW, "out_proj weight");
   const auto conv_any = layer.required(kConvW, "conv weight");
-  const auto A_any = layer.required(kALog, "A_log");
+  const auto A_any = layer.required(kA, "A");
   const int64_t b = u.size(0), d = u.size(1), e = conv_any.size(0), k = conv_any.size(-1);
   const int64_t n = A_any.size(-1), r = dt_w.size(1);
   const auto conv_w = f32(conv_any.reshape({e, k}), "conv weight (e, k)", {e, k});  // from (e, 1, k)
-  const auto A_log = f32(A_any, "A_log (e, n)", {e, n});
+  const auto A = f32(A_any, "A (e, n)", {e, n});
   const auto dt_b = f32(layer.required(kDtB, "dt_proj bias"), "dt bias (e,)", {e});
   const auto conv_state = f32(conv_state_in, "conv state (b, k-1, e)", {b, k - 1, e});
   const auto ssm_state = f32(ssm_state_in, "SSM state (b, e, n)", {b, e, n});
@@ -166,15 +166,13 @@ std::array<torch::Tensor, 3> mamba_mixer_step(const torch::Tensor& u, const Laye
   const float* dbc_p = dbc.data_ptr<float>();
   const float* dt_p = dt.data_ptr<float>();
   const float* dtb = dt_b.data_ptr<float>();
-  const float* Al = A_log.data_ptr<float>();
+  const float* Ap = A.data_ptr<float>();
   const float* Dp = skip.data_ptr<float>();
   const float* hs = ssm_state.data_ptr<float>();
   float* hn = next_ssm.data_ptr<float>();
   float* y_p = y.data_ptr<float>();
   at::parallel_for(0, e, kChannelGrain, [&](int64_t c0, int64_t c1) {
-    std::vector<float> delta(c1 - c0), gate(c1 - c0), read(c1 - c0), A((c1 - c0) * n);
-#pragma omp simd
-    for (int64_t i = 0; i < (c1 - c0) * n; ++i) A[i] = -expf(Al[c0 * n + i]);  // once for every sequence
+    std::vector<float> delta(c1 - c0), gate(c1 - c0), read(c1 - c0);
     for (int64_t bi = 0; bi < b; ++bi) {
       const float* Bt = dbc_p + bi * (r + 2 * n) + r;
       const float* Ct = Bt + n;
@@ -192,7 +190,7 @@ std::array<torch::Tensor, 3> mamba_mixer_step(const torch::Tensor& u, const Laye
         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
         for (int64_t j = 0; j < n; ++j) {
-          const float hj = expf(d * A[(c - c0) * n + j]) * h[j] + dx * Bt[j];
+          const float hj = expf(d * Ap[c * n + j]) * h[j] + dx * Bt[j];
           h_next[j] = hj;
           acc += hj * Ct[j];
         }
@@ -225,7 +223,7 @@ std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const Lay
               "mamba2_layers_step: SSM state (b, h, p, n) ", ssm_state_in.sizes(), ", conv channels ",
               c, ", gated norm ", e, " and n_groups ", groups, " do not fit");
   const auto conv_w = f32(conv_any.reshape({c, k}), "conv weight (c, k)", {c, k});  // from (c, 1, k)
-  const auto A_log = f32(layer.required(k2ALog, "A_log"), "A_log (h,)", {h});
+  const auto A = f32(layer.required(k2A, "A"), "A (h,)", {h});
   const auto dt_bias = f32(layer.required(k2DtBias, "dt bias"), "dt bias (h,)", {h});
   const auto norm_w = f32(gate_norm, "gated norm weight (e,)", {e});
   const auto conv_state = f32(conv_state_in, "conv state (b, k-1, c)", {b, k - 1, c});
@@ -247,7 +245,7 @@ std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const Lay
   auto y = torch::empty({b, e}, u.options());
   auto next_ssm = torch::empty_like(ssm_state);
   const float* xbc_p = xbc.data_ptr<float>();
-  const float* Al = A_log.data_ptr<float>();
+  const float* Ap = A.data_ptr<float>();
   const float* dtb = dt_bias.data_ptr<float>();
   const float* Dp = skip.data_ptr<float>();
   const float* hs = ssm_state.data_ptr<float>();
@@ -263,7 +261,7 @@ std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const Lay
       const float* C = B + groups * n;
       const float delta = std::min(std::max(softplus(zxd_p[bi * width + e + c + hd] + dtb[hd]),
                                             static_cast<float>(dt_min)), static_cast<float>(dt_max));
-      const float decay = expf(-delta * expf(Al[hd]));
+      const float decay = expf(delta * Ap[hd]);
       const float* state = hs + t * p * n;
       float* state_next = hn + t * p * n;
       for (int64_t i = 0; i < p; ++i) {  // the state update, vectorised over the state
@@ -317,8 +315,8 @@ std::vector<torch::Tensor> layers_step(const char* op, const torch::Tensor& resi
 
 // residual: (b, d) float32, the residual stream entering the first layer; params: the layers'
 // parameters, one run of MambaParam (or Mamba2Param) per layer (None where a layer has no such
-// tensor; the linear weights float32, bfloat16 or int8 as matvec takes them, the rest any
-// float dtype); conv_states[i] and ssm_states[i]: layer i's state, any float dtype; eps: the
+// tensor; the linear weights float32, bfloat16 or int8 as matvec takes them, A the decay rates
+// -exp(A_log), the rest any float dtype, converted here unless already float32); conv_states[i] and ssm_states[i]: layer i's state, any float dtype; eps: the
 // norms' epsilon. Returns 1 + 2 * layers new tensors: the residual stream after the last layer
 // (b, d) float32, every layer's next conv state, then every layer's next SSM state, each in
 // the dtype of the state it replaces.
