@@ -243,6 +243,55 @@ def test_fused_step_follows_changes_to_the_weights(family):
     assert not layers.current()
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_fused_step_reuses_only_the_memory_of_dropped_states(monkeypatch, family):
+    """Large next SSM states go into the memory of states nothing holds any more (every size
+    here, with the threshold at 0): the same steps as fresh memory gives, no state or view still
+    held is ever written, and a decode loop's memory does go round."""
+    from mambastep.config import Mamba2Config, MambaConfig
+    from mambastep.models import Mamba2LM, MambaLM
+    from mambastep.ops import cpu
+
+    torch.manual_seed(0)
+    config, extra, lm = (MambaConfig, dict(), MambaLM) if family == "mamba" else (Mamba2Config, dict(head_dim=8), Mamba2LM)
+    model = lm(config(n_layer=2, vocab_size=11, d_model=16, d_state=4, **extra)).configure(EngineSettings(matvec="fused"))
+    tokens = torch.randint(0, 11, (6, 3))
+
+    def decode(keep: bool):
+        """Logits of each step from a fresh state; every state too if ``keep``."""
+        state, logits, kept = model.new_state(3), [], []
+        with torch.no_grad():
+            for token in tokens:
+                out, state = model.step(token, state)
+                logits.append(out)
+                if keep:
+                    kept.append((state, [s.ssm.clone() for s in state.layers]))
+        return torch.stack(logits), kept
+
+    fresh, _ = decode(keep=False)  # the default threshold: states this small take fresh memory
+    monkeypatch.setattr(cpu, "STATE_REUSE_BYTES", 0)
+    reused, _ = decode(keep=False)
+    assert torch.equal(reused, fresh)
+    kept_logits, kept = decode(keep=True)
+    assert torch.equal(kept_logits, fresh)
+    for state, copies in kept:  # states still held were never written by later steps
+        assert all(torch.equal(s.ssm, copy) for s, copy in zip(state.layers, copies))
+
+    with torch.no_grad():
+        older = model.step(tokens[0], model.new_state(3))[1]
+        address = older.layers[0].ssm.data_ptr()
+        view, view_copy = older.layers[0].ssm[1], older.layers[0].ssm[1].clone()
+        state = model.step(tokens[1], older)[1]
+        del older  # only a view of its first layer's state is left
+        state = model.step(tokens[2], state)[1]
+        assert state.layers[0].ssm.data_ptr() != address and torch.equal(view, view_copy)
+        del view
+        previous = state.layers[0].ssm.data_ptr()
+        state = model.step(tokens[3], state)[1]
+        state = model.step(tokens[4], state)[1]  # the memory of two steps back, dropped: reused
+        assert state.layers[0].ssm.data_ptr() == previous
+
+
 def test_fused_layers_step_checks_its_arguments():
     from mambastep.ops.cpu import MambaLayerWeights, mamba_layers_step
 

@@ -43,6 +43,11 @@ _NAME = "mambastep_cpu"
 _module = None
 
 CHECKPOINT_CHUNK = 64  # tokens between the states saved for the backward
+# A fused decode step writes a layer's next SSM state of at least this many bytes into memory
+# reused from earlier steps' states (once nothing holds them), not a fresh block: glibc maps
+# blocks above 32 MiB anew on every allocation, and their page faults cost a Mamba-2 model at
+# batch 64 half its step. Smaller blocks glibc's own heap reuses.
+STATE_REUSE_BYTES = 32 << 20
 
 
 def kernels():
@@ -326,7 +331,7 @@ def _layers_step(op: str, residual: Tensor, layers, conv_states, ssm_states, *ar
     kernels()
     if not isinstance(layers, FusedLayers):
         layers = FusedLayers(layers)
-    out = getattr(torch.ops.mambastep, op)(residual, layers.params, list(conv_states), list(ssm_states), *args)
+    out = getattr(torch.ops.mambastep, op)(residual, layers.params, list(conv_states), list(ssm_states), *args, STATE_REUSE_BYTES)
     n = layers.count
     return out[0], out[1 : 1 + n], out[1 + n :]
 

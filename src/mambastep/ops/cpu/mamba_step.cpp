@@ -10,9 +10,13 @@
 // torch.compile the model's own operations are traced instead.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <math.h>
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight,
@@ -20,6 +24,60 @@ torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight,
                      const c10::optional<torch::Tensor>& bias);
 
 namespace {
+
+// Memory for large next SSM states, reused from step to step. In a decode loop the state of
+// step t-1 is dropped while step t's is in use, so step t+1 can write into its memory. A
+// fresh block would come from the allocator; above glibc's largest mmap threshold (32 MiB)
+// that is a new mapping each step, whose page faults and zeroing cost a Mamba-2 model at
+// batch 64 half its step. A block is reused only once no tensor or view holds it; blocks no
+// call has taken since the previous call are freed at the end of each call, so beyond the
+// states in use it keeps at most the last state's blocks, until the next call.
+class StatePool {
+ public:
+  torch::Tensor take(c10::IntArrayRef sizes) {
+    const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(sizeof(float));
+    std::shared_ptr<Block> block;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto& b : blocks_)
+        if (b->bytes == bytes && !b->in_use) {
+          block = b;
+          break;
+        }
+      if (!block) blocks_.push_back(block = std::make_shared<Block>(bytes));
+      block->in_use = true;
+      block->taken = true;
+    }
+    return torch::from_blob(block->data.get(), sizes, [block](void*) { block->in_use = false; },
+                            torch::kFloat32);
+  }
+
+  void trim() {  // frees the free blocks that no call took since the last trim
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<std::shared_ptr<Block>> kept;
+    for (const auto& b : blocks_) {
+      if (b->in_use || b->taken) kept.push_back(b);
+      b->taken = false;
+    }
+    blocks_.swap(kept);
+  }
+
+ private:
+  struct Block {
+    explicit Block(int64_t n) : bytes(n), data(c10::GetCPUAllocator()->allocate(n)) {}
+    const int64_t bytes;
+    const c10::DataPtr data;
+    std::atomic<bool> in_use{false};  // cleared when the last tensor on it is freed
+    bool taken = false;
+  };
+  std::mutex mutex_;
+  std::vector<std::shared_ptr<Block>> blocks_;
+};
+
+StatePool& state_pool() {
+  static auto* pool = new StatePool;  // never destroyed: tensors on its blocks may outlive it
+  return *pool;
+}
 
 constexpr int64_t kChannelGrain = 256;  // channels per task in the elementwise passes
 
@@ -129,11 +187,12 @@ class LayerParams {
 };
 
 // One Mamba-1 mixer's step. u: (b, d) the normed input, float32; conv_state: (b, k-1, e);
-// ssm_state: (b, e, n). Returns the mixer's output (b, d), the next conv state and the next SSM
-// state, all float32 and new tensors.
-std::array<torch::Tensor, 3> mamba_mixer_step(const torch::Tensor& u, const LayerParams& layer,
+// ssm_state: (b, e, n); next_ssm: float32, its shape, written with the next SSM state.
+// Returns the mixer's output (b, d) and the next conv state, float32 and new tensors.
+std::array<torch::Tensor, 2> mamba_mixer_step(const torch::Tensor& u, const LayerParams& layer,
                                               const torch::Tensor& conv_state_in,
-                                              const torch::Tensor& ssm_state_in) {
+                                              const torch::Tensor& ssm_state_in,
+                                              const torch::Tensor& next_ssm) {
   const auto in_w = layer.required(kInW, "in_proj weight");
   const auto x_w = layer.required(kXW, "x_proj weight");
   const auto dt_w = layer.required(kDtW, "dt_proj weight");
@@ -162,7 +221,6 @@ std::array<torch::Tensor, 3> mamba_mixer_step(const torch::Tensor& u, const Laye
   const auto dbc = matvec(xs, x_w, layer.get(kXScale), c10::nullopt);  // (b, r + 2n): dt low rank, B, C
   const auto dt = matvec(dbc.narrow(1, 0, r).contiguous(), dt_w, layer.get(kDtScale), c10::nullopt);  // (b, e)
   auto y = torch::empty({b, e}, u.options());
-  auto next_ssm = torch::empty_like(ssm_state);
   const float* dbc_p = dbc.data_ptr<float>();
   const float* dt_p = dt.data_ptr<float>();
   const float* dtb = dt_b.data_ptr<float>();
@@ -200,15 +258,17 @@ std::array<torch::Tensor, 3> mamba_mixer_step(const torch::Tensor& u, const Laye
       for (int64_t c = c0; c < c1; ++c) y_p[bi * e + c] = (read[c - c0] + Dp[c] * x[c]) * gate[c - c0];
     }
   });
-  return {matvec(y, out_w, layer.get(kOutScale), opt_f32(layer.get(kOutBias))), next_conv, next_ssm};
+  return {matvec(y, out_w, layer.get(kOutScale), opt_f32(layer.get(kOutBias))), next_conv};
 }
 
 // One Mamba-2 mixer's step. u: (b, d) the normed input, float32; conv_state: (b, k-1, c) with
-// c = e + 2gn channels (x, B, C); ssm_state: (b, h, p, n). Returns the mixer's output (b, d), the
-// next conv state and the next SSM state, all float32 and new tensors.
-std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const LayerParams& layer,
+// c = e + 2gn channels (x, B, C); ssm_state: (b, h, p, n); next_ssm: float32, its shape, written
+// with the next SSM state. Returns the mixer's output (b, d) and the next conv state, float32
+// and new tensors.
+std::array<torch::Tensor, 2> mamba2_mixer_step(const torch::Tensor& u, const LayerParams& layer,
                                                const torch::Tensor& conv_state_in,
-                                               const torch::Tensor& ssm_state_in, double eps,
+                                               const torch::Tensor& ssm_state_in,
+                                               const torch::Tensor& next_ssm, double eps,
                                                int64_t groups, double dt_min, double dt_max) {
   const auto in_w = layer.required(k2InW, "in_proj weight");
   const auto out_w = layer.required(k2OutW, "out_proj weight");
@@ -243,7 +303,6 @@ std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const Lay
   const float* zxd_p = zxd.data_ptr<float>();
   const auto [xbc, next_conv] = conv_step_silu(zxd_p + e, width, b, conv_w, conv_bias, conv_state);  // (b, c)
   auto y = torch::empty({b, e}, u.options());
-  auto next_ssm = torch::empty_like(ssm_state);
   const float* xbc_p = xbc.data_ptr<float>();
   const float* Ap = A.data_ptr<float>();
   const float* dtb = dt_bias.data_ptr<float>();
@@ -278,16 +337,17 @@ std::array<torch::Tensor, 3> mamba2_mixer_step(const torch::Tensor& u, const Lay
     }
   });
   const auto normed = rms_norm(y, norm_w, eps, e / groups);
-  return {matvec(normed, out_w, layer.get(k2OutScale), opt_f32(layer.get(k2OutBias))), next_conv, next_ssm};
+  return {matvec(normed, out_w, layer.get(k2OutScale), opt_f32(layer.get(k2OutBias))), next_conv};
 }
 
-// The stack of layers around a mixer step `mixer(u, layer, conv_state, ssm_state)`: see below.
+// The stack of layers around a mixer step `mixer(u, layer, conv_state, ssm_state, next_ssm)`:
+// see below.
 template <typename MixerStep>
 std::vector<torch::Tensor> layers_step(const char* op, const torch::Tensor& residual,
                                        const c10::List<c10::optional<torch::Tensor>>& params,
                                        int64_t per_layer, const std::vector<torch::Tensor>& conv_states,
                                        const std::vector<torch::Tensor>& ssm_states, double eps,
-                                       MixerStep mixer) {
+                                       int64_t reuse_bytes, MixerStep mixer) {
   const int64_t layers = static_cast<int64_t>(conv_states.size());
   TORCH_CHECK(residual.dim() == 2 && residual.scalar_type() == torch::kFloat32, op,
               ": the residual must be float32 (b, d), got ", residual.scalar_type(), " ",
@@ -302,11 +362,15 @@ std::vector<torch::Tensor> layers_step(const char* op, const torch::Tensor& resi
   for (int64_t i = 0; i < layers; ++i) {
     const LayerParams layer(params, i, per_layer);
     const auto norm_w = f32(layer.required(0, "norm weight"), "norm weight (d,)", {d});
-    auto [y, conv, ssm] = mixer(rms_norm(x, norm_w, eps, d), layer, conv_states[i], ssm_states[i]);
+    const auto sizes = ssm_states[i].sizes();
+    const bool reused = c10::multiply_integers(sizes) * static_cast<int64_t>(sizeof(float)) >= reuse_bytes;
+    const auto ssm = reused ? state_pool().take(sizes) : torch::empty(sizes, torch::kFloat32);
+    auto [y, conv] = mixer(rms_norm(x, norm_w, eps, d), layer, conv_states[i], ssm_states[i], ssm);
     x.add_(y);
     out[1 + i] = conv.to(conv_states[i].scalar_type());
     out[1 + layers + i] = ssm.to(ssm_states[i].scalar_type());
   }
+  state_pool().trim();
   out[0] = x;
   return out;
 }
@@ -317,16 +381,18 @@ std::vector<torch::Tensor> layers_step(const char* op, const torch::Tensor& resi
 // parameters, one run of MambaParam (or Mamba2Param) per layer (None where a layer has no such
 // tensor; the linear weights float32, bfloat16 or int8 as matvec takes them, A the decay rates
 // -exp(A_log), the rest any float dtype, converted here unless already float32); conv_states[i] and ssm_states[i]: layer i's state, any float dtype; eps: the
-// norms' epsilon. Returns 1 + 2 * layers new tensors: the residual stream after the last layer
+// norms' epsilon; reuse_bytes: next SSM states of at least this many bytes (float32) are written
+// into memory reused from earlier steps' states once nothing holds them (StatePool). Returns
+// 1 + 2 * layers new tensors: the residual stream after the last layer
 // (b, d) float32, every layer's next conv state, then every layer's next SSM state, each in
 // the dtype of the state it replaces.
 std::vector<torch::Tensor> mamba_layers_step(const torch::Tensor& residual,
                                              const c10::List<c10::optional<torch::Tensor>>& params,
                                              const std::vector<torch::Tensor>& conv_states,
                                              const std::vector<torch::Tensor>& ssm_states,
-                                             double eps) {
+                                             double eps, int64_t reuse_bytes) {
   return layers_step("mamba_layers_step", residual, params, kMambaParams, conv_states, ssm_states,
-                     eps, mamba_mixer_step);
+                     eps, reuse_bytes, mamba_mixer_step);
 }
 
 // As mamba_layers_step, for Mamba-2 layers; n_groups: the groups of B and C (and of the gated
@@ -336,19 +402,22 @@ std::vector<torch::Tensor> mamba2_layers_step(const torch::Tensor& residual,
                                               const std::vector<torch::Tensor>& conv_states,
                                               const std::vector<torch::Tensor>& ssm_states,
                                               double eps, int64_t n_groups, double dt_min,
-                                              double dt_max) {
+                                              double dt_max, int64_t reuse_bytes) {
   return layers_step("mamba2_layers_step", residual, params, kMamba2Params, conv_states,
-                     ssm_states, eps, [&](const torch::Tensor& u, const LayerParams& layer,
-                                          const torch::Tensor& conv, const torch::Tensor& ssm) {
-                       return mamba2_mixer_step(u, layer, conv, ssm, eps, n_groups, dt_min, dt_max);
+                     ssm_states, eps, reuse_bytes,
+                     [&](const torch::Tensor& u, const LayerParams& layer, const torch::Tensor& conv,
+                         const torch::Tensor& ssm, const torch::Tensor& next_ssm) {
+                       return mamba2_mixer_step(u, layer, conv, ssm, next_ssm, eps, n_groups,
+                                                dt_min, dt_max);
                      });
 }
 
 TORCH_LIBRARY_FRAGMENT(mambastep, m) {
   m.def("mamba_layers_step(Tensor residual, Tensor?[] params, Tensor[] conv_states, "
-        "Tensor[] ssm_states, float eps) -> Tensor[]");
+        "Tensor[] ssm_states, float eps, int reuse_bytes) -> Tensor[]");
   m.def("mamba2_layers_step(Tensor residual, Tensor?[] params, Tensor[] conv_states, "
-        "Tensor[] ssm_states, float eps, int n_groups, float dt_min, float dt_max) -> Tensor[]");
+        "Tensor[] ssm_states, float eps, int n_groups, float dt_min, float dt_max, "
+        "int reuse_bytes) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mambastep, CPU, m) {
