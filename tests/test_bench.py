@@ -22,7 +22,8 @@ def test_report_schema_and_ratios(report):
     assert report["schema"] == "mambastep.bench/1"
     assert [r["batch"] for r in report["decode"]] == [1, 3]
     for r in report["decode"]:
-        assert r["tokens_per_s"] == pytest.approx(1000 * r["batch"] / r["ms_per_step"], rel=0.01)
+        # ms_per_step is rounded to 0.01 ms, which for a tiny model's step is more than 1%
+        assert r["tokens_per_s"] == pytest.approx(1000 * r["batch"] / r["ms_per_step"], rel=0.01 + 0.005 / r["ms_per_step"])
         assert r["roofline_fraction"] == pytest.approx(r["roofline_ms"] / r["ms_per_step"], abs=0.01)
         assert r["speedup"] == pytest.approx(r["transformers_ms_per_step"] / r["ms_per_step"], rel=0.02)
     (p,) = report["prefill"]
