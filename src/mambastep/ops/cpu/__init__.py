@@ -10,7 +10,7 @@ of a decode step, reading each weight once at memory speed. It is a PyTorch
 operator (``torch.ops.mambastep.matvec``), so ``torch.compile`` keeps it in its graph.
 ``mamba_layers_step`` and ``mamba2_layers_step`` are the decode step of a whole stack of
 Mamba-1 or Mamba-2 layers in one call: norms, matvecs and the state update per layer,
-residual adds (eager steps only).
+residual adds (eager steps only), on the layers' weights as ``FusedLayers`` prepares them.
 
 ``ssd_scan_fused`` is the Mamba-2 scan over a prompt, token by token in one fused pass
 (inference only).
