@@ -196,19 +196,27 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
                 torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+def _tiny_ssm(family: str, n_layer: int = 2):
+    """A random Mamba or Mamba-2 model of width 16, its products through the fused kernel."""
+    from mambastep.config import Mamba2Config, MambaConfig
+    from mambastep.models import Mamba2LM, MambaLM
+
+    config = MambaConfig(n_layer=n_layer, vocab_size=11, d_model=16, d_state=4) if family == "mamba" else Mamba2Config(
+        n_layer=n_layer, vocab_size=11, d_model=16, d_state=4, head_dim=8
+    )
+    return (MambaLM if family == "mamba" else Mamba2LM)(config).configure(EngineSettings(matvec="fused"))
+
+
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
 def test_fused_step_follows_changes_to_the_weights(family):
     """A model prepares its layers' weights for the fused step once (float32 copies, A = -exp(A_log))
     and keeps them while they match its parameters: after an in-place update, a replaced layer or a
     dtype change, its next step is still the one its current weights give."""
-    from mambastep.config import Mamba2Config, MambaConfig
-    from mambastep.models import Mamba2LM, MambaLM
     from mambastep.models.int8 import quantize_int8
     from mambastep.ops.cpu import FusedLayers
 
     torch.manual_seed(0)
-    config, extra, lm = (MambaConfig, dict(), MambaLM) if family == "mamba" else (Mamba2Config, dict(head_dim=8), Mamba2LM)
-    model = lm(config(n_layer=2, vocab_size=11, d_model=16, d_state=4, **extra)).configure(EngineSettings(matvec="fused"))
+    model = _tiny_ssm(family)
     token = torch.tensor([3, 5])
 
     def check_step(tol=1e-5):
@@ -238,7 +246,7 @@ def test_fused_step_follows_changes_to_the_weights(family):
     assert model._fused_layers is None
     check_step(tol=2e-2)
     with torch.inference_mode():  # inference tensors keep no version counter: never kept
-        frozen = lm(config(n_layer=1, vocab_size=11, d_model=16, d_state=4, **extra))
+        frozen = _tiny_ssm(family, n_layer=1)
     layers = FusedLayers([frozen.backbone.layers[0].mixer.step_weights(frozen.backbone.layers[0].norm.weight)])
     assert not layers.current()
 
@@ -248,13 +256,10 @@ def test_fused_step_reuses_only_the_memory_of_dropped_states(monkeypatch, family
     """Large next SSM states go into the memory of states nothing holds any more (every size
     here, with the threshold at 0): the same steps as fresh memory gives, no state or view still
     held is ever written, and a decode loop's memory does go round."""
-    from mambastep.config import Mamba2Config, MambaConfig
-    from mambastep.models import Mamba2LM, MambaLM
     from mambastep.ops import cpu
 
     torch.manual_seed(0)
-    config, extra, lm = (MambaConfig, dict(), MambaLM) if family == "mamba" else (Mamba2Config, dict(head_dim=8), Mamba2LM)
-    model = lm(config(n_layer=2, vocab_size=11, d_model=16, d_state=4, **extra)).configure(EngineSettings(matvec="fused"))
+    model = _tiny_ssm(family)
     tokens = torch.randint(0, 11, (6, 3))
 
     def decode(keep: bool):

@@ -89,6 +89,14 @@ struct SimdF32 {
 };
 #endif
 
+// x . w over [from, k): the end of a dot product past its last full vector.
+template <typename W>
+float dot_tail(const float* x, const W* w, int64_t from, int64_t k) {
+  float sum = 0.f;
+  for (int64_t j = from; j < k; ++j) sum += x[j] * to_float(w[j]);
+  return sum;
+}
+
 #if defined(MAMBASTEP_SIMD)
 // out[r] = x[r] . row for the M rows of x (each of length k, stride k). U vectors of the row
 // per iteration give M * U independent accumulators, enough to hide the latency of the FMAs;
@@ -119,9 +127,7 @@ void dot_rows(const float* x, const W* row, int64_t k, float* out) {
   }
   for (int r = 0; r < M; ++r) {
     for (int u = 1; u < U; ++u) acc[r][0] = S::add(acc[r][0], acc[r][u]);
-    float tail = 0.f;
-    for (int64_t j = i; j < k; ++j) tail += x[r * k + j] * to_float(row[j]);
-    out[r] = S::sum(acc[r][0]) + tail;
+    out[r] = S::sum(acc[r][0]) + dot_tail(x + r * k, row, i, k);
   }
 }
 
@@ -146,11 +152,7 @@ void dot_block(const float* x, const W* w, int64_t k, float (&out)[kBlockRows][k
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      float tail = 0.f;
-      for (int64_t j = i; j < k; ++j) tail += x[r * k + j] * to_float(w[c * k + j]);
-      out[r][c] = S::sum(acc[r][c]) + tail;
-    }
+    for (int c = 0; c < C; ++c) out[r][c] = S::sum(acc[r][c]) + dot_tail(x + r * k, w + c * k, i, k);
 }
 
 template <typename W, int C>
