@@ -27,8 +27,8 @@ class EngineSettings:
         to 16 rows for weights PyTorch multiplies natively, 64 for int8 weights and for
         bfloat16 ones on CPUs without native bfloat16). "fused" is the CPU kernel that reads
         float32, bfloat16 or int8 weights once at memory speed (CPU only, inference only;
-        built on first use), and with it an eager Mamba or Mamba-2 decode step of up to 64
-        sequences runs all its layers in one fused call; "torch" PyTorch's linear and
+        built on first use), and with it an eager Mamba or Mamba-2 decode step, of any batch,
+        runs all its layers in one fused call; "torch" PyTorch's linear and
         operators; "auto" the kernels on CPU.
     decode: "compiled" runs each decode step through torch.compile (a one-time compile
         of a few tens of seconds per model, cached on disk, then faster steps); "eager"

@@ -7,7 +7,6 @@ from torch._dynamo.utils import counters
 
 import mambastep
 from mambastep.models.linear import MATVEC_ROWS, WIDE_MATVEC_ROWS, Linear, takes_matvec
-from mambastep.models.lm import FUSED_STEP_ROWS
 from mambastep.settings import EngineSettings
 from conftest import make_hf_checkpoint
 
@@ -73,28 +72,34 @@ def test_fused_and_torch_scans_give_the_same_gradients(tmp_path, family):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_matvec_decode_equals_pytorch_linear(tmp_path, family, dtype):
     """Decode steps through the fused matvec kernel give PyTorch's linear's logits, for batches
-    up to the layers' matvec_rows and above (which take F.linear), and through the compiled step."""
+    up to the layers' matvec_rows and above (which take F.linear), and through the compiled step.
+
+    bfloat16: each path is held to a float32 model on the same (bfloat16) weight values, as the
+    paths round differently: PyTorch's layers round every output to bfloat16, the fused SSM step
+    keeps its activations float32. Outliers of one logit grow with the batch (seen: 0.19 on the
+    plain path at 65 sequences), so the bound is on the relative error of the whole logits
+    (seen: at most 1.5%; a wrong product gives errors of order 1)."""
     path = make_hf_checkpoint(tmp_path / family, family=family)
     plain = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="torch"))
     fused = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="fused"))
     compiled = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="fused", decode="compiled"))
+    reference = copy.deepcopy(plain).float()
     assert all(m.fused_matvec for m in fused.modules() if isinstance(m, Linear))
-    # float32: the same sums in another order; bfloat16: the layer outputs are rounded to
-    # bfloat16 (8 bits) on both paths, so one rounding may fall the other way (seen: 0.053 in
-    # one logit of 6,208 at batch 64).
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype is torch.float32 else dict(atol=0.1, rtol=0.02)
     rows = fused.backbone.layers[0].mixer.out_proj.matvec_rows if family != "gpt_neox" else MATVEC_ROWS
     for batch in (1, 3, rows, rows + 1):
         tokens = torch.randint(0, 97, (batch, 6), generator=torch.Generator().manual_seed(batch))
         _, state = plain.prefill(tokens[:, :3])
-        states = [state] * 3
+        states = [state] * 3 + [reference.prefill(tokens[:, :3])[1]]
         for t in range(3, 6):
             logits = []
-            for i, model in enumerate((plain, fused, compiled)):
+            for i, model in enumerate((plain, fused, compiled, reference)):
                 out, states[i] = model.step(tokens[:, t], states[i])
                 logits.append(out)
-            torch.testing.assert_close(logits[1], logits[0], **tol)
-            torch.testing.assert_close(logits[2], logits[1], **tol)
+            for got in logits[:3]:
+                if dtype is torch.float32:  # the same sums in another order
+                    torch.testing.assert_close(got, logits[3], atol=1e-5, rtol=1e-5)
+                else:
+                    assert (got.float() - logits[3]).norm() <= 0.03 * logits[3].norm()
 
 
 def test_fused_matvec_stays_out_of_training(tmp_path):
@@ -152,7 +157,7 @@ FUSED_STEP_SHAPES = [
 def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, weights):
     """The fused CPU step of a stack of layers (one call per step) against the blocks' own steps
     on the same weights, over a few tokens from a random state: awkward widths, groups, dt
-    limits, with and without biases."""
+    limits, with and without biases, at 3 sequences and at a batch wider than any matvec limit."""
     from mambastep.config import Mamba2Config, MambaConfig
     from mambastep.models import Mamba2LM, MambaLM
     from mambastep.models.int8 import quantize_int8
@@ -169,9 +174,6 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
     # The reference: the blocks' own steps through F.linear, in float32 on the same weight values
     # (a bfloat16 model's plain step rounds every intermediate to bfloat16; the fused one does not).
     reference = copy.deepcopy(model).float().configure(EngineSettings(matvec="torch"))
-    random = model.new_state(3)
-    fused = type(random)(tuple(type(s)(conv=torch.randn_like(s.conv), ssm=torch.randn_like(s.ssm)) for s in random.layers), random.fingerprint)
-    plain = type(fused)(tuple(type(s)(conv=s.conv.float(), ssm=s.ssm) for s in fused.layers), fused.fingerprint)
     with torch.no_grad():
         residual = torch.randn(3, 1, shape["d_model"])
         assert model.takes_fused_step(residual)  # an eager step takes it ...
@@ -179,12 +181,17 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
         assert not model.takes_fused_step(residual)  # ... unless Δ is watched (inspect)
         hook.remove()
         assert not model.takes_fused_step(residual.to(torch.bfloat16)) and not model.takes_fused_step(residual.expand(3, 2, -1))
-        wide = torch.randn(FUSED_STEP_ROWS + 1, 1, shape["d_model"])  # batches beyond MATVEC_ROWS too, up to FUSED_STEP_ROWS
-        assert model.takes_fused_step(wide[:FUSED_STEP_ROWS]) and not model.takes_fused_step(wide)
+    # a few sequences (row groups in the products), then a batch of blocks and the widest rows
+    for batch in (3, WIDE_MATVEC_ROWS + 6):
+        random = model.new_state(batch)
+        fused = type(random)(tuple(type(s)(conv=torch.randn_like(s.conv), ssm=torch.randn_like(s.ssm)) for s in random.layers), random.fingerprint)
+        plain = type(fused)(tuple(type(s)(conv=s.conv.float(), ssm=s.ssm) for s in fused.layers), fused.fingerprint)
         for _ in range(3):
-            residual = torch.randn(3, 1, shape["d_model"])
-            r_fused, fused = model._layers(residual, fused)
-            r_plain, plain = reference._layers(residual, plain)
+            residual = torch.randn(batch, 1, shape["d_model"])
+            with torch.no_grad():
+                assert model.takes_fused_step(residual)
+                r_fused, fused = model._layers(residual, fused)
+                r_plain, plain = reference._layers(residual, plain)
             assert r_fused.dtype == torch.float32 and fused.layers[0].conv.dtype == model.dtype and fused.layers[0].ssm.dtype == torch.float32
             pairs = [(r_fused, r_plain)] + [(a, b) for fl, pl in zip(fused.layers, plain.layers) for a, b in ((fl.conv, pl.conv), (fl.ssm, pl.ssm))]
             for got, want in pairs:
