@@ -81,3 +81,20 @@ def test_matmul_peak_shrinks_the_product_where_matmul_is_slow(monkeypatch):
     monkeypatch.setattr(hardware.torch, "mm", slow_mm)
     hardware.matmul_peak(torch.float32, repeats=1, budget_s=0.3)
     assert max(sizes) == 512  # about 0.08 s per product; 1024 would take 0.64 s
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_path, monkeypatch, native):
+    """bfloat16 prompts multiply in float32 on a CPU without native bfloat16 kernels, so their
+    compute bound is the float32 peak there (PyTorch's bfloat16 matmul peak is 100x lower)."""
+    from mambastep import bench
+
+    peaks = []
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype: peaks.append(dtype) or 1e12)
+    monkeypatch.setattr(bench, "computes_in", lambda dtype: native or dtype == torch.float32)
+    path = make_hf_checkpoint(tmp_path / "m")
+    settings = BenchSettings(model=str(path), dtype="bfloat16", batches=(1,), prompts=(8,), decode_steps=1, repeats=1,
+                             long_context=0, baseline=False)
+    report = run_bench(settings)
+    want = torch.bfloat16 if native else torch.float32
+    assert peaks == [want] and report["machine"][f"matmul_peak_gflop_s_{str(want)[6:]}"] == 1000.0

@@ -7,7 +7,8 @@ repeat, and reported as a ratio, because a shared machine is noisy:
   bandwidth roofline (weights + state read once per step, at this machine's measured
   bandwidth);
 - prefill tokens/s per prompt length, against `transformers` and the compute bound
-  (matrix FLOPs at this machine's measured matmul peak), with the peak resident
+  (matrix FLOPs at this machine's measured matmul peak, in the dtype the products compute
+  in: float32 for bfloat16 weights on a CPU without native bfloat16), with the peak resident
   memory the prefill added;
 - decode after a long context against decode after a short one.
 """
@@ -30,6 +31,7 @@ from mambastep.loading import save
 from mambastep.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from mambastep.models import LanguageModel
 from mambastep.models.int8 import Int8Linear, quantize_int8
+from mambastep.ops.cpu import computes_in
 from mambastep.settings import EngineSettings
 
 SCHEMA = "mambastep.bench/1"
@@ -138,7 +140,9 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
     """Measure; return a JSON-ready report (schema ``mambastep.bench/1``)."""
     dtype = DTYPES[s.dtype]
     progress = tqdm(total=3 + len(s.batches) + len(s.prompts) + bool(s.long_context), desc="bench", disable=None)
-    bandwidth, peak = read_bandwidth(), matmul_peak(dtype)
+    # Prompts multiply in the weights' dtype where this CPU has native kernels for it, else in float32.
+    compute_dtype = dtype if computes_in(dtype) else torch.float32
+    bandwidth, peak = read_bandwidth(), matmul_peak(compute_dtype)
     progress.update()
     ours = model_for(s.model, dtype, settings=engine or EngineSettings())
     ref = _baseline(ours, dtype) if s.baseline else None
@@ -153,7 +157,7 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
         "settings": asdict(s),
         "engine": asdict(ours.settings),
         "threads": torch.get_num_threads(),
-        "machine": {"bandwidth_gb_s": round(bandwidth / 1e9, 1), f"matmul_peak_gflop_s_{s.dtype}": round(peak / 1e9, 1)},
+        "machine": {"bandwidth_gb_s": round(bandwidth / 1e9, 1), f"matmul_peak_gflop_s_{str(compute_dtype).removeprefix('torch.')}": round(peak / 1e9, 1)},
         "weight_bytes": w_bytes,
         "state_bytes_per_sequence": ours.new_state(1).nbytes,
         "decode": [],
