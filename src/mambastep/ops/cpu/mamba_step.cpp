@@ -230,7 +230,10 @@ std::array<torch::Tensor, 2> mamba_mixer_step(const torch::Tensor& u, const Laye
   float* hn = next_ssm.data_ptr<float>();
   float* y_p = y.data_ptr<float>();
   at::parallel_for(0, e, kChannelGrain, [&](int64_t c0, int64_t c1) {
-    std::vector<float> delta(c1 - c0), gate(c1 - c0), read(c1 - c0);
+    std::vector<float> delta(c1 - c0), gate(c1 - c0), read(c1 - c0), decay((c1 - c0) * n);
+    float* dA = decay.data();  // (c1 - c0, n): exp(delta A) of this block's channels
+    const float* A_block = Ap + c0 * n;
+    const int64_t block = (c1 - c0) * n;
     for (int64_t bi = 0; bi < b; ++bi) {
       const float* Bt = dbc_p + bi * (r + 2 * n) + r;
       const float* Ct = Bt + n;
@@ -241,14 +244,22 @@ std::array<torch::Tensor, 2> mamba_mixer_step(const torch::Tensor& u, const Laye
         delta[c - c0] = softplus(dt_p[bi * e + c] + dtb[c]);
         gate[c - c0] = silu(z[c]);
       }
+      // The decays first, in one flat pass: the exps are most of the update's work, and
+      // computed in the loop of n per channel below the update ran 1.35-1.5x slower.
+      for (int64_t c = 0; c < c1 - c0; ++c)
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) dA[c * n + j] = delta[c] * A_block[c * n + j];
+#pragma omp simd
+      for (int64_t i = 0; i < block; ++i) dA[i] = expf(dA[i]);
       for (int64_t c = c0; c < c1; ++c) {  // the state update, vectorised over the state
-        const float d = delta[c - c0], dx = d * x[c];
+        const float dx = delta[c - c0] * x[c];
+        const float* decay_c = dA + (c - c0) * n;
         const float* h = hs + (bi * e + c) * n;
         float* h_next = hn + (bi * e + c) * n;
         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
         for (int64_t j = 0; j < n; ++j) {
-          const float hj = expf(d * Ap[c * n + j]) * h[j] + dx * Bt[j];
+          const float hj = decay_c[j] * h[j] + dx * Bt[j];
           h_next[j] = hj;
           acc += hj * Ct[j];
         }
