@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import mambastep
-from mambastep.models.linear import MATVEC_ROWS, WIDE_MATVEC_ROWS, Linear, takes_matvec
+from mambastep.models.linear import CONVERTED_ROWS, MATVEC_ROWS, WIDE_MATVEC_ROWS, Linear, takes_matvec
 from mambastep.settings import EngineSettings
 from conftest import make_hf_checkpoint
 
@@ -354,7 +354,7 @@ def test_half_precision_products_upcast_on_cpus_without_native_kernels(monkeypat
     from mambastep.models import linear
 
     torch.manual_seed(0)
-    layer = Linear(12, 5).to(dtype)
+    layer = Linear(12, 2 * CONVERTED_ROWS + 5).to(dtype)  # converted in two blocks and a part
     x = torch.randn(MATVEC_ROWS + 12, 12).to(dtype)
     monkeypatch.setattr(linear, "computes_in", lambda d: d not in (torch.bfloat16, torch.float16))
     want = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()).to(dtype)

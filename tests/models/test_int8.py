@@ -5,12 +5,14 @@ import torch
 
 import mambastep
 from mambastep.models.int8 import Int8Linear
+from mambastep.models.linear import CONVERTED_ROWS
 from conftest import make_hf_checkpoint
 
 
-def test_int8_linear_equals_its_dequantized_weight():
+@pytest.mark.parametrize("out_features", [36, 2 * CONVERTED_ROWS + 17])  # one block; two and a part
+def test_int8_linear_equals_its_dequantized_weight(out_features):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(48, 36)
+    linear = torch.nn.Linear(48, out_features)
     q = Int8Linear(linear.weight, linear.bias)
     x = torch.randn(2, 5, 48)
     expected = torch.nn.functional.linear(x, q.dequantized(), linear.bias)

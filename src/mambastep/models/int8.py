@@ -3,26 +3,26 @@
 Each output row of a weight matrix gets one scale (symmetric, absmax / 127);
 activations stay in float32. Decode steps take the fused matvec kernel (see
 ``models.linear``), which reads a quarter of the float32 weight bytes; longer
-inputs (prompts) are multiplied by a float32 copy of the int8 values and then scaled. Norms,
-the SSM parameters (A, D, dt bias), the conv and the embedding lookup are
-untouched: they are a small part of the bytes and most of the sensitivity.
+inputs (prompts) are multiplied by the int8 values, converted to float32 a block of rows
+at a time (``float32_product``), then scaled. Norms, the SSM parameters (A, D, dt bias),
+the conv and the embedding lookup are untouched: they are a small part of the bytes and
+most of the sensitivity.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mambastep.models.linear import WIDE_MATVEC_ROWS, takes_matvec
+from mambastep.models.linear import WIDE_MATVEC_ROWS, float32_product, takes_matvec
 from mambastep.ops.cpu import matvec
 
 
 class Int8Linear(nn.Module):
     """y = x W^T + bias with W stored as int8 rows times a float32 scale per row."""
 
-    # Up to this many rows the fused kernel; beyond, a float32 copy of the weight, which
-    # writes and reads 4 bytes per weight on every call and pays off only for prompts.
+    # Up to this many rows the fused kernel; beyond, float32 products of converted blocks of
+    # the weight, which convert every weight on every call and pay off only for prompts.
     matvec_rows = WIDE_MATVEC_ROWS
 
     def __init__(self, weight: Tensor, bias: Tensor | None, fused_matvec: bool = False):
@@ -54,8 +54,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if takes_matvec(self, x):
             return matvec(x, *self.matvec_operands())
-        # Many rows (a prompt): one float32 copy of the int8 values, PyTorch's matmul, then the scales.
-        y = F.linear(x.float(), self.weight_int8.float()) * self.scale  # (..., out)
+        y = float32_product(x, self.weight_int8) * self.scale  # (..., out)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> Tensor:

@@ -23,8 +23,23 @@ from torch import Tensor, nn
 from mambastep.ops.cpu import computes_in, matvec
 
 MATVEC_ROWS = 16  # rows (sequences x tokens) up to which float weights that PyTorch multiplies natively take the fused kernel
-WIDE_MATVEC_ROWS = 64  # the same for weights PyTorch would first copy to float32
+WIDE_MATVEC_ROWS = 64  # the same for weights whose other path converts them to float32 on every call
 MATVEC_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # the weights the kernel reads
+CONVERTED_ROWS = 256  # weight rows converted to float32 at a time by float32_product
+
+
+def float32_product(x: Tensor, weight: Tensor) -> Tensor:
+    """x W^T in float32 for a weight stored in a dtype PyTorch does not multiply fast here
+    (int8 values, or bfloat16 / float16 on a CPU without native kernels): (..., in) -> (..., out).
+
+    The weight is converted ``CONVERTED_ROWS`` rows at a time, each block just before its
+    product, while it is still in cache. A float32 copy of the whole weight would be written
+    to memory and read back on every call, and would add 4 bytes per weight to a prompt's
+    peak memory.
+    """
+    x = x.float()
+    blocks = [F.linear(x, weight[r : r + CONVERTED_ROWS].float()) for r in range(0, weight.shape[0], CONVERTED_ROWS)]
+    return torch.cat(blocks, dim=-1)
 
 
 def takes_matvec(layer: nn.Module, x: Tensor) -> bool:
@@ -58,6 +73,6 @@ class Linear(nn.Linear):
         if takes_matvec(self, x):
             return matvec(x, *self.matvec_operands()).to(x.dtype)
         if x.device.type == "cpu" and not computes_in(self.weight.dtype):
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)  # upcast: float32 products
+            y = float32_product(x, self.weight)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
