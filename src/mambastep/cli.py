@@ -21,7 +21,7 @@ from mambastep.config import ConfigError
 from mambastep.generation import SamplingParams, generate
 from mambastep.loading import CheckpointError, load
 from mambastep.models.int8 import Int8Linear
-from mambastep.settings import DECODE_BACKENDS, MATVEC_KERNELS, SCAN_KERNELS, EngineSettings
+from mambastep.settings import DECODE_BACKENDS, MATVEC_KERNELS, PROMPT_MATMULS, SCAN_KERNELS, EngineSettings
 from mambastep.state import StateError
 from mambastep.tasks import TASKS
 from mambastep.tokenizer import TokenizerError, load_tokenizer
@@ -48,13 +48,16 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="Mamba-1 and Mamba-2 prompt scans: fused CPU kernels, PyTorch, or auto")
     parser.add_argument("--matvec", choices=MATVEC_KERNELS, default=engine.matvec,
                         help="decode-step products: fused CPU kernel (float32/bfloat16/int8 weights), PyTorch, or auto")
+    parser.add_argument("--prompt-matmul", choices=PROMPT_MATMULS, default=engine.prompt_matmul,
+                        help="float32 prompt products: oneDNN, PyTorch (MKL on x86), or auto (oneDNN on non-Intel x86)")
     parser.add_argument("--decode", choices=DECODE_BACKENDS, default=engine.decode,
                         help="compiled: torch.compile the decode step (one-time compile, cached; faster steps)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
 
 
 def _engine_settings(args: argparse.Namespace) -> EngineSettings:
-    return EngineSettings(scan=args.scan, matvec=args.matvec, decode=args.decode, threads=args.threads)
+    return EngineSettings(scan=args.scan, matvec=args.matvec, prompt_matmul=args.prompt_matmul,
+                          decode=args.decode, threads=args.threads)
 
 
 def _load_model(args: argparse.Namespace):

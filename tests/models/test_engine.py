@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import mambastep
-from mambastep.models.linear import CONVERTED_ROWS, MATVEC_ROWS, WIDE_MATVEC_ROWS, Linear, takes_matvec
+from mambastep.models.linear import CONVERTED_ROWS, MATVEC_ROWS, ONEDNN_MIN_FEATURES, WIDE_MATVEC_ROWS, Linear, takes_matvec
 from mambastep.settings import EngineSettings
 from conftest import make_hf_checkpoint
 
@@ -140,7 +140,7 @@ def test_matvec_rows_follow_what_pytorch_multiplies_natively(monkeypatch, tmp_pa
     torch.testing.assert_close(half.step(tokens[:, 0], a)[0], plain.step(tokens[:, 0], b)[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(scan="fast"), dict(matvec="blas"), dict(decode="jit"), dict(scan_chunk=0), dict(threads=0)])
+@pytest.mark.parametrize("bad", [dict(scan="fast"), dict(matvec="blas"), dict(prompt_matmul="mkl"), dict(decode="jit"), dict(scan_chunk=0), dict(threads=0)])
 def test_bad_settings(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineSettings(**bad)
@@ -363,3 +363,54 @@ def test_half_precision_products_upcast_on_cpus_without_native_kernels(monkeypat
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     monkeypatch.setattr(linear, "computes_in", lambda d: True)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_prompt_products_equal_pytorch_linear(bias):
+    """oneDNN's matmul gives PyTorch's float32 linear up to summation order, for wide layers,
+    whatever the input's leading dimensions; narrow layers, other dtypes and training keep F.linear."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    layer = Linear(48, ONEDNN_MIN_FEATURES + 8, bias=bias)
+    layer.onednn_prompts = True
+    for shape in [(2, 40, 48), (300, 48), (1, 48)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert layer.takes_onednn(x)
+            want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            with FlopCounterMode(display=False) as counter:
+                got = layer(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert counter.get_total_flops() == 2 * x.numel() * layer.out_features
+    x = torch.randn(5, 48)
+    assert not layer.takes_onednn(x)  # the weight wants a gradient
+    assert layer(x).grad_fn is not None
+    with torch.no_grad():
+        assert not Linear(48, ONEDNN_MIN_FEATURES - 1).takes_onednn(x)
+        assert not layer.takes_onednn(x.double())
+        assert not copy.deepcopy(layer).to(torch.bfloat16).takes_onednn(x.bfloat16())
+
+
+def test_prompt_matmul_setting(monkeypatch, tmp_path):
+    """"auto" takes oneDNN only where MKL is not tuned for the CPU; a model prefilled with
+    oneDNN's products is as close to the float64 model as one prefilled with PyTorch's."""
+    from mambastep.ops import cpu
+
+    monkeypatch.setattr(cpu, "mkl_tuned_here", lambda: True)
+    assert not cpu.uses_onednn("auto") and cpu.uses_onednn("onednn") and not cpu.uses_onednn("torch")
+    monkeypatch.setattr(cpu, "mkl_tuned_here", lambda: False)
+    assert cpu.uses_onednn("auto")
+    path = make_hf_checkpoint(tmp_path / "m", hidden_size=ONEDNN_MIN_FEATURES // 2)  # in_proj: 2 x 2 x hidden outputs
+    tokens = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(0))
+    exact = mambastep.load(path, dtype=torch.float64, settings=EngineSettings(prompt_matmul="torch", scan="torch"))
+    want, want_state = exact.prefill(tokens)
+    for setting in ("onednn", "torch"):
+        model = mambastep.load(path, settings=EngineSettings(prompt_matmul=setting))
+        in_proj = model.backbone.layers[0].mixer.in_proj
+        assert in_proj.onednn_prompts == (setting == "onednn") and in_proj.out_features >= ONEDNN_MIN_FEATURES
+        logits, state = model.prefill(tokens)
+        # Seen: 2.7e-6 (logits) and 4-6e-6 (state) of the largest value, for both settings.
+        for got, ref in [(logits, want), (state.layers[-1].ssm, want_state.layers[-1].ssm)]:
+            assert (got.double() - ref).abs().max() <= 2e-5 * ref.abs().max()

@@ -95,9 +95,12 @@ class LanguageModel(nn.Module, ABC):
         fused_matvec = cpu.chosen(settings.matvec)
         if settings.matvec == "fused":
             cpu.kernels()  # a build failure is an error here, not at the first step
+        onednn_prompts = cpu.uses_onednn(settings.prompt_matmul)
         for module in self.modules():
             if isinstance(module, (Linear, Int8Linear)):
                 module.fused_matvec = fused_matvec
+            if isinstance(module, Linear):
+                module.onednn_prompts = onednn_prompts
         # Compiled at the first step (cached on disk); dynamic shapes, so a new batch size compiles at most once more.
         self._compiled_step = torch.compile(self._step_logits, dynamic=True) if settings.decode == "compiled" else None
         log.info("engine: %s", settings)
