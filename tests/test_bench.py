@@ -65,7 +65,7 @@ def test_weight_bytes_count_what_a_decode_step_reads(tmp_path):
     assert weight_bytes(int8) == sum(t.numel() * t.element_size() for t in int8.state_dict().values()) - table.numel() * 4
 
 
-def test_matmul_peak_shrinks_the_product_where_matmul_is_slow(monkeypatch):
+def test_matmul_peak_shrinks_the_product_where_matmul_is_slow():
     """On a CPU without native kernels for a dtype a 2048 x 2048 product takes a minute: the
     measurement then shrinks it to fit its time budget."""
     from mambastep import hardware
@@ -78,8 +78,7 @@ def test_matmul_peak_shrinks_the_product_where_matmul_is_slow(monkeypatch):
         time.sleep(0.01 * (a.shape[0] / 256) ** 3)  # 0.01 s at 256: 2048 would take 5 s
         return real_mm(a, b)
 
-    monkeypatch.setattr(hardware.torch, "mm", slow_mm)
-    hardware.matmul_peak(torch.float32, repeats=1, budget_s=0.3)
+    hardware.matmul_peak(torch.float32, repeats=1, budget_s=0.3, product=slow_mm)
     assert max(sizes) == 512  # about 0.08 s per product; 1024 would take 0.64 s
 
 
@@ -90,7 +89,7 @@ def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_p
     from mambastep import bench
 
     peaks = []
-    monkeypatch.setattr(bench, "matmul_peak", lambda dtype: peaks.append(dtype) or 1e12)
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, product: peaks.append(dtype) or 1e12)
     monkeypatch.setattr(bench, "computes_in", lambda dtype: native or dtype == torch.float32)
     path = make_hf_checkpoint(tmp_path / "m")
     settings = BenchSettings(model=str(path), dtype="bfloat16", batches=(1,), prompts=(8,), decode_steps=1, repeats=1,
@@ -98,3 +97,22 @@ def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_p
     report = run_bench(settings)
     want = torch.bfloat16 if native else torch.float32
     assert peaks == [want] and report["machine"][f"matmul_peak_gflop_s_{str(want)[6:]}"] == 1000.0
+
+
+@pytest.mark.parametrize("prompt_matmul", ["onednn", "torch"])
+def test_prefill_bound_takes_the_peak_of_the_product_prompts_take(tmp_path, monkeypatch, prompt_matmul):
+    """Where float32 prompts go to oneDNN's matmul, the compute bound is that product's peak."""
+    from mambastep import bench
+    from mambastep.settings import EngineSettings
+
+    products = []
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, product: products.append(product) or 1e12)
+    path = make_hf_checkpoint(tmp_path / "m")
+    settings = BenchSettings(model=str(path), batches=(1,), prompts=(8,), decode_steps=1, repeats=1, long_context=0,
+                             baseline=False)
+    report = run_bench(settings, EngineSettings(prompt_matmul=prompt_matmul))
+    assert report["machine"]["matmul_peak_by"] == prompt_matmul
+    a, b = torch.randn(5, 7), torch.randn(6, 7)
+    (product,) = products
+    want = a @ b.T if prompt_matmul == "onednn" else None  # oneDNN's linear multiplies by b's transpose
+    assert product is torch.mm if want is None else torch.allclose(product(a, b), want, atol=1e-5)

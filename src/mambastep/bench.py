@@ -8,7 +8,8 @@ repeat, and reported as a ratio, because a shared machine is noisy:
   bandwidth);
 - prefill tokens/s per prompt length, against `transformers` and the compute bound
   (matrix FLOPs at this machine's measured matmul peak, in the dtype the products compute
-  in: float32 for bfloat16 weights on a CPU without native bfloat16), with the peak resident
+  in: float32 for bfloat16 weights on a CPU without native bfloat16; of oneDNN's product where
+  the engine sends float32 prompts there, ``prompt_matmul``), with the peak resident
   memory the prefill added;
 - decode after a long context against decode after a short one.
 """
@@ -31,7 +32,8 @@ from mambastep.loading import save
 from mambastep.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from mambastep.models import LanguageModel
 from mambastep.models.int8 import Int8Linear, quantize_int8
-from mambastep.ops.cpu import computes_in
+from mambastep.models.linear import onednn_linear
+from mambastep.ops.cpu import computes_in, uses_onednn
 from mambastep.settings import EngineSettings
 
 SCHEMA = "mambastep.bench/1"
@@ -142,9 +144,14 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
     progress = tqdm(total=3 + len(s.batches) + len(s.prompts) + bool(s.long_context), desc="bench", disable=None)
     # Prompts multiply in the weights' dtype where this CPU has native kernels for it, else in float32.
     compute_dtype = dtype if computes_in(dtype) else torch.float32
-    bandwidth, peak = read_bandwidth(), matmul_peak(compute_dtype)
+    engine = engine or EngineSettings()
+    # The peak of the product the prompts take: oneDNN's, where the engine chose it for float32.
+    onednn = compute_dtype == torch.float32 and uses_onednn(engine.prompt_matmul)
+    peak_by = "onednn" if onednn else "torch"
+    bandwidth = read_bandwidth()
+    peak = matmul_peak(compute_dtype, product=(lambda a, b: onednn_linear(a, b, None)) if onednn else torch.mm)
     progress.update()
-    ours = model_for(s.model, dtype, settings=engine or EngineSettings())
+    ours = model_for(s.model, dtype, settings=engine)
     ref = _baseline(ours, dtype) if s.baseline else None
     if s.quantize:
         quantize_int8(ours)
@@ -157,7 +164,8 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
         "settings": asdict(s),
         "engine": asdict(ours.settings),
         "threads": torch.get_num_threads(),
-        "machine": {"bandwidth_gb_s": round(bandwidth / 1e9, 1), f"matmul_peak_gflop_s_{str(compute_dtype).removeprefix('torch.')}": round(peak / 1e9, 1)},
+        "machine": {"bandwidth_gb_s": round(bandwidth / 1e9, 1), f"matmul_peak_gflop_s_{str(compute_dtype).removeprefix('torch.')}": round(peak / 1e9, 1),
+                    "matmul_peak_by": peak_by},
         "weight_bytes": w_bytes,
         "state_bytes_per_sequence": ours.new_state(1).nbytes,
         "decode": [],

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 # Classes of primitive operations, as cost.py counts them; "copy" moves bytes and does no arithmetic.
@@ -160,19 +161,24 @@ def read_bandwidth(repeats: int = 5) -> float:
     return big.nbytes / _best_seconds(big.sum, repeats)
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, repeats: int = 5, budget_s: float = 0.2) -> float:
-    """Matrix-multiply FLOP/s in ``dtype``: an n x n product, n = 2048, or smaller (down to 256)
-    where one product would take over ``budget_s`` seconds, as on a CPU without native kernels
-    for ``dtype`` (PyTorch's bfloat16 matmul runs at well under 1 GFLOP/s on AVX2 CPUs, where a
-    2048 x 2048 product takes a minute)."""
+def matmul_peak(
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 5,
+    budget_s: float = 0.2,
+    product: Callable[[Tensor, Tensor], Tensor] = torch.mm,
+) -> float:
+    """Matrix-multiply FLOP/s in ``dtype`` of ``product`` (two n x n matrices in, n^3
+    multiply-adds): n = 2048, or smaller (down to 256) where one product would take over
+    ``budget_s`` seconds, as on a CPU without native kernels for ``dtype`` (PyTorch's bfloat16
+    matmul runs at well under 1 GFLOP/s on AVX2 CPUs, where a 2048 x 2048 product takes a minute)."""
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(256, 256, generator=gen).to(dtype) for _ in range(2))
-    probe = _best_seconds(lambda: torch.mm(a, b), 1)
+    probe = _best_seconds(lambda: product(a, b), 1)
     n = 2048
     while n > 256 and probe * (n / 256) ** 3 > budget_s:
         n //= 2
     a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
-    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), repeats)
+    return 2 * n**3 / _best_seconds(lambda: product(a, b), repeats)
 
 
 def calibrate(repeats: int = 5) -> Hardware:
