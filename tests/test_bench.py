@@ -99,6 +99,7 @@ def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_p
     assert peaks == [want] and report["machine"][f"matmul_peak_gflop_s_{str(want)[6:]}"] == 1000.0
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 @pytest.mark.parametrize("prompt_matmul", ["onednn", "torch"])
 def test_prefill_bound_takes_the_peak_of_the_product_prompts_take(tmp_path, monkeypatch, prompt_matmul):
     """Where float32 prompts go to oneDNN's matmul, the compute bound is that product's peak."""

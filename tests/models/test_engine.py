@@ -365,6 +365,10 @@ def test_half_precision_products_upcast_on_cpus_without_native_kernels(monkeypat
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
 
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 def test_onednn_prompt_products_equal_pytorch_linear(bias):
     """oneDNN's matmul gives PyTorch's float32 linear up to summation order, for wide layers,
@@ -393,6 +397,7 @@ def test_onednn_prompt_products_equal_pytorch_linear(bias):
         assert not copy.deepcopy(layer).to(torch.bfloat16).takes_onednn(x.bfloat16())
 
 
+@needs_onednn
 def test_prompt_matmul_setting(monkeypatch, tmp_path):
     """"auto" takes oneDNN only where MKL is not tuned for the CPU; a model prefilled with
     oneDNN's products is as close to the float64 model as one prefilled with PyTorch's."""
