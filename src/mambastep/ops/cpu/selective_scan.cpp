@@ -15,11 +15,30 @@
 #include <ATen/Parallel.h>
 #include <math.h>
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 16;  // channels per work item: one 512-bit vector of floats
+
+// exp(v), inlined so that the channel loops vectorise without a call: within 2.5e-7 relative
+// of exp on [-87.3, 88.3] (about 2 ulp), 0 below (where exp is denormal, which -ffast-math
+// flushes to 0 anyway). Range reduction v = k ln2 + r (ln2 in two parts), Cephes' expf
+// polynomial for exp(r), and 2^k put into the exponent bits. GCC's vector expf (a libmvec call per 8 or 16 lanes) made the
+// scan 1.4-1.6x slower on an AVX2 CPU: every state update takes one exp.
+inline float exp_inline(float v) {
+  const float u = std::min(std::max(v, -87.3f), 88.3f);
+  const float k = floorf(u * 1.44269504088896341f + 0.5f);  // round(u / ln2)
+  const float r = u - k * 0.693359375f + k * 2.12194440e-4f;  // u - k ln2, |r| <= ln2 / 2
+  const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+                     4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * (r * r) + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return v < -87.3f ? 0.f : p * scale;
+}
 
 // ---------------------------------------------------------------------------------------------
 // State layout helpers. The global state is (e, n); a block's copy is (n, kBlock), channels
@@ -61,7 +80,7 @@ void scan_tokens(const float* x, const float* dt, const float* AT, const float* 
       float* h_j = hb + j * kBlock;
 #pragma omp simd
       for (int64_t c = 0; c < w; ++c) {
-        const float hj = expf(d[c] * A_j[c]) * h_j[c] + dx[c] * b_tj;
+        const float hj = exp_inline(d[c] * A_j[c]) * h_j[c] + dx[c] * b_tj;
         h_j[c] = hj;
         acc[c] += hj * c_tj;
       }
@@ -117,7 +136,7 @@ void recompute_chunk(const float* x, const float* dt, const float* Ab, const flo
       const float b_tj = B[t * n + j];
 #pragma omp simd
       for (int64_t c = 0; c < kBlock; ++c)
-        h_next[j * kBlock + c] = expf(d[c] * Ab[j * kBlock + c]) * h_prev[j * kBlock + c] + dx[c] * b_tj;
+        h_next[j * kBlock + c] = exp_inline(d[c] * Ab[j * kBlock + c]) * h_prev[j * kBlock + c] + dx[c] * b_tj;
     }
   }
 }
@@ -163,7 +182,7 @@ void reverse_token(const TokenLanes& v, const float* Ab, const float* B_t, const
     for (int64_t c = 0; c < kBlock; ++c) {
       sum_c += v.gy[c] * hc_j[c];
       const float g_t = g_j[c] + c_tj * v.gy[c];
-      const float a_t = expf(v.dt[c] * A_j[c]);
+      const float a_t = exp_inline(v.dt[c] * A_j[c]);
       const float gah = g_t * a_t * hp_j[c];  // g_t a_t h_{t-1}: the gradient through exp(dt A)
       dA_j[c] += gah * v.dt[c];
       sAgah[c] += A_j[c] * gah;
