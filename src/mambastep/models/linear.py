@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
-from mambastep.ops.cpu import computes_in, matvec
+from mambastep.ops.cpu import computes_in, matvec, wants_grad
 
 MATVEC_ROWS = 16  # rows (sequences x tokens) up to which float weights that PyTorch multiplies natively take the fused kernel
 WIDE_MATVEC_ROWS = 64  # the same for weights whose other path converts them to float32 on every call
@@ -51,7 +51,8 @@ def float32_product(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _wants_grad(layer: nn.Module, x: Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+    # Grad mode first: inference (every decode step) then skips gathering the parameters.
+    return torch.is_grad_enabled() and wants_grad(x, *layer.parameters())
 
 
 def takes_matvec(layer: nn.Module, x: Tensor) -> bool:

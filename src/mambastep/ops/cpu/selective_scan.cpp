@@ -26,8 +26,9 @@ constexpr int64_t kBlock = 16;  // channels per work item: one 512-bit vector of
 // exp(v), inlined so that the channel loops vectorise without a call: within 2.5e-7 relative
 // of exp on [-87.3, 88.3] (about 2 ulp), 0 below (where exp is denormal, which -ffast-math
 // flushes to 0 anyway). Range reduction v = k ln2 + r (ln2 in two parts), Cephes' expf
-// polynomial for exp(r), and 2^k put into the exponent bits. GCC's vector expf (a libmvec call per 8 or 16 lanes) made the
-// scan 1.4-1.6x slower on an AVX2 CPU: every state update takes one exp.
+// polynomial for exp(r), and 2^k put into the exponent bits. GCC's vector expf (a libmvec
+// call per 8 or 16 lanes) made the scan 1.4-1.6x slower on an AVX2 CPU: every state update
+// takes one exp.
 inline float exp_inline(float v) {
   const float u = std::min(std::max(v, -87.3f), 88.3f);
   const float k = floorf(u * 1.44269504088896341f + 0.5f);  // round(u / ln2)
