@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mambastep.ops import causal_conv, causal_conv_step
+from mambastep.ops import causal_conv, causal_conv_silu, causal_conv_step, cpu
 from mambastep.ops.reference import causal_conv_ref
 
 from conftest import TOL
@@ -80,3 +81,61 @@ def test_half_precision_conv_upcasts_on_cpus_without_native_kernels(monkeypatch,
     window = torch.cat([state, x], dim=1).transpose(1, 2)
     native = torch.nn.functional.conv1d(window, w[:, None, :], bias, groups=6).transpose(1, 2)
     torch.testing.assert_close(causal_conv(x, w, bias, state)[0], native, atol=0, rtol=0)
+
+
+# The fused kernel: -ffast-math and an inlined exp in SiLU, float32 rounding.
+FUSED_TOL = dict(atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("b,l,c,k", SIZES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_conv_silu_matches_reference(b, l, c, k, with_bias):
+    """Prompts shorter and longer than the state; x read from wider rows (in_proj's output)."""
+    x, w, bias, state = _inputs(b, l, c, k, torch.float32)
+    bias = bias if with_bias else None
+    wide = torch.cat([torch.randn(b, l, 3), x, torch.randn(b, l, 2)], -1)[..., 3 : 3 + c]
+    y, new_state = cpu.causal_conv_silu(wide, w, bias, state)
+    y_ref, state_ref = causal_conv_ref(*(None if t is None else t.double() for t in (x, w, bias, state)))
+    assert y.dtype == torch.float32 and y.is_contiguous() and new_state.is_contiguous()
+    torch.testing.assert_close(y.double(), F.silu(y_ref), **FUSED_TOL)
+    torch.testing.assert_close(new_state.double(), state_ref, atol=0, rtol=0)  # a copy of inputs
+
+
+def test_fused_conv_silu_in_pieces_equals_one_call():
+    x, w, bias, state = _inputs(2, 13, 6, 4, torch.float32)
+    y, final = cpu.causal_conv_silu(x, w, bias, state)
+    y1, s1 = cpu.causal_conv_silu(x[:, :2], w, bias, state)
+    y2, s2 = cpu.causal_conv_silu(x[:, 2:], w, bias, s1)
+    assert torch.equal(torch.cat([y1, y2], 1), y) and torch.equal(s2, final)
+
+
+def test_conv_silu_takes_the_kernel_only_where_it_applies():
+    """float32 inference with ``fused``; PyTorch's conv and SiLU otherwise (other dtypes, no
+    ``fused``, gradients), which agree with it."""
+    x, w, bias, state = _inputs(2, 9, 6, 4, torch.float32)
+    fused, plain = causal_conv_silu(x, w, bias, state, True), causal_conv_silu(x, w, bias, state, False)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, **FUSED_TOL)
+    y, new_state = causal_conv_silu(*(t.bfloat16() for t in (x, w, bias, state)), True)
+    assert y.dtype == new_state.dtype == torch.bfloat16
+    x = x.requires_grad_()
+    y, _ = causal_conv_silu(x, w, bias, state, True)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        cpu.causal_conv_silu(x, w, bias, state)
+
+
+def test_fused_conv_silu_checks_its_arguments():
+    x, w, bias, state = _inputs(2, 5, 6, 4, torch.float32)
+    run = torch.ops.mambastep.causal_conv_silu
+    with pytest.raises(RuntimeError, match="x must be a float32 CPU tensor"):
+        run(x.double(), w, bias, state)
+    with pytest.raises(RuntimeError, match=r"state must be \(2, 3, 6\)"):
+        run(x, w, bias, state[:, 1:].contiguous())
+    with pytest.raises(RuntimeError, match=r"weight must be \(6, k\)"):
+        run(x, w[:5].contiguous(), bias, state)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        run(x, w, bias[:5].contiguous(), state)
+    with pytest.raises(RuntimeError, match="x must have contiguous channels"):
+        run(x.transpose(1, 2).contiguous().transpose(1, 2), w, bias, state)

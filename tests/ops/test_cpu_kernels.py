@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mambastep.ops.cpu import selective_scan_fused
 from mambastep.ops.reference import selective_scan_ref
@@ -13,7 +14,7 @@ FUSED_TOL = dict(atol=2e-5, rtol=2e-5)
 def _inputs(b, l, e, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, l, e, generator=g)
-    dt = torch.nn.functional.softplus(torch.randn(b, l, e, generator=g))
+    dt = F.softplus(torch.randn(b, l, e, generator=g))
     A = -torch.rand(e, n, generator=g) * 4 - 0.1
     B, C = torch.randn(b, l, n, generator=g), torch.randn(b, l, n, generator=g)
     D = torch.randn(e, generator=g)
@@ -39,6 +40,52 @@ def test_fused_scan_leaves_its_inputs_alone_and_takes_bf16():
     assert torch.equal(state, before) and y.dtype == torch.float32
     y_ref, _ = selective_scan_ref(x.bfloat16().double(), dt.double(), A.double(), B.bfloat16().double(), C.bfloat16().double(), D.double(), state.double())
     torch.testing.assert_close(y.double(), y_ref, **FUSED_TOL)
+
+
+def _softplus_gated_ref(x, dt, A, B, C, D, state, z):
+    """The reference scan with Δ = softplus(dt) and its output gated by SiLU(z)."""
+    y, final = selective_scan_ref(x, F.softplus(dt), A, B, C, D, state)
+    return y * F.silu(z), final
+
+
+def _softplus_gated_fused(x, dt, A, B, C, D, state, z):
+    return selective_scan_fused(x, dt, A, B, C, D, state, z=z, dt_softplus=True)
+
+
+def _gate_inputs(b, l, e, n, seed=3):
+    """Scan inputs whose dt is Δ before its softplus, over softplus' whole range (its threshold
+    at 20 included), and a gate's input z."""
+    x, _, A, B, C, D, state = _inputs(b, l, e, n)
+    g = torch.Generator().manual_seed(seed)
+    return x, torch.randn(b, l, e, generator=g) * 12, A, B, C, D, state, torch.randn(b, l, e, generator=g) * 6
+
+
+@pytest.mark.parametrize("b,l,e,n", [(1, 2, 3, 2), (2, 40, 37, 16)])
+def test_fused_scan_with_softplus_and_gate_matches_reference(b, l, e, n):
+    inputs = _gate_inputs(b, l, e, n)
+    y, final = _softplus_gated_fused(*inputs)
+    y_ref, final_ref = _softplus_gated_ref(*(t.double() for t in inputs))
+    torch.testing.assert_close(y.double(), y_ref, **FUSED_TOL)
+    torch.testing.assert_close(final.double(), final_ref, **FUSED_TOL)
+
+
+def test_fused_scan_reads_strided_rows_as_contiguous_ones():
+    """x, dt, B, C and z as slices of wider rows (a projection's output) give the same result."""
+    inputs = _gate_inputs(2, 30, 24, 4)
+    wide = lambda t: torch.cat([t, torch.randn_like(t)], -1)[..., : t.shape[-1]]  # noqa: E731  rows at twice the stride
+    x, dt, A, B, C, D, state, z = inputs
+    strided = (wide(x), wide(dt), A, wide(B), wide(C), D, state, wide(z))
+    assert not strided[0].is_contiguous()
+    for a, b in zip(_softplus_gated_fused(*inputs), _softplus_gated_fused(*strided)):
+        assert torch.equal(a, b)
+
+
+def test_fused_scan_gradients_through_softplus_and_gate():
+    inputs = _gate_inputs(2, 70, 20, 4)
+    grads = _grads(_softplus_gated_fused, inputs)
+    ref = _grads(_softplus_gated_ref, [t.double() for t in inputs])
+    _assert_grads_close(grads[:-1], ref[:-1])
+    torch.testing.assert_close(grads[-1].double(), ref[-1], atol=GRAD_REL * ref[-1].abs().max().item(), rtol=GRAD_REL)
 
 
 def test_fused_scan_stable_for_very_negative_dt_A():
@@ -148,16 +195,21 @@ def test_fused_kernels_check_their_arguments():
     from mambastep.ops.cpu import kernels
 
     x, dt, A, B, C, D, state = _inputs(2, 5, 8, 3)
+    no_gate = torch.empty(0)
     with pytest.raises(RuntimeError, match="x must be float32"):
-        kernels().selective_scan_fused(x.double(), dt, A, B, C, D, state)
+        kernels().selective_scan_fused(x.double(), dt, A, B, C, D, no_gate, state, False)
     with pytest.raises(RuntimeError, match=r"B \(b, l, n\) must have shape"):
-        kernels().selective_scan_fused(x, dt, A, B[:, :4].contiguous(), C, D, state)
-    with pytest.raises(RuntimeError, match="dt must be contiguous"):
-        kernels().selective_scan_fused(x, dt.transpose(0, 1).contiguous().transpose(0, 1), A, B, C, D, state)
+        kernels().selective_scan_fused(x, dt, A, B[:, :4].contiguous(), C, D, no_gate, state, False)
+    with pytest.raises(RuntimeError, match="dt must have a unit stride over its last dimension"):
+        kernels().selective_scan_fused(x, dt.transpose(1, 2).contiguous().transpose(1, 2), A, B, C, D, no_gate, state, False)
+    with pytest.raises(RuntimeError, match=r"z \(like x\) must have shape"):
+        kernels().selective_scan_fused(x, dt, A, B, C, D, x[:, :4], state, False)
     y, final, ckpt = kernels().selective_scan_fused_fwd(x, dt, A, B, C, D, state, 2)
     assert ckpt.shape == (2, 3, 8, 3) and torch.equal(ckpt[:, 0], state)
     with pytest.raises(RuntimeError, match="checkpoints .* must have shape"):
         kernels().selective_scan_fused_bwd(x, dt, A, B, C, D, ckpt, y, final, 4)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):  # the backward reads rows at stride e
+        kernels().selective_scan_fused_bwd(x.transpose(0, 1).contiguous().transpose(0, 1), dt, A, B, C, D, ckpt, y, final, 2)
 
 
 def _matvec_inputs(m, k, n, dtype, seed=0):

@@ -254,6 +254,25 @@ def test_fused_mamba2_130m_head_shape_and_bf16_inputs():
     torch.testing.assert_close(s.double(), s_ref, **BF16)
 
 
+@pytest.mark.parametrize("l", [1, 2, 50])
+def test_fused_gate_matches_reference_and_reads_strided_rows(l):
+    """y times SiLU(z) inside the kernel; x, B, C and z read from one wide row per token (in_proj's
+    output) give what contiguous copies give."""
+    b, h, g, p, n = 2, 4, 2, 20, 8
+    x, dt, A, B, C, D, state = make(b, l, h, g, p, n, "hp", dtype=torch.float32)
+    z = torch.randn(b, l, h, p, generator=torch.Generator().manual_seed(5)) * 6
+    y, s = ssd_scan_fused(x, dt, A, B, C, D, state, z=z)
+    y_ref, s_ref = ssd_scan_ref(*as64((x, dt, A, B, C, D, state)))
+    torch.testing.assert_close(y.double(), y_ref * torch.nn.functional.silu(z.double()), **FP32)
+    torch.testing.assert_close(s.double(), s_ref, **FP32)
+    row = torch.cat([t.flatten(2) for t in (z, x, B, C)], -1)  # (b, l, 2hp + 2gn)
+    zs, xs, Bs, Cs = row.split([h * p, h * p, g * n, g * n], -1)
+    strided = [xs.unflatten(-1, (h, p)), dt, A, Bs.unflatten(-1, (g, n)), Cs.unflatten(-1, (g, n)), D, state]
+    assert not strided[0].is_contiguous()
+    y2, s2 = ssd_scan_fused(*strided, z=zs.unflatten(-1, (h, p)))
+    assert torch.equal(y2, y) and torch.equal(s2, s)
+
+
 def test_fused_refuses_gradients():
     args = make(1, 5, 4, 2, 3, 2, "h", dtype=torch.float32)
     x = args[0].requires_grad_()
@@ -265,8 +284,8 @@ def test_fused_refuses_gradients():
 
 def test_fused_checks_its_arguments():
     x, dt, A, B, C, D, state = make(2, 5, 4, 2, 3, 2, "hp", dtype=torch.float32)
-    op = torch.ops.mambastep.ssd_scan
     kernels()
+    op = lambda *args, z=torch.empty(0): torch.ops.mambastep.ssd_scan(*args[:-1], z, args[-1])  # noqa: E731
     with pytest.raises(RuntimeError, match="x .* must be float32"):
         op(x.double(), dt, A, B, C, D, state)
     with pytest.raises(RuntimeError, match=r"state \(b, h, p, n\) must have shape"):
@@ -275,3 +294,7 @@ def test_fused_checks_its_arguments():
         op(x, dt, A, B.repeat(1, 1, 2, 1)[:, :, :3].contiguous(), C, D, state)
     with pytest.raises(RuntimeError, match="dt .* must be contiguous"):
         op(x, dt.transpose(0, 1).contiguous().transpose(0, 1), A, B, C, D, state)
+    with pytest.raises(RuntimeError, match="x .* must have each token's last two dimensions contiguous"):
+        op(x.transpose(2, 3).contiguous().transpose(2, 3), dt, A, B, C, D, state)
+    with pytest.raises(RuntimeError, match=r"z \(b, l, h, p\) must have shape"):
+        op(x, dt, A, B, C, D, state, z=x[:, :3])

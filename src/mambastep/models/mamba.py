@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from mambastep.config import MambaConfig
 from mambastep.models.linear import Linear
 from mambastep.models.lm import SSMLanguageModel
-from mambastep.ops import causal_conv, causal_conv_step, cpu, selective_scan, selective_step
+from mambastep.ops import causal_conv_silu, causal_conv_step, cpu, selective_scan, selective_step
 from mambastep.settings import EngineSettings
 from mambastep.state import SSMLayerState
 
@@ -68,11 +68,10 @@ class MambaMixer(nn.Module):
         weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias  # (e, k), (e,)
         if u.shape[1] == 1:
             x, conv = causal_conv_step(x[:, 0], weight, bias, state.conv)  # (b, e)
-            x = x[:, None]  # (b, 1, e)
+            x = F.silu(x[:, None])  # (b, 1, e)
         else:
-            x, conv = causal_conv(x, weight, bias, state.conv)  # (b, l, e)
-        y, ssm = self.ssm(F.silu(x), state.ssm)  # (b, l, e)
-        y = y.to(z.dtype) * F.silu(z)
+            x, conv = causal_conv_silu(x, weight, bias, state.conv, self.fused_scan)  # (b, l, e)
+        y, ssm = self.ssm(x, state.ssm, z)  # (b, l, e)
         return self.out_proj(y), SSMLayerState(conv=conv, ssm=ssm)
 
     def step_weights(self, norm: Tensor) -> cpu.MambaLayerWeights:
@@ -86,12 +85,21 @@ class MambaMixer(nn.Module):
         """A decode step through a stack of layers like this one in one call (``ops.cpu.mamba_layers_step``)."""
         return cpu.mamba_layers_step(residual, weights, conv, ssm, self.config.norm_eps)
 
-    def ssm(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """The selective SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the next state."""
+    def ssm(self, x: Tensor, h: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The selective SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the next state;
+        y gated by SiLU(z) (b, l, e) in z's dtype where z is given.
+
+        On the CPU's fused scan a prompt's softplus of Δ and gate run inside the kernel, unless a
+        hook watches ``dt_probe`` (which must then see Δ)."""
         n, r = self.config.d_state, self.config.dt_rank
         dt, B, C = self.x_proj(x).split([r, n, n], dim=-1)  # (b, l, r), (b, l, n), (b, l, n)
-        dt = self.dt_probe(F.softplus(self.dt_proj(dt)))  # (b, l, e)
-        return self.scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D, h)
+        dt = self.dt_proj(dt)  # (b, l, e): Δ before its softplus
+        A = -torch.exp(self.A_log.float())  # (e, n)
+        if self.fused_scan and x.device.type == "cpu" and x.shape[1] > 1 and not self.dt_probe._forward_hooks:
+            y, h = cpu.selective_scan_fused(x, dt, A, B, C, self.D, h, z=z, dt_softplus=True)
+            return (y if z is None else y.to(z.dtype)), h
+        y, h = self.scan(x, self.dt_probe(F.softplus(dt)), A, B, C, self.D, h)
+        return gate(y, z), h
 
     def scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor]:
         """The recurrence (``ops.selective_scan`` contract) by the path that suits the input:
@@ -109,6 +117,11 @@ class MambaLM(SSMLanguageModel):
 
     def __init__(self, config: MambaConfig):
         super().__init__(config, [MambaMixer(config) for _ in range(config.n_layer)])
+
+
+def gate(y: Tensor, z: Tensor | None) -> Tensor:
+    """The SSM's output y (b, l, e) gated by SiLU(z) (b, l, e), in z's dtype; y itself without z."""
+    return y if z is None else y.to(z.dtype) * F.silu(z)
 
 
 def _s4d_real_log_A(e: int, n: int) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from mambastep.config import Mamba2Config
 from mambastep.models.linear import Linear
 from mambastep.models.lm import RMSNorm, SSMLanguageModel
-from mambastep.ops import causal_conv, causal_conv_step, cpu, ssd_scan, ssd_step
+from mambastep.ops import causal_conv_silu, causal_conv_step, cpu, ssd_scan, ssd_step
 from mambastep.settings import EngineSettings
 from mambastep.state import SSMLayerState
 
@@ -67,10 +67,10 @@ class Mamba2Mixer(nn.Module):
         one_token = l == 1
         if one_token:
             xBC, conv = causal_conv_step(xBC[:, 0], weight, bias, state.conv)  # (b, c)
-            xBC = xBC[:, None]  # (b, 1, c)
+            xBC = F.silu(xBC[:, None])  # (b, 1, c)
         else:
-            xBC, conv = causal_conv(xBC, weight, bias, state.conv)  # (b, l, c)
-        x, B, C = F.silu(xBC).split([c.d_inner, c.n_groups * c.d_state, c.n_groups * c.d_state], dim=-1)
+            xBC, conv = causal_conv_silu(xBC, weight, bias, state.conv, self.fused_scan)  # (b, l, c)
+        x, B, C = xBC.split([c.d_inner, c.n_groups * c.d_state, c.n_groups * c.d_state], dim=-1)
         x = x.unflatten(-1, (c.n_heads, c.head_dim))  # (b, l, h, p)
         B = B.unflatten(-1, (c.n_groups, c.d_state))  # (b, l, g, n)
         C = C.unflatten(-1, (c.n_groups, c.d_state))  # (b, l, g, n)
@@ -78,20 +78,24 @@ class Mamba2Mixer(nn.Module):
         dt = self.dt_probe(F.softplus(dt.float() + self.dt_bias.float()).clamp(*c.dt_limit))  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
         D = self.D.view(c.n_heads, c.head_dim) if c.D_has_hdim else self.D
+        z = z.unflatten(-1, (c.n_heads, c.head_dim))  # (b, l, h, p)
         if one_token:
             y, ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state.ssm)  # (b, h, p)
-            y = y[:, None]  # (b, 1, h, p)
+            y = _gated(y[:, None], z)  # (b, 1, h, p)
         else:
-            y, ssm = self.scan(x, dt, A, B, C, D, state.ssm)  # (b, l, h, p)
-        y = y.flatten(-2) * F.silu(z.float())  # (b, l, e)
-        return self.out_proj(self.norm(y)), SSMLayerState(conv=conv, ssm=ssm)
+            y, ssm = self.scan(x, dt, A, B, C, D, state.ssm, z)  # (b, l, h, p)
+        return self.out_proj(self.norm(y.flatten(-2))), SSMLayerState(conv=conv, ssm=ssm)
 
-    def scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """The SSD over a sequence (``ops.ssd_scan`` contract): the fused kernel for inference on
-        the CPU, else the chunked scan (which autograd can go through)."""
-        if self.fused_scan and x.device.type == "cpu" and not cpu.wants_grad(x, dt, A, B, C, D, h):
-            return cpu.ssd_scan_fused(x, dt, A, B, C, D, h)
-        return ssd_scan(x, dt, A, B, C, D, h, self.scan_chunk)
+    def scan(
+        self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor, z: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The SSD over a sequence (``ops.ssd_scan`` contract), y gated by SiLU(z) where z
+        (b, l, h, p) is given: the fused kernel (the gate inside) for inference on the CPU, else
+        the chunked scan (which autograd can go through)."""
+        if self.fused_scan and x.device.type == "cpu" and not cpu.wants_grad(x, dt, A, B, C, D, h, z):
+            return cpu.ssd_scan_fused(x, dt, A, B, C, D, h, z=z)
+        y, h = ssd_scan(x, dt, A, B, C, D, h, self.scan_chunk)
+        return (y if z is None else _gated(y, z)), h
 
     def step_weights(self, norm: Tensor) -> cpu.Mamba2LayerWeights:
         """This mixer, after the pre-norm of weight ``norm``, as ``layers_step`` takes it."""
@@ -104,6 +108,11 @@ class Mamba2Mixer(nn.Module):
         """A decode step through a stack of layers like this one in one call (``ops.cpu.mamba2_layers_step``)."""
         c = self.config
         return cpu.mamba2_layers_step(residual, weights, conv, ssm, c.norm_eps, c.n_groups, c.dt_limit)
+
+
+def _gated(y: Tensor, z: Tensor) -> Tensor:
+    """The SSD's output y (b, l, h, p) times SiLU(z) (b, l, h, p), in float32."""
+    return y * F.silu(z.float())
 
 
 class Mamba2LM(SSMLanguageModel):

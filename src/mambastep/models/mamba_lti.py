@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mambastep.config import MambaLTIConfig
 from mambastep.models.lm import SSMLanguageModel
-from mambastep.models.mamba import MambaMixer, _dt_bias_init, _s4d_real_log_A
+from mambastep.models.mamba import MambaMixer, _dt_bias_init, _s4d_real_log_A, gate
 
 
 class TimeInvariantMixer(MambaMixer):
@@ -39,8 +39,9 @@ class TimeInvariantMixer(MambaMixer):
         self.D.fill_(1.0)
         self.dt_bias.copy_(_dt_bias_init(e, dt_min, dt_max))
 
-    def ssm(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """The time-invariant SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the next state.
+    def ssm(self, x: Tensor, h: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The time-invariant SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the
+        next state; y gated by SiLU(z) (b, l, e) in z's dtype where z is given.
 
         Each (channel, state) pair runs as a channel of its own with one state and
         B = C = 1, so the selective scan's kernels return the states themselves;
@@ -55,7 +56,7 @@ class TimeInvariantMixer(MambaMixer):
         ones = x.new_ones(b, l, 1, dtype=f)  # B and C of the one-state channels
         states, h = self.scan(pairs(x), pairs(dt), A.reshape(e * n, 1), ones, ones, None, h.reshape(b, e * n, 1))
         y = (states.unflatten(-1, (e, n)) * self.C.to(f)).sum(-1) + self.D.to(f) * x.to(f)  # (b, l, e)
-        return y, h.view(b, e, n)
+        return gate(y, z), h.view(b, e, n)
 
 
 class MambaLTILM(SSMLanguageModel):

@@ -30,19 +30,20 @@ skip connection. The recurrence of one channel is
 
 Modules:
     reference  the spec: plain sequential loops
-    conv       causal depthwise conv, full and one step
+    conv       causal depthwise conv, full (alone or with SiLU) and one step
     scan       Mamba-1 selective scan, chunked, from any state
     ssd        Mamba-2 state space duality, chunked, from any state
     step       one-token recurrences
 """
 
-from mambastep.ops.conv import causal_conv, causal_conv_step
+from mambastep.ops.conv import causal_conv, causal_conv_silu, causal_conv_step
 from mambastep.ops.scan import selective_scan
 from mambastep.ops.ssd import ssd_scan
 from mambastep.ops.step import selective_step, ssd_step
 
 __all__ = [
     "causal_conv",
+    "causal_conv_silu",
     "causal_conv_step",
     "selective_scan",
     "selective_step",

@@ -1,4 +1,4 @@
-"""Causal depthwise conv over a sequence, and its one-token form.
+"""Causal depthwise conv over a sequence (alone or followed by SiLU), and its one-token form.
 
 The conv state is the last k-1 inputs, oldest first: (b, k-1, c). Feeding a
 sequence in pieces, carrying the state, gives the same outputs as in one go.
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mambastep.ops import cpu
 from mambastep.ops.cpu import computes_in
 
 
@@ -38,6 +39,21 @@ def causal_conv(
     bias = None if bias is None else bias.to(work)
     y = F.conv1d(window.transpose(1, 2).to(work), w, bias, groups=c)  # (b, c, l)
     return y.transpose(1, 2).to(x.dtype), _own(window[:, window.shape[1] - (k - 1) :])
+
+
+def causal_conv_silu(
+    x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, fused: bool
+) -> tuple[Tensor, Tensor]:
+    """SiLU(causal_conv(x, weight, bias, state)), with the next conv state.
+
+    With ``fused``, float32 inputs on the CPU for which no gradient is wanted take the fused
+    kernel (``ops.cpu.causal_conv_silu``): one pass, y float32 and contiguous. Otherwise
+    PyTorch's conv (``causal_conv``), then SiLU.
+    """
+    if fused and x.device.type == "cpu" and x.dtype == torch.float32 and not cpu.wants_grad(x, weight, bias, state):
+        return cpu.causal_conv_silu(x, weight, bias, state)
+    y, state = causal_conv(x, weight, bias, state)
+    return F.silu(y), state
 
 
 def causal_conv_step(

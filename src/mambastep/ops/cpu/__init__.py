@@ -13,17 +13,20 @@ Mamba-1 or Mamba-2 layers in one call: norms, matvecs and the state update per l
 residual adds (eager steps only), on the layers' weights as ``FusedLayers`` prepares them.
 
 ``ssd_scan_fused`` is the Mamba-2 scan over a prompt, token by token in one fused pass
+(inference only). ``causal_conv_silu`` is a prompt's causal conv and SiLU in one pass
 (inference only).
 
 ``selective_scan_fused`` is differentiable: when grad mode is on and an input
 requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
 tokens and a fused C++ backward recomputes each chunk's states from those
 checkpoints (memory l / CHECKPOINT_CHUNK times the state, never (l, e, n)).
-Otherwise it takes the inference kernel, which saves nothing.
+Otherwise it takes the inference kernel, which saves nothing and can also apply the
+softplus of Δ and the SiLU(z) gate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 from collections.abc import Sequence
@@ -32,13 +35,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("selective_scan.cpp", "ssd_scan.cpp", "matvec.cpp", "mamba_step.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("selective_scan.cpp", "ssd_scan.cpp", "causal_conv.cpp", "matvec.cpp", "mamba_step.cpp")
+]
+_HEADERS = [Path(__file__).with_name("vector_math.h")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-mprefer-vector-width=512"]
 _NAME = "mambastep_cpu"
 _module = None
@@ -65,7 +73,12 @@ def kernels():
         (log.info if built else log.warning)(
             "loading the fused CPU kernels" + ("" if built else " (compiling them once: about a minute)")
         )
-        _module = load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+        # PyTorch rebuilds when a source or a flag changes, not a header: the headers' hash is a flag.
+        headers = hashlib.sha256(b"".join(p.read_bytes() for p in _HEADERS)).hexdigest()[:16]
+        _module = load(
+            name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=[*_FLAGS, f"-DMAMBASTEP_HEADERS={headers}"],
+            extra_ldflags=["-fopenmp"],
+        )
         torch.library.register_fake("mambastep::matvec", _matvec_shape)
         register_flop_formula(torch.ops.mambastep.matvec)(_matvec_flops)
     return _module
@@ -137,6 +150,18 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _rows(t: Tensor, dims: int = 1) -> Tensor:
+    """``t`` as float32 whose last ``dims`` dimensions are contiguous, its other strides kept
+    (a copy only where they are not): what the kernels that read strided rows take."""
+    t = t.to(torch.float32)
+    inner = 1
+    for size, stride in zip(reversed(t.shape[-dims:]), reversed(t.stride()[-dims:])):
+        if stride != inner:
+            return t.clone(memory_format=torch.contiguous_format)
+        inner *= size
+    return t
+
+
 class _SelectiveScanFused(torch.autograd.Function):
     """The fused scan with its fused backward. Inputs as ``selective_scan_fused`` (D may be None)."""
 
@@ -167,38 +192,74 @@ class _SelectiveScanFused(torch.autograd.Function):
 
 
 def selective_scan_fused(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor,
+    z: Tensor | None = None, dt_softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The Mamba-1 selective scan in one fused pass (same contract as ``ops.selective_scan``).
+    """The Mamba-1 selective scan in one fused pass (same contract as ``ops.selective_scan``),
+    optionally with the softplus of Δ before it and the SiLU(z) gate after it.
 
-    Differentiable with respect to every tensor input (gradients in each input's dtype); when
-    grad mode is off or no input requires grad it runs the inference kernel, which saves nothing.
+    Differentiable with respect to every tensor input (gradients in each input's dtype); then
+    the softplus and the gate run as PyTorch operators around the scan. When grad mode is off or
+    no input requires grad it runs the inference kernel, which saves nothing, computes the
+    softplus and the gate inside, and reads x, dt, B, C and z where they lie (rows at any
+    stride, as slices of a projection's output).
 
     Args:
         x: (b, l, e), dt: (b, l, e), A: (e, n), B: (b, l, n), C: (b, l, n), D: (e,) or None,
         state: (b, e, n). Any float dtype; computed in float32.
+        z: (b, l, e) or None: with it, y = (C · h + D x) SiLU(z).
+        dt_softplus: dt is Δ before its softplus: Δ = softplus(dt), as ``F.softplus``.
 
     Returns:
         y: (b, l, e) float32; state: (b, e, n) float32 after the last token.
     """
-    if wants_grad(x, dt, A, B, C, D, state):
-        return _SelectiveScanFused.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
+    if wants_grad(x, dt, A, B, C, D, state, z):
+        dt = F.softplus(dt) if dt_softplus else dt
+        y, state = _SelectiveScanFused.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
+        return (y if z is None else y * F.silu(z.float())), state
     D = torch.empty(0) if D is None else _f32(D)
-    y, state = kernels().selective_scan_fused(_f32(x), _f32(dt), _f32(A), _f32(B), _f32(C), D, _f32(state))
+    z = torch.empty(0) if z is None else _rows(z)
+    return kernels().selective_scan_fused(
+        _rows(x), _rows(dt), _f32(A), _rows(B), _rows(C), D, z, _f32(state), dt_softplus
+    )
+
+
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
+    """SiLU of the causal depthwise conv over a sequence (``ops.causal_conv`` contract, then
+    SiLU) in one pass; inference only.
+
+    Args:
+        x: (b, l, c) read where it lies (rows at any stride, as a slice of in_proj's output);
+        weight: (c, k); bias: (c,) or None; state: (b, k-1, c) the inputs before x. Float32.
+
+    Returns:
+        y: (b, l, c) float32; state: (b, k-1, c) float32, the last k-1 inputs.
+
+    Raises:
+        RuntimeError: an input requires grad while grad mode is on (the kernel has no backward).
+    """
+    if wants_grad(x, weight, bias, state):
+        raise RuntimeError("causal_conv_silu has no backward pass: use ops.causal_conv where gradients are needed")
+    kernels()
+    bias = torch.empty(0) if bias is None else _f32(bias)
+    y, state = torch.ops.mambastep.causal_conv_silu(_rows(x), _f32(weight), bias, _f32(state))
     return y, state
 
 
 def ssd_scan_fused(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor, z: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The Mamba-2 scan in one fused pass (same contract as ``ops.ssd_scan``); inference only.
+    """The Mamba-2 scan in one fused pass (same contract as ``ops.ssd_scan``), optionally
+    with the SiLU(z) gate after it; inference only.
 
     Each state entry is updated token by token in float32, as in ``reference.ssd_scan_ref``,
-    so there is no chunk size: the result is the same for any split of the sequence.
+    so there is no chunk size: the result is the same for any split of the sequence. x, B, C
+    and z are read where they lie (rows at any stride, as slices of in_proj's output).
 
     Args:
         x: (b, l, h, p), dt: (b, l, h) after softplus and clamping, A: (h,), B: (b, l, g, n),
         C: (b, l, g, n), D: (h,), (h, p) or None, state: (b, h, p, n). Any float dtype.
+        z: (b, l, h, p) or None: with it, y = (h_t · C_t + D x_t) SiLU(z_t).
 
     Returns:
         y: (b, l, h, p) float32; state: (b, h, p, n) float32 after the last token.
@@ -206,12 +267,13 @@ def ssd_scan_fused(
     Raises:
         RuntimeError: an input requires grad while grad mode is on (the kernel has no backward).
     """
-    if wants_grad(x, dt, A, B, C, D, state):
+    if wants_grad(x, dt, A, B, C, D, state, z):
         raise RuntimeError("ssd_scan_fused has no backward pass: use ops.ssd_scan where gradients are needed")
     kernels()
     h, p = x.shape[2], x.shape[3]
     D = torch.empty(0) if D is None else _f32(D.reshape(h, -1).expand(h, p))  # (h, p)
-    y, state = torch.ops.mambastep.ssd_scan(_f32(x), _f32(dt), _f32(A), _f32(B), _f32(C), D, _f32(state))
+    z = torch.empty(0) if z is None else _rows(z, 2)
+    y, state = torch.ops.mambastep.ssd_scan(_rows(x, 2), _f32(dt), _f32(A), _rows(B, 2), _rows(C, 2), D, z, _f32(state))
     return y, state
 
 

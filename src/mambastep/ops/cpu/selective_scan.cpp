@@ -13,33 +13,17 @@
 // (which underflows to 0 for very negative dt A).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <math.h>
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "vector_math.h"
 
 namespace {
 
-constexpr int64_t kBlock = 16;  // channels per work item: one 512-bit vector of floats
+using mambastep::exp_inline;
 
-// exp(v), inlined so that the channel loops vectorise without a call: within 2.5e-7 relative
-// of exp on [-87.3, 88.3] (about 2 ulp), 0 below (where exp is denormal, which -ffast-math
-// flushes to 0 anyway). Range reduction v = k ln2 + r (ln2 in two parts), Cephes' expf
-// polynomial for exp(r), and 2^k put into the exponent bits. GCC's vector expf (a libmvec
-// call per 8 or 16 lanes) made the scan 1.4-1.6x slower on an AVX2 CPU: every state update
-// takes one exp.
-inline float exp_inline(float v) {
-  const float u = std::min(std::max(v, -87.3f), 88.3f);
-  const float k = floorf(u * 1.44269504088896341f + 0.5f);  // round(u / ln2)
-  const float r = u - k * 0.693359375f + k * 2.12194440e-4f;  // u - k ln2, |r| <= ln2 / 2
-  const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-                     4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * (r * r) + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 127]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return v < -87.3f ? 0.f : p * scale;
-}
+constexpr int64_t kBlock = 16;  // channels per work item: one 512-bit vector of floats
 
 // ---------------------------------------------------------------------------------------------
 // State layout helpers. The global state is (e, n); a block's copy is (n, kBlock), channels
@@ -59,24 +43,42 @@ void store_state(const float* hb, float* h, int64_t n, int64_t e0, int64_t w) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// Advance the block state hb (n, kBlock) over tokens [t0, t1), writing y for those tokens.
+// One sequence's inputs, each pointer at token 0, channel 0: token t's row of x is at
+// x + t * x_stride, and so on; within a row the channels (or states) are contiguous.
+struct SequenceInputs {
+  const float* x;
+  const float* dt;  // Δ, or its pre-activation when dt_softplus
+  const float* B;
+  const float* C;
+  const float* z;  // the gate's input, or null: y = (C . h + D x) SiLU(z)
+  int64_t x_stride, dt_stride, B_stride, C_stride, z_stride;
+  bool dt_softplus;  // Δ = softplus(dt)
+};
+
+// Advance the block state hb (n, kBlock) over tokens [t0, t1), writing y (l, e) for those tokens.
 // The innermost loop runs over channels, so it vectorises without horizontal sums.
 // AT is A transposed: (n, e).
-void scan_tokens(const float* x, const float* dt, const float* AT, const float* B, const float* C,
-                 const float* D, float* hb, float* y, int64_t t0, int64_t t1, int64_t e, int64_t n,
-                 int64_t e0, int64_t w) {
+void scan_tokens(const SequenceInputs& in, const float* AT, const float* D, float* hb, float* y,
+                 int64_t t0, int64_t t1, int64_t e, int64_t n, int64_t e0, int64_t w) {
   float acc[kBlock], d[kBlock], dx[kBlock];
   for (int64_t t = t0; t < t1; ++t) {
-    const float* x_t = x + t * e + e0;
-    const float* dt_t = dt + t * e + e0;
+    const float* x_t = in.x + t * in.x_stride + e0;
+    const float* dt_t = in.dt + t * in.dt_stride + e0;
+    const float* B_t = in.B + t * in.B_stride;
+    const float* C_t = in.C + t * in.C_stride;
+    if (in.dt_softplus) {
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) d[c] = mambastep::softplus_inline(dt_t[c]);
+    } else {
+      std::copy(dt_t, dt_t + w, d);
+    }
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) {
-      d[c] = dt_t[c];
-      dx[c] = dt_t[c] * x_t[c];
+      dx[c] = d[c] * x_t[c];
       acc[c] = 0.f;
     }
     for (int64_t j = 0; j < n; ++j) {
-      const float b_tj = B[t * n + j], c_tj = C[t * n + j];
+      const float b_tj = B_t[j], c_tj = C_t[j];
       const float* A_j = AT + j * e + e0;
       float* h_j = hb + j * kBlock;
 #pragma omp simd
@@ -89,20 +91,24 @@ void scan_tokens(const float* x, const float* dt, const float* AT, const float* 
     float* y_t = y + t * e + e0;
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) y_t[c] = acc[c] + (D ? D[e0 + c] * x_t[c] : 0.f);
+    if (in.z) {
+      const float* z_t = in.z + t * in.z_stride + e0;
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) y_t[c] *= mambastep::silu_inline(z_t[c]);
+    }
   }
 }
 
 // Scan channels [e0, e0 + w) of one sequence, w <= kBlock; h (e, n) is the starting state on
 // entry and the final state on exit. With ckpt (ceil(l / chunk), e, n) non-null, the state
 // before each chunk of `chunk` tokens is saved there.
-void scan_block(const float* x, const float* dt, const float* AT, const float* B, const float* C,
-                const float* D, float* h, float* y, float* ckpt, int64_t l, int64_t e, int64_t n,
-                int64_t e0, int64_t w, int64_t chunk) {
+void scan_block(const SequenceInputs& in, const float* AT, const float* D, float* h, float* y,
+                float* ckpt, int64_t l, int64_t e, int64_t n, int64_t e0, int64_t w, int64_t chunk) {
   std::vector<float> hb(n * kBlock);  // (n, kBlock): this block's state
   load_state(h, hb.data(), n, e0, w);
   for (int64_t t0 = 0; t0 < l; t0 += chunk) {
     if (ckpt) store_state(hb.data(), ckpt + (t0 / chunk) * e * n, n, e0, w);
-    scan_tokens(x, dt, AT, B, C, D, hb.data(), y, t0, std::min(t0 + chunk, l), e, n, e0, w);
+    scan_tokens(in, AT, D, hb.data(), y, t0, std::min(t0 + chunk, l), e, n, e0, w);
   }
   store_state(hb.data(), h, n, e0, w);
 }
@@ -242,13 +248,16 @@ void scan_block_backward(const float* x, const float* dt, const float* AT, const
 // ---------------------------------------------------------------------------------------------
 // Argument checks.
 
-void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
+// A float32 CPU tensor of `dim` dimensions: contiguous, or, where rows may be strided, with
+// unit stride over its last dimension (channels or states).
+void check_f32(const torch::Tensor& t, const char* name, int64_t dim, bool rows_strided = false) {
   TORCH_CHECK(t.device().is_cpu(), "selective_scan_fused: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == torch::kFloat32, "selective_scan_fused: ", name,
               " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "selective_scan_fused: ", name, " must be contiguous");
   TORCH_CHECK(t.dim() == dim, "selective_scan_fused: ", name, " must have ", dim,
               " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(rows_strided ? t.stride(dim - 1) == 1 : t.is_contiguous(), "selective_scan_fused: ", name,
+              rows_strided ? " must have a unit stride over its last dimension" : " must be contiguous");
 }
 
 void check_shape(const torch::Tensor& t, const char* name, at::IntArrayRef shape) {
@@ -256,16 +265,18 @@ void check_shape(const torch::Tensor& t, const char* name, at::IntArrayRef shape
               ", got ", t.sizes());
 }
 
-// Checks the scan's inputs; D may be empty (no skip). Returns (b, l, e, n).
+// Checks the scan's inputs; D may be empty (no skip); x, dt, B and C may have strided rows
+// when rows_strided. Returns (b, l, e, n).
 std::vector<int64_t> check_inputs(const torch::Tensor& x, const torch::Tensor& dt,
                                   const torch::Tensor& A, const torch::Tensor& B,
-                                  const torch::Tensor& C, const torch::Tensor& D) {
-  check_f32(x, "x", 3);
+                                  const torch::Tensor& C, const torch::Tensor& D,
+                                  bool rows_strided) {
+  check_f32(x, "x", 3, rows_strided);
   check_f32(A, "A", 2);
   const int64_t b = x.size(0), l = x.size(1), e = x.size(2), n = A.size(1);
-  check_f32(dt, "dt", 3);
-  check_f32(B, "B", 3);
-  check_f32(C, "C", 3);
+  check_f32(dt, "dt", 3, rows_strided);
+  check_f32(B, "B", 3, rows_strided);
+  check_f32(C, "C", 3, rows_strided);
   check_shape(dt, "dt (like x)", {b, l, e});
   check_shape(A, "A (e, n)", {e, n});
   check_shape(B, "B (b, l, n)", {b, l, n});
@@ -277,32 +288,44 @@ std::vector<int64_t> check_inputs(const torch::Tensor& x, const torch::Tensor& d
   return {b, l, e, n};
 }
 
-// Forward over all (batch, channel-block) items. With save, also returns the checkpoints
-// (b, ceil(l / chunk), e, n); without, chunk is ignored and the sequence is one chunk.
+// Forward over all (batch, channel-block) items; z may be empty (no gate). With save, also
+// returns the checkpoints (b, ceil(l / chunk), e, n); without, chunk is ignored and the
+// sequence is one chunk.
 std::vector<torch::Tensor> scan_forward(const torch::Tensor& x, const torch::Tensor& dt,
                                         const torch::Tensor& A, const torch::Tensor& B,
                                         const torch::Tensor& C, const torch::Tensor& D,
-                                        const torch::Tensor& state, int64_t chunk, bool save) {
-  const auto s = check_inputs(x, dt, A, B, C, D);
+                                        const torch::Tensor& z, const torch::Tensor& state,
+                                        bool dt_softplus, int64_t chunk, bool save) {
+  const auto s = check_inputs(x, dt, A, B, C, D, /*rows_strided=*/true);
   const int64_t b = s[0], l = s[1], e = s[2], n = s[3];
   check_f32(state, "state", 3);
   check_shape(state, "state (b, e, n)", {b, e, n});
+  if (z.numel()) {
+    check_f32(z, "z", 3, /*rows_strided=*/true);
+    check_shape(z, "z (like x)", {b, l, e});
+  }
   TORCH_CHECK(chunk >= 1, "selective_scan_fused: chunk must be >= 1, got ", chunk);
   if (!save) chunk = std::max<int64_t>(l, 1);
   const int64_t chunks = (l + chunk - 1) / chunk;
   auto h = state.clone();
-  auto y = torch::empty_like(x);
+  auto y = torch::empty({b, l, e}, x.options());
   auto ckpt = save ? torch::empty({b, chunks, e, n}, x.options()) : torch::Tensor();
   float* ckpt_ptr = save ? ckpt.data_ptr<float>() : nullptr;
   const float* D_ptr = D.numel() ? D.data_ptr<float>() : nullptr;
+  const float* z_ptr = z.numel() ? z.data_ptr<float>() : nullptr;
   const int64_t blocks = (e + kBlock - 1) / kBlock;
   auto AT = A.t().contiguous();  // (n, e)
   at::parallel_for(0, b * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bi = item / blocks, e0 = (item % blocks) * kBlock;
-      scan_block(x.data_ptr<float>() + bi * l * e, dt.data_ptr<float>() + bi * l * e,
-                 AT.data_ptr<float>(), B.data_ptr<float>() + bi * l * n,
-                 C.data_ptr<float>() + bi * l * n, D_ptr, h.data_ptr<float>() + bi * e * n,
+      const SequenceInputs in{x.data_ptr<float>() + bi * x.stride(0),
+                              dt.data_ptr<float>() + bi * dt.stride(0),
+                              B.data_ptr<float>() + bi * B.stride(0),
+                              C.data_ptr<float>() + bi * C.stride(0),
+                              z_ptr ? z_ptr + bi * z.stride(0) : nullptr,
+                              x.stride(1), dt.stride(1), B.stride(1), C.stride(1),
+                              z_ptr ? z.stride(1) : 0, dt_softplus};
+      scan_block(in, AT.data_ptr<float>(), D_ptr, h.data_ptr<float>() + bi * e * n,
                  y.data_ptr<float>() + bi * l * e, save ? ckpt_ptr + bi * chunks * e * n : nullptr,
                  l, e, n, e0, std::min(kBlock, e - e0), chunk);
     }
@@ -313,21 +336,24 @@ std::vector<torch::Tensor> scan_forward(const torch::Tensor& x, const torch::Ten
 
 }  // namespace
 
-// x, dt: (b, l, e); A: (e, n); B, C: (b, l, n); D: (e,) or empty; state: (b, e, n).
-// All float32 and contiguous. Returns y (b, l, e) and the final state (b, e, n).
+// Inference. x, dt: (b, l, e); A: (e, n); B, C: (b, l, n); D: (e,) or empty; z: (b, l, e) or
+// empty; state: (b, e, n). All float32; x, dt, B, C and z with rows at any stride, channels
+// (states) contiguous; the others contiguous. With dt_softplus, Δ = softplus(dt); with z,
+// y = (C . h + D x) SiLU(z). Returns y (b, l, e) and the final state (b, e, n).
 std::vector<torch::Tensor> selective_scan_fused(torch::Tensor x, torch::Tensor dt, torch::Tensor A,
                                                 torch::Tensor B, torch::Tensor C, torch::Tensor D,
-                                                torch::Tensor state) {
-  return scan_forward(x, dt, A, B, C, D, state, /*chunk=*/1, /*save=*/false);
+                                                torch::Tensor z, torch::Tensor state,
+                                                bool dt_softplus) {
+  return scan_forward(x, dt, A, B, C, D, z, state, dt_softplus, /*chunk=*/1, /*save=*/false);
 }
 
-// As selective_scan_fused, and also returns the checkpoints for the backward: the state before
-// every chunk of `chunk` tokens, (b, ceil(l / chunk), e, n).
+// As selective_scan_fused without softplus or gate, and also returns the checkpoints for the
+// backward: the state before every chunk of `chunk` tokens, (b, ceil(l / chunk), e, n).
 std::vector<torch::Tensor> selective_scan_fused_fwd(torch::Tensor x, torch::Tensor dt,
                                                     torch::Tensor A, torch::Tensor B,
                                                     torch::Tensor C, torch::Tensor D,
                                                     torch::Tensor state, int64_t chunk) {
-  return scan_forward(x, dt, A, B, C, D, state, chunk, true);
+  return scan_forward(x, dt, A, B, C, D, torch::Tensor(), state, /*dt_softplus=*/false, chunk, true);
 }
 
 // The gradients of the scan given gy (b, l, e) = dL/dy and gh (b, e, n) = dL/d(final state),
@@ -341,7 +367,7 @@ std::vector<torch::Tensor> selective_scan_fused_bwd(torch::Tensor x, torch::Tens
                                                     torch::Tensor C, torch::Tensor D,
                                                     torch::Tensor ckpt, torch::Tensor gy,
                                                     torch::Tensor gh, int64_t chunk) {
-  const auto s = check_inputs(x, dt, A, B, C, D);
+  const auto s = check_inputs(x, dt, A, B, C, D, /*rows_strided=*/false);
   const int64_t b = s[0], l = s[1], e = s[2], n = s[3];
   TORCH_CHECK(chunk >= 1, "selective_scan_fused: chunk must be >= 1, got ", chunk);
   const int64_t chunks = (l + chunk - 1) / chunk, blocks = (e + kBlock - 1) / kBlock;

@@ -1,6 +1,6 @@
 // Fused Mamba-2 scan (SSD with a scalar decay per head) for the CPU, inference only.
 //
-//   h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t,   y_t = h_t · C_t + D x_t
+//   h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t,   y_t = h_t · C_t + D x_t  (times SiLU(z_t): the gate)
 //
 // run token by token in float32, one pass over the sequence per (sequence, head, block of
 // kRows head channels). The block's state, (n, kRows) with the channels innermost, stays in
@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
 constexpr int64_t kRows = 16;  // head channels per work item
@@ -21,9 +23,10 @@ constexpr int64_t kRows = 16;  // head channels per work item
 struct HeadInputs {
   const float* x;   // token t, channel i at x[t * x_stride + i]
   const float* dt;  // token t at dt[t * dt_stride]
-  const float* B;   // token t, state j at B[t * bc_stride + j]
-  const float* C;
-  int64_t x_stride, dt_stride, bc_stride;
+  const float* B;   // token t, state j at B[t * B_stride + j]
+  const float* C;   // token t, state j at C[t * C_stride + j]
+  const float* z;   // the gate's input like x (at z[t * z_stride + i]), or null: y = (h . C + D x) SiLU(z)
+  int64_t x_stride, dt_stride, B_stride, C_stride, z_stride, y_stride;
 };
 
 // Channels [0, w) of one token, zero-padded to kRows lanes, times dt.
@@ -42,8 +45,8 @@ void scan_tokens(const HeadInputs& in, float A, const float* D, float* hb, float
     const float d = in.dt[(t + k) * in.dt_stride];
     decay[k] = expf(d * A);
     load_dx(in.x + (t + k) * in.x_stride, d, dx[k], w);
-    B[k] = in.B + (t + k) * in.bc_stride;
-    C[k] = in.C + (t + k) * in.bc_stride;
+    B[k] = in.B + (t + k) * in.B_stride;
+    C[k] = in.C + (t + k) * in.C_stride;
   }
   for (int64_t j = 0; j < n; ++j) {
     float* h_j = hb + j * kRows;
@@ -59,13 +62,18 @@ void scan_tokens(const HeadInputs& in, float A, const float* D, float* hb, float
   }
   for (int k = 0; k < kTokens; ++k) {
     const float* x = in.x + (t + k) * in.x_stride;
-    float* y_t = y + (t + k) * in.x_stride;
+    float* y_t = y + (t + k) * in.y_stride;
     for (int64_t i = 0; i < w; ++i) y_t[i] = acc[k][i] + (D ? D[i] * x[i] : 0.f);
+    if (in.z) {
+      const float* z = in.z + (t + k) * in.z_stride;
+#pragma omp simd
+      for (int64_t i = 0; i < w; ++i) y_t[i] *= mambastep::silu_inline(z[i]);
+    }
   }
 }
 
 // Scan channels [0, w) (w <= kRows) of one head over l tokens. state (w, n) rows of the head's
-// state, updated in place; y written at the same offsets as x; D (w,) or null.
+// state, updated in place; y written at y + t * y_stride; D (w,) or null.
 void scan_rows(const HeadInputs& in, float A, const float* D, float* state, float* y, int64_t l,
                int64_t n, int64_t w) {
   std::vector<float> hb(n * kRows, 0.f);  // (n, kRows)
@@ -78,48 +86,60 @@ void scan_rows(const HeadInputs& in, float A, const float* D, float* state, floa
     for (int64_t j = 0; j < n; ++j) state[i * n + j] = hb[j * kRows + i];
 }
 
-void check(const torch::Tensor& t, const char* name, c10::IntArrayRef shape) {
+// A float32 tensor of `shape`: contiguous, or, where rows may be strided (x, B, C, z: (b, l, *, *)),
+// with each token's last two dimensions contiguous.
+void check(const torch::Tensor& t, const char* name, c10::IntArrayRef shape, bool rows_strided = false) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32, "ssd_scan_fused: ", name, " must be float32, got ",
               t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, "ssd_scan_fused: ", name, " must have shape ", shape, ", got ",
               t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "ssd_scan_fused: ", name, " must be contiguous");
+  if (rows_strided) {
+    TORCH_CHECK(t.stride(3) == 1 && t.stride(2) == t.size(3), "ssd_scan_fused: ", name,
+                " must have each token's last two dimensions contiguous");
+  } else {
+    TORCH_CHECK(t.is_contiguous(), "ssd_scan_fused: ", name, " must be contiguous");
+  }
 }
 
 }  // namespace
 
 // x: (b, l, h, p); dt: (b, l, h) after softplus and clamping; A: (h,); B, C: (b, l, g, n), head
-// hd reading group hd / (h / g); D: (h, p) or empty; state: (b, h, p, n). All float32 and
-// contiguous. Returns y (b, l, h, p) and the state after the last token (b, h, p, n).
+// hd reading group hd / (h / g); D: (h, p) or empty; z: (b, l, h, p) or empty; state:
+// (b, h, p, n). All float32; x, B, C and z with rows at any stride (each token's last two
+// dimensions contiguous), the others contiguous. With z, y = (h . C + D x) SiLU(z). Returns y
+// (b, l, h, p) and the state after the last token (b, h, p, n).
 std::vector<torch::Tensor> ssd_scan_fused(const torch::Tensor& x, const torch::Tensor& dt,
                                           const torch::Tensor& A, const torch::Tensor& B,
                                           const torch::Tensor& C, const torch::Tensor& D,
-                                          const torch::Tensor& state) {
+                                          const torch::Tensor& z, const torch::Tensor& state) {
   TORCH_CHECK(x.dim() == 4 && B.dim() == 4, "ssd_scan_fused: x must be (b, l, h, p) and B (b, l, g, n), got ",
               x.sizes(), " and ", B.sizes());
   const int64_t b = x.size(0), l = x.size(1), h = x.size(2), p = x.size(3);
   const int64_t g = B.size(2), n = B.size(3);
   TORCH_CHECK(g >= 1 && h % g == 0, "ssd_scan_fused: ", h, " heads do not split into ", g, " groups");
-  check(x, "x (b, l, h, p)", {b, l, h, p});
+  check(x, "x (b, l, h, p)", {b, l, h, p}, true);
   check(dt, "dt (b, l, h)", {b, l, h});
   check(A, "A (h,)", {h});
-  check(B, "B (b, l, g, n)", {b, l, g, n});
-  check(C, "C (b, l, g, n)", {b, l, g, n});
+  check(B, "B (b, l, g, n)", {b, l, g, n}, true);
+  check(C, "C (b, l, g, n)", {b, l, g, n}, true);
   if (D.numel()) check(D, "D (h, p)", {h, p});
+  if (z.numel()) check(z, "z (b, l, h, p)", {b, l, h, p}, true);
   check(state, "state (b, h, p, n)", {b, h, p, n});
   auto next = state.clone();
-  auto y = torch::empty_like(x);
+  auto y = torch::empty({b, l, h, p}, x.options());
+  const float* z_ptr = z.numel() ? z.data_ptr<float>() : nullptr;
   const int64_t blocks = (p + kRows - 1) / kRows, heads_per_group = h / g;
   const float* D_ptr = D.numel() ? D.data_ptr<float>() : nullptr;
   at::parallel_for(0, b * h * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bi = item / (h * blocks), hd = (item / blocks) % h, i0 = (item % blocks) * kRows;
       const int64_t group = hd / heads_per_group;
-      const HeadInputs in{x.data_ptr<float>() + (bi * l * h + hd) * p + i0,
+      const HeadInputs in{x.data_ptr<float>() + bi * x.stride(0) + hd * p + i0,
                           dt.data_ptr<float>() + bi * l * h + hd,
-                          B.data_ptr<float>() + (bi * l * g + group) * n,
-                          C.data_ptr<float>() + (bi * l * g + group) * n,
-                          h * p, h, g * n};
+                          B.data_ptr<float>() + bi * B.stride(0) + group * n,
+                          C.data_ptr<float>() + bi * C.stride(0) + group * n,
+                          z_ptr ? z_ptr + bi * z.stride(0) + hd * p + i0 : nullptr,
+                          x.stride(1), h, B.stride(1), C.stride(1), z_ptr ? z.stride(1) : 0, h * p};
       scan_rows(in, A.data_ptr<float>()[hd], D_ptr ? D_ptr + hd * p + i0 : nullptr,
                 next.data_ptr<float>() + ((bi * h + hd) * p + i0) * n,
                 y.data_ptr<float>() + (bi * l * h + hd) * p + i0, l, n, std::min(kRows, p - i0));
@@ -129,7 +149,7 @@ std::vector<torch::Tensor> ssd_scan_fused(const torch::Tensor& x, const torch::T
 }
 
 TORCH_LIBRARY_FRAGMENT(mambastep, m) {
-  m.def("ssd_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor state) -> Tensor[]");
+  m.def("ssd_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor state) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("ssd_scan", &ssd_scan_fused); }
