@@ -41,16 +41,19 @@ def causal_conv(
     return y.transpose(1, 2).to(x.dtype), _own(window[:, window.shape[1] - (k - 1) :])
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the inputs the fused kernel reads
+
+
 def causal_conv_silu(
     x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, fused: bool
 ) -> tuple[Tensor, Tensor]:
     """SiLU(causal_conv(x, weight, bias, state)), with the next conv state.
 
-    With ``fused``, float32 inputs on the CPU for which no gradient is wanted take the fused
-    kernel (``ops.cpu.causal_conv_silu``): one pass, y float32 and contiguous. Otherwise
-    PyTorch's conv (``causal_conv``), then SiLU.
+    With ``fused``, float32, bfloat16 or float16 inputs on the CPU for which no gradient is
+    wanted take the fused kernel (``ops.cpu.causal_conv_silu``): one pass, y contiguous in x's
+    dtype. Otherwise PyTorch's conv (``causal_conv``), then SiLU.
     """
-    if fused and x.device.type == "cpu" and x.dtype == torch.float32 and not cpu.wants_grad(x, weight, bias, state):
+    if fused and x.device.type == "cpu" and x.dtype in FUSED_DTYPES and not cpu.wants_grad(x, weight, bias, state):
         return cpu.causal_conv_silu(x, weight, bias, state)
     y, state = causal_conv(x, weight, bias, state)
     return F.silu(y), state

@@ -150,10 +150,10 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def _rows(t: Tensor, dims: int = 1) -> Tensor:
-    """``t`` as float32 whose last ``dims`` dimensions are contiguous, its other strides kept
+def _rows(t: Tensor, dims: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``t`` in ``dtype`` with its last ``dims`` dimensions contiguous, its other strides kept
     (a copy only where they are not): what the kernels that read strided rows take."""
-    t = t.to(torch.float32)
+    t = t.to(dtype)
     inner = 1
     for size, stride in zip(reversed(t.shape[-dims:]), reversed(t.stride()[-dims:])):
         if stride != inner:
@@ -226,14 +226,15 @@ def selective_scan_fused(
 
 def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
     """SiLU of the causal depthwise conv over a sequence (``ops.causal_conv`` contract, then
-    SiLU) in one pass; inference only.
+    SiLU) in one pass; inference only. Sums in float32, y rounded once to x's dtype.
 
     Args:
-        x: (b, l, c) read where it lies (rows at any stride, as a slice of in_proj's output);
-        weight: (c, k); bias: (c,) or None; state: (b, k-1, c) the inputs before x. Float32.
+        x: (b, l, c) float32, bfloat16 or float16, read where it lies (rows at any stride, as a
+        slice of in_proj's output); weight: (c, k); bias: (c,) or None; state: (b, k-1, c) the
+        inputs before x.
 
     Returns:
-        y: (b, l, c) float32; state: (b, k-1, c) float32, the last k-1 inputs.
+        y: (b, l, c) contiguous; state: (b, k-1, c) the last k-1 inputs; both in x's dtype.
 
     Raises:
         RuntimeError: an input requires grad while grad mode is on (the kernel has no backward).
@@ -242,7 +243,9 @@ def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tens
         raise RuntimeError("causal_conv_silu has no backward pass: use ops.causal_conv where gradients are needed")
     kernels()
     bias = torch.empty(0) if bias is None else _f32(bias)
-    y, state = torch.ops.mambastep.causal_conv_silu(_rows(x), _f32(weight), bias, _f32(state))
+    y, state = torch.ops.mambastep.causal_conv_silu(
+        _rows(x, dtype=x.dtype), _f32(weight), bias, state.to(x.dtype).contiguous()
+    )
     return y, state
 
 

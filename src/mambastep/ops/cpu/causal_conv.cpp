@@ -3,8 +3,8 @@
 //   y[t, c] = SiLU(bias[c] + sum_i w[c, i] window[t + i, c]),   window = [state; x]  (k - 1 + l rows)
 //
 // x is read where it lies (a slice of the in_proj output: rows of any stride, channels
-// contiguous), and y is written contiguous in float32, the layout the scan and the next
-// product read. PyTorch's path (concatenate the state, transpose, conv1d, transpose back,
+// contiguous), and y is written contiguous, the layout the scan and the next product read.
+// float32, bfloat16 or float16 inputs; the sums are float32, y is rounded to x's dtype once. PyTorch's path (concatenate the state, transpose, conv1d, transpose back,
 // SiLU, copy to contiguous) moves the (l, c) activations five or six times.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -17,48 +17,22 @@ namespace {
 
 constexpr int64_t kTokens = 32;  // tokens per work item: their rows stay in cache for the k taps
 
-void check(const torch::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, "causal_conv_silu: ", name,
-              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+void check(const torch::Tensor& t, const char* name, int64_t dim, c10::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, "causal_conv_silu: ", name, " must be a ",
+              dtype, " CPU tensor, got ", t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.dim() == dim, "causal_conv_silu: ", name, " must have ", dim, " dimensions, got shape ",
               t.sizes());
   TORCH_CHECK(t.stride(dim - 1) == 1, "causal_conv_silu: ", name, " must have contiguous channels");
 }
 
-}  // namespace
-
-// x: (b, l, c), channels contiguous, rows at any stride; weight: (c, k); bias: (c,) or empty;
-// state: (b, k - 1, c), the k - 1 inputs before x, oldest first. Returns SiLU(conv) (b, l, c)
-// float32 contiguous and the next state (b, k - 1, c): the last k - 1 rows of the window.
-std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch::Tensor& weight,
-                                            const torch::Tensor& bias, const torch::Tensor& state) {
-  check(x, "x", 3);
-  check(weight, "weight", 2);
-  check(state, "state", 3);
-  const int64_t b = x.size(0), l = x.size(1), c = x.size(2), k = weight.size(1);
-  TORCH_CHECK(weight.size(0) == c && k >= 1, "causal_conv_silu: weight must be (", c, ", k), got ",
-              weight.sizes());
-  TORCH_CHECK(state.sizes() == c10::IntArrayRef({b, k - 1, c}), "causal_conv_silu: state must be (", b,
-              ", ", k - 1, ", ", c, "), got ", state.sizes());
-  if (bias.numel()) {
-    check(bias, "bias", 1);
-    TORCH_CHECK(bias.size(0) == c, "causal_conv_silu: bias must be (", c, ",), got ", bias.sizes());
-  }
-  auto y = torch::empty({b, l, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  auto next = torch::empty_like(state, at::MemoryFormat::Contiguous);
-  auto wt = weight.t().contiguous();  // (k, c): tap i's weights contiguous over channels
-  auto bias_or_zeros = bias.numel() ? bias.contiguous() : torch::zeros({c}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* sp = state.data_ptr<float>();
-  const float* w = wt.data_ptr<float>();
-  const float* bp = bias_or_zeros.data_ptr<float>();
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), ss0 = state.stride(0), ss1 = state.stride(1);
+template <typename T>
+void conv_silu(const T* xp, const T* sp, const float* w, const float* bp, T* yp, T* np, int64_t b,
+               int64_t l, int64_t c, int64_t k, int64_t xs0, int64_t xs1, int64_t ss0, int64_t ss1) {
   // Row r of sequence bi's window: the state's rows first, then x's.
   auto window_row = [&](int64_t bi, int64_t r) {
     return r < k - 1 ? sp + bi * ss0 + r * ss1 : xp + bi * xs0 + (r - (k - 1)) * xs1;
   };
   const int64_t tiles = (l + kTokens - 1) / kTokens;
-  float* yp = y.data_ptr<float>();
   at::parallel_for(0, b * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(c);
     for (int64_t item = begin; item < end; ++item) {
@@ -66,24 +40,59 @@ std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch:
       for (int64_t t = t0; t < t1; ++t) {
         std::copy(bp, bp + c, acc.begin());
         for (int64_t i = 0; i < k; ++i) {  // output t reads window rows t .. t + k - 1
-          const float* row = window_row(bi, t + i);
+          const T* row = window_row(bi, t + i);
           const float* w_i = w + i * c;
           float* a = acc.data();
 #pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) a[ch] += w_i[ch] * row[ch];
+          for (int64_t ch = 0; ch < c; ++ch) a[ch] += w_i[ch] * static_cast<float>(row[ch]);
         }
-        float* y_t = yp + (bi * l + t) * c;
+        T* y_t = yp + (bi * l + t) * c;
 #pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) y_t[ch] = mambastep::silu_inline(acc[ch]);
+        for (int64_t ch = 0; ch < c; ++ch) y_t[ch] = static_cast<T>(mambastep::silu_inline(acc[ch]));
       }
     }
   });
-  float* np = next.data_ptr<float>();
   for (int64_t bi = 0; bi < b; ++bi)
     for (int64_t r = 0; r < k - 1; ++r) {  // window rows l .. l + k - 2
-      const float* row = window_row(bi, l + r);
+      const T* row = window_row(bi, l + r);
       std::copy(row, row + c, np + (bi * (k - 1) + r) * c);
     }
+}
+
+}  // namespace
+
+// x: (b, l, c), channels contiguous, rows at any stride; weight: (c, k) float32; bias: (c,)
+// float32 or empty; state: (b, k - 1, c), the k - 1 inputs before x, oldest first, in x's
+// dtype (float32, bfloat16 or float16). Returns SiLU(conv) (b, l, c) contiguous and the next
+// state (b, k - 1, c): the last k - 1 rows of the window, both in x's dtype.
+std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch::Tensor& weight,
+                                            const torch::Tensor& bias, const torch::Tensor& state) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
+              "causal_conv_silu: x must be float32, bfloat16 or float16, got ", dtype);
+  check(x, "x", 3, dtype);
+  check(weight, "weight", 2, torch::kFloat32);
+  check(state, "state", 3, dtype);
+  const int64_t b = x.size(0), l = x.size(1), c = x.size(2), k = weight.size(1);
+  TORCH_CHECK(weight.size(0) == c && k >= 1, "causal_conv_silu: weight must be (", c, ", k), got ",
+              weight.sizes());
+  TORCH_CHECK(state.sizes() == c10::IntArrayRef({b, k - 1, c}), "causal_conv_silu: state must be (", b,
+              ", ", k - 1, ", ", c, "), got ", state.sizes());
+  if (bias.numel()) {
+    check(bias, "bias", 1, torch::kFloat32);
+    TORCH_CHECK(bias.size(0) == c, "causal_conv_silu: bias must be (", c, ",), got ", bias.sizes());
+  }
+  auto y = torch::empty({b, l, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto next = torch::empty_like(state, at::MemoryFormat::Contiguous);
+  auto wt = weight.t().contiguous();  // (k, c): tap i's weights contiguous over channels
+  auto bias_or_zeros = bias.numel() ? bias.contiguous() : torch::zeros({c}, weight.options());
+  const float* w = wt.data_ptr<float>();
+  const float* bp = bias_or_zeros.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "causal_conv_silu", [&] {
+    conv_silu<scalar_t>(x.data_ptr<scalar_t>(), state.data_ptr<scalar_t>(), w, bp,
+                        y.data_ptr<scalar_t>(), next.data_ptr<scalar_t>(), b, l, c, k, x.stride(0),
+                        x.stride(1), state.stride(0), state.stride(1));
+  });
   return {y, next};
 }
 
