@@ -24,8 +24,8 @@ class EngineSettings:
         Mamba-2's inference only: where gradients are needed Mamba-2 takes the PyTorch scan),
         "torch" the chunked PyTorch scans (any device), "auto" the fused kernels on CPU and the
         PyTorch scans on other devices. For a prompt's inference the fused kernels also run the
-        causal conv and SiLU in one pass, and the softplus of Δ and the SiLU(z) gate inside
-        the scan.
+        causal conv and SiLU in one pass, the softplus of Δ and the SiLU(z) gate inside the
+        scan, and (float32) the RMSNorms in one pass.
     matvec: the products of the linear layers with a few activation rows (decode steps: up
         to 16 rows for weights PyTorch multiplies natively, 64 for int8 weights and for
         bfloat16 ones on CPUs without native bfloat16). "fused" is the CPU kernel that reads

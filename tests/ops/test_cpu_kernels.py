@@ -311,3 +311,50 @@ def test_matvec_portable_build_matches_reference(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm in one pass, against the module's PyTorch path in float64.
+
+
+@pytest.mark.parametrize("shape, group", [((3, 24), 24), ((2, 70, 48), 48), ((1, 300, 1536), 192), ((2, 5, 12), 4)])
+def test_rms_norm_kernel_matches_pytorch(shape, group):
+    from mambastep.models.lm import RMSNorm
+    from mambastep.ops.cpu import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(shape[-1], 1e-5, group)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = torch.randn(*shape, generator=g) * 3
+    want = norm.double()(x.double())
+    y = rms_norm(x.transpose(0, -2).contiguous().transpose(0, -2) if x.dim() == 3 else x, norm.weight.float(), 1e-5, group)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_module_takes_the_kernel_for_float32_inference_only():
+    from mambastep.models.lm import RMSNorm
+
+    norm = RMSNorm(16, 1e-5, 8)
+    norm.fused_kernel = True
+    x = torch.randn(3, 16)
+    plain = RMSNorm(16, 1e-5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), plain(x), atol=1e-6, rtol=1e-5)
+    y = norm(x)  # the weight requires grad: PyTorch's path, differentiable
+    y.sum().backward()
+    assert norm.weight.grad is not None
+    assert norm.bfloat16()(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_rms_norm_kernel_checks_its_arguments():
+    from mambastep.ops.cpu import kernels
+
+    kernels()
+    with pytest.raises(RuntimeError, match="must be float32"):
+        torch.ops.mambastep.rms_norm(torch.randn(2, 8).double(), torch.ones(8), 1e-5, 8)
+    with pytest.raises(RuntimeError, match=r"weight must be \(8,\)"):
+        torch.ops.mambastep.rms_norm(torch.randn(2, 8), torch.ones(6), 1e-5, 6)
+    with pytest.raises(RuntimeError, match="8 channels do not split into groups of 3"):
+        torch.ops.mambastep.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5, 3)

@@ -27,7 +27,13 @@ from mambastep.settings import EngineSettings, log
 from mambastep.state import ModelState, SSMLayerState, StateError
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32 over groups of ``group_size``."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32 over groups of ``group_size``.
+
+    With ``fused_kernel`` (set by ``LanguageModel.configure`` from the ``scan`` setting), float32
+    inference on the CPU takes the one-pass kernel ``ops.cpu.rms_norm``; PyTorch's operators
+    made three passes over the activations and their temporaries."""
+
+    fused_kernel = False
 
     def __init__(self, size: int, eps: float, group_size: int | None = None):
         super().__init__()
@@ -36,6 +42,14 @@ class RMSNorm(nn.Module):
         self.group_size = group_size or size
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.fused_kernel
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+            and not cpu.wants_grad(x, self.weight)
+        ):
+            return cpu.rms_norm(x, self.weight, self.eps, self.group_size)
         shape = x.shape
         h = x.float().unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -96,7 +110,10 @@ class LanguageModel(nn.Module, ABC):
         if settings.matvec == "fused":
             cpu.kernels()  # a build failure is an error here, not at the first step
         onednn_prompts = cpu.uses_onednn(settings.prompt_matmul)
+        fused_kernels = cpu.chosen(settings.scan)
         for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused_kernel = fused_kernels
             if isinstance(module, (Linear, Int8Linear)):
                 module.fused_matvec = fused_matvec
             if isinstance(module, Linear):

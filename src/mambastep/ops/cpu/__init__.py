@@ -13,8 +13,8 @@ Mamba-1 or Mamba-2 layers in one call: norms, matvecs and the state update per l
 residual adds (eager steps only), on the layers' weights as ``FusedLayers`` prepares them.
 
 ``ssd_scan_fused`` is the Mamba-2 scan over a prompt, token by token in one fused pass
-(inference only). ``causal_conv_silu`` is a prompt's causal conv and SiLU in one pass
-(inference only).
+(inference only). ``causal_conv_silu`` is a prompt's causal conv and SiLU in one pass,
+``rms_norm`` an RMSNorm in one pass (inference only).
 
 ``selective_scan_fused`` is differentiable: when grad mode is on and an input
 requires grad, its forward also saves the state every ``CHECKPOINT_CHUNK``
@@ -278,6 +278,20 @@ def ssd_scan_fused(
     z = torch.empty(0) if z is None else _rows(z, 2)
     y, state = torch.ops.mambastep.ssd_scan(_rows(x, 2), _f32(dt), _f32(A), _rows(B, 2), _rows(C, 2), D, z, _f32(state))
     return y, state
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, group: int) -> Tensor:
+    """RMSNorm in one pass: x / sqrt(mean(x^2) + eps) * weight over each group of ``group``
+    channels (as ``models.lm.RMSNorm``); float32 inputs, inference.
+
+    Args:
+        x: (..., d) float32; weight: (d,) float32; group: channels per group, dividing d.
+
+    Returns:
+        (..., d) float32.
+    """
+    kernels()
+    return torch.ops.mambastep.rms_norm(x, weight, eps, group)
 
 
 def _matvec_shape(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -117,24 +117,29 @@ enum Mamba2Param {
   k2OutScale, k2OutBias, kMamba2Params
 };
 
-// (b, d) -> (b, d): x / sqrt(mean(x^2) + eps) * weight over each group of `group` channels.
+// (rows, d) -> (rows, d): x / sqrt(mean(x^2) + eps) * weight over each group of `group` channels.
+// x and weight (d,) float32 and contiguous. Threads split the groups of prompts; a decode
+// step's few rows stay on the calling thread.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t group) {
-  const int64_t rows = x.numel() / group;
+  const int64_t groups = x.numel() / group;
   auto y = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t d = weight.numel();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = xp + r * group;
-    const float* wr = w + (r * group) % d;
-    float sq = 0.f;
+  const int64_t grain = std::max<int64_t>(1, 65536 / group);  // groups per task: ~64k values
+  at::parallel_for(0, groups, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * group;
+      const float* wr = w + (r * group) % d;
+      float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < group; ++i) sq += xr[i] * xr[i];
-    const float inv = 1.f / sqrtf(sq / group + static_cast<float>(eps));
+      for (int64_t i = 0; i < group; ++i) sq += xr[i] * xr[i];
+      const float inv = 1.f / sqrtf(sq / group + static_cast<float>(eps));
 #pragma omp simd
-    for (int64_t i = 0; i < group; ++i) yp[r * group + i] = xr[i] * inv * wr[i];
-  }
+      for (int64_t i = 0; i < group; ++i) yp[r * group + i] = xr[i] * inv * wr[i];
+    }
+  });
   return y;
 }
 
@@ -426,7 +431,19 @@ std::vector<torch::Tensor> mamba2_layers_step(const torch::Tensor& residual,
                      });
 }
 
+// RMSNorm of x (..., d) over groups of `group` channels, with weight (d,); all float32.
+torch::Tensor rms_norm_op(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t group) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32,
+              "rms_norm: x and weight must be float32, got ", x.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "rms_norm: weight must be (",
+              x.dim() ? x.size(-1) : 0, ",), got ", weight.sizes());
+  TORCH_CHECK(group >= 1 && weight.size(0) % group == 0, "rms_norm: ", weight.size(0),
+              " channels do not split into groups of ", group);
+  return rms_norm(x.contiguous(), weight.contiguous(), eps, group);
+}
+
 TORCH_LIBRARY_FRAGMENT(mambastep, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, int group) -> Tensor");
   m.def("mamba_layers_step(Tensor residual, Tensor?[] params, Tensor[] conv_states, "
         "Tensor[] ssm_states, float eps, int reuse_bytes) -> Tensor[]");
   m.def("mamba2_layers_step(Tensor residual, Tensor?[] params, Tensor[] conv_states, "
@@ -435,6 +452,7 @@ TORCH_LIBRARY_FRAGMENT(mambastep, m) {
 }
 
 TORCH_LIBRARY_IMPL(mambastep, CPU, m) {
+  m.impl("rms_norm", &rms_norm_op);
   m.impl("mamba_layers_step", &mamba_layers_step);
   m.impl("mamba2_layers_step", &mamba2_layers_step);
 }
