@@ -43,6 +43,8 @@ class EngineSettings:
     threads: intra-op threads (None keeps PyTorch's default).
     scan_chunk: tokens per block of the chunked PyTorch scans.
     prefill_piece: tokens per piece when a long prompt is prefilled; bounds activation memory.
+        512 ran prefills 1.01-1.20x faster than 256 on an AMD EPYC (Zen 3), 2 threads (fewer
+        calls, and int8 or upcast bfloat16 weights converted half as often).
     """
 
     scan: Literal["auto", "fused", "torch"] = "auto"
@@ -51,7 +53,7 @@ class EngineSettings:
     decode: Literal["eager", "compiled"] = "eager"
     threads: int | None = None
     scan_chunk: int = 64
-    prefill_piece: int = 256
+    prefill_piece: int = 512
 
     def __post_init__(self):
         if self.scan not in SCAN_KERNELS:
