@@ -9,7 +9,6 @@
 // a time, so each state entry is loaded and stored once per pair.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <math.h>
 #include <algorithm>
 #include <vector>
 
@@ -43,7 +42,7 @@ void scan_tokens(const HeadInputs& in, float A, const float* D, float* hb, float
   const float *B[kTokens], *C[kTokens];
   for (int k = 0; k < kTokens; ++k) {
     const float d = in.dt[(t + k) * in.dt_stride];
-    decay[k] = expf(d * A);
+    decay[k] = mambastep::exp_inline(d * A);
     load_dx(in.x + (t + k) * in.x_stride, d, dx[k], w);
     B[k] = in.B + (t + k) * in.B_stride;
     C[k] = in.C + (t + k) * in.C_stride;
