@@ -205,7 +205,7 @@ def _prefill(model: LanguageModel, prompts: list[list[int]]) -> tuple[Tensor, Mo
     """Prefill each prompt alone (no padding) and join: (b, vocab) last logits, a state of b sequences."""
     firsts, states = [], []
     for prompt in prompts:
-        last, state = model.prefill(torch.tensor([prompt], device=model.device), model.new_state(1))
+        last, state = model.prefill(torch.tensor([prompt], device=model.device))
         firsts.append(last)  # (1, vocab)
         states.append(state)
     return torch.cat(firsts), ModelState.cat(states)

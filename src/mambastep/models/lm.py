@@ -24,7 +24,7 @@ from mambastep.models.int8 import Int8Linear
 from mambastep.models.linear import Linear, takes_matvec
 from mambastep.ops import cpu
 from mambastep.settings import EngineSettings, log
-from mambastep.state import ModelState, SSMLayerState, StateError
+from mambastep.state import LayerState, ModelState, SSMLayerState, StateError
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32 over groups of ``group_size``.
@@ -133,8 +133,10 @@ class LanguageModel(nn.Module, ABC):
         """The state of an empty prefix for ``batch_size`` sequences."""
 
     @abstractmethod
-    def _hidden(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """Final-normed hidden states (b, l, d) and the next state."""
+    def _hidden(self, tokens: Tensor, layers: list[LayerState]) -> Tensor:
+        """Final-normed hidden states (b, l, d); replaces each entry of ``layers`` (the layers'
+        states before the tokens) with its next, in place, so that a layer's old state is freed
+        as soon as its next exists unless someone else holds it."""
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """(..., d) hidden states -> (..., vocab) float32 logits."""
@@ -168,15 +170,18 @@ class LanguageModel(nn.Module, ABC):
             logits: (b, l, vocab) float32; the state after the last token.
         """
         state = self._check(tokens, state, 2)
-        hidden, state = self._hidden(tokens, state)
-        return self._logits(hidden), state
+        layers = list(state.layers)
+        hidden = self._hidden(tokens, layers)
+        return self._logits(hidden), ModelState(tuple(layers), state.fingerprint)
 
     @torch.no_grad()
     def prefill(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """Read a prompt of any length; return only the last position's logits.
 
         Long prompts are processed in pieces of ``settings.prefill_piece`` tokens,
-        carrying the state, so memory does not grow with the prompt.
+        carrying the state, so memory does not grow with the prompt. A layer's state is
+        replaced as its next is computed: unless the caller holds ``state``, one state is alive
+        at a time (plus one layer's next), not two.
 
         Args:
             tokens: (b, l) token ids; state: the state before them, or None.
@@ -185,10 +190,12 @@ class LanguageModel(nn.Module, ABC):
             logits: (b, vocab) float32 at the last token; the state after it.
         """
         state = self._check(tokens, state, 2)
+        layers, fingerprint = list(state.layers), state.fingerprint
+        del state  # from here only `layers` holds the states this call made
         piece = self.settings.prefill_piece
         for start in range(0, tokens.shape[1], piece):
-            hidden, state = self._hidden(tokens[:, start : start + piece], state)
-        return self._logits(hidden[:, -1]), state
+            hidden = self._hidden(tokens[:, start : start + piece], layers)
+        return self._logits(hidden[:, -1]), ModelState(tuple(layers), fingerprint)
 
     @torch.no_grad()
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
@@ -204,8 +211,9 @@ class LanguageModel(nn.Module, ABC):
         return (self._compiled_step or self._step_logits)(token, state)
 
     def _step_logits(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        hidden, state = self._hidden(token[:, None], state)  # (b, 1, d)
-        return self._logits(hidden[:, 0]), state
+        layers = list(state.layers)
+        hidden = self._hidden(token[:, None], layers)  # (b, 1, d)
+        return self._logits(hidden[:, 0]), ModelState(tuple(layers), state.fingerprint)
 
 
 class SSMLanguageModel(LanguageModel):
@@ -245,12 +253,10 @@ class SSMLanguageModel(LanguageModel):
         )
         return ModelState(layers, self.config.fingerprint)
 
-    def _hidden(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """Final-normed hidden states (b, l, d) and the next state."""
+    def _hidden(self, tokens: Tensor, layers: list[SSMLayerState]) -> Tensor:
         x = self.backbone.embeddings(tokens)  # (b, l, d)
         residual_dtype = torch.float32 if self.config.residual_in_fp32 else self.dtype
-        residual, state = self._layers(x.to(residual_dtype), state)
-        return self.backbone.norm_f(residual), state
+        return self.backbone.norm_f(self._layers(x.to(residual_dtype), layers))
 
     def takes_fused_step(self, residual: Tensor) -> bool:
         """Whether the layers read ``residual`` (b, l, d) in one call of the mixers' ``layers_step``
@@ -270,19 +276,18 @@ class SSMLanguageModel(LanguageModel):
             and not any(m.dt_probe._forward_hooks for m in mixers)
         )
 
-    def _layers(self, residual: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """The residual stream (b, l, d) through every block, and the next state."""
+    def _layers(self, residual: Tensor, layers: list[SSMLayerState]) -> Tensor:
+        """The residual stream (b, l, d) through every block; ``layers`` (the blocks' states)
+        replaced with the next states, in place."""
         if self.takes_fused_step(residual):
             blocks = self.backbone.layers
             if self._fused_layers is None or not self._fused_layers.current():
                 self._fused_layers = cpu.FusedLayers([block.mixer.step_weights(block.norm.weight) for block in blocks])
             residual, conv, ssm = blocks[0].mixer.layers_step(
-                residual[:, 0], self._fused_layers, [s.conv for s in state.layers], [s.ssm for s in state.layers],
+                residual[:, 0], self._fused_layers, [s.conv for s in layers], [s.ssm for s in layers],
             )  # (b, d), the next states
-            layers = tuple(SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm))
-            return residual[:, None], ModelState(layers, state.fingerprint)
-        layers = []
-        for block, layer_state in zip(self.backbone.layers, state.layers):
-            residual, layer_state = block(residual, layer_state)
-            layers.append(layer_state)
-        return residual, ModelState(tuple(layers), state.fingerprint)
+            layers[:] = [SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm)]
+            return residual[:, None]
+        for i, block in enumerate(self.backbone.layers):
+            residual, layers[i] = block(residual, layers[i])
+        return residual

@@ -133,12 +133,10 @@ class TransformerLM(LanguageModel):
         layers = tuple(KVLayerState.zeros(batch_size, c.n_heads, c.head_dim, self.dtype, device) for _ in range(c.n_layer))
         return ModelState(layers, c.fingerprint)
 
-    def _hidden(self, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """Final-normed hidden states (b, l, d) and the state with l more tokens cached."""
-        cos, sin = rotary_angles(self.config, state.layers[0].length, tokens.shape[1], tokens.device)  # (l, r)
+    def _hidden(self, tokens: Tensor, layers: list[KVLayerState]) -> Tensor:
+        """Final-normed hidden states (b, l, d); each layer's cache replaced with one l tokens longer."""
+        cos, sin = rotary_angles(self.config, layers[0].length, tokens.shape[1], tokens.device)  # (l, r)
         x = self.gpt_neox.embed_in(tokens)  # (b, l, d)
-        layers = []
-        for layer, layer_state in zip(self.gpt_neox.layers, state.layers):
-            x, layer_state = layer(x, layer_state, cos, sin)
-            layers.append(layer_state)
-        return self.gpt_neox.final_layer_norm(x), ModelState(tuple(layers), state.fingerprint)
+        for i, layer in enumerate(self.gpt_neox.layers):
+            x, layers[i] = layer(x, layers[i], cos, sin)
+        return self.gpt_neox.final_layer_norm(x)
