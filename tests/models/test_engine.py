@@ -200,6 +200,12 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
         hook = model.backbone.layers[1].mixer.dt_probe.register_forward_hook(lambda *args: None)
         assert not model.takes_fused_step(residual)  # ... unless Δ is watched (inspect)
         hook.remove()
+        assert model.takes_fused_step(residual)
+        unwatched, watched = model.backbone.layers[1].mixer.dt_probe, torch.nn.Identity()
+        watched.register_forward_hook(lambda *args: None)
+        model.backbone.layers[1].mixer.dt_probe = watched  # a probe put in after the mixers were looked up
+        assert not model.takes_fused_step(residual)
+        model.backbone.layers[1].mixer.dt_probe = unwatched
         assert not model.takes_fused_step(residual.to(torch.bfloat16)) and not model.takes_fused_step(residual.expand(3, 2, -1))
     # a few sequences (row groups in the products), then a batch of blocks and the widest rows
     for batch in (3, WIDE_MATVEC_ROWS + 6):

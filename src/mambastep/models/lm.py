@@ -235,6 +235,7 @@ class SSMLanguageModel(LanguageModel):
             self.lm_head.weight = self.backbone.embeddings.weight
 
     _fused_layers: cpu.FusedLayers | None = None  # the layers' weights as the fused step takes them
+    _mixers_seen: tuple[int, list[nn.Module], list[nn.Module]] | None = None  # see _mixers
 
     def configure(self, settings: EngineSettings) -> "SSMLanguageModel":
         for block in self.backbone.layers:
@@ -266,15 +267,23 @@ class SSMLanguageModel(LanguageModel):
         step has ``layers_step = None``. On an AVX2 CPU it beat PyTorch's operators layer by layer
         (whose elementwise work grows with the batch's state) at every batch measured: 2-4x at
         16 sequences; 1.2-1.7x (Mamba-1) and 6-7.6x (Mamba-2) at 64 to 256."""
-        mixers = [block.mixer for block in self.backbone.layers]
+        if residual.shape[1] != 1 or residual.dtype != torch.float32 or torch.compiler.is_compiling():
+            return False
+        mixers, probes = self._mixers()
         return (
             mixers[0].layers_step is not None
-            and residual.shape[1] == 1
-            and residual.dtype == torch.float32
             and takes_matvec(mixers[0].in_proj, residual[:1])
-            and not torch.compiler.is_compiling()
-            and not any(m.dt_probe._forward_hooks for m in mixers)
+            and not any(probe._forward_hooks for probe in probes)
         )
+
+    def _mixers(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The mixers and their ``dt_probe``s, looked up again only once a module anywhere has
+        been assigned a parameter, buffer or submodule (a decode step asks at every token)."""
+        assignments = cpu.module_assignments()
+        if self._mixers_seen is None or self._mixers_seen[0] != assignments:
+            mixers = [block.mixer for block in self.backbone.layers]
+            self._mixers_seen = (assignments, mixers, [mixer.dt_probe for mixer in mixers])
+        return self._mixers_seen[1], self._mixers_seen[2]
 
     def _layers(self, residual: Tensor, layers: list[SSMLayerState]) -> Tensor:
         """The residual stream (b, l, d) through every block; ``layers`` (the blocks' states)

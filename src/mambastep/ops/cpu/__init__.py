@@ -389,6 +389,12 @@ for _register in (
     _register(_Registrations.bump)
 
 
+def module_assignments() -> int:
+    """How many parameters, buffers and submodules have been assigned to any module since
+    import: whatever was derived from a module tree before the count moved may be stale."""
+    return _Registrations.count
+
+
 class FusedLayers:
     """A stack of layers' weights in the flat form a fused decode step takes, prepared once.
 
@@ -402,7 +408,7 @@ class FusedLayers:
     def __init__(self, layers: Sequence[MambaLayerWeights] | Sequence[Mamba2LayerWeights]):
         self._sources: list[tuple[Tensor, int, int]] = []  # (tensor, data_ptr, version) of what was derived from
         self._tracked = True  # False once a source is an inference tensor, which keeps no version
-        self._registrations = _Registrations.count
+        self._registrations = module_assignments()
         self.count = len(layers)
         self.params = [t for layer in layers for t in layer.params(self)]
 
@@ -428,7 +434,7 @@ class FusedLayers:
         """Whether these weights still match the parameters they were prepared from."""
         return (
             self._tracked
-            and self._registrations == _Registrations.count
+            and self._registrations == module_assignments()
             and all(t.data_ptr() == ptr and t._version == version for t, ptr, version in self._sources)
         )
 
