@@ -228,6 +228,14 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
                 scale = want.abs().max().item()
                 tol = dict(atol=2e-2 * scale, rtol=2e-2) if weights == "bfloat16" else dict(atol=2e-5 * scale, rtol=2e-5)
                 torch.testing.assert_close(got.float(), want.float(), **tol)
+        # A whole decode step: the embedding, the fused layers, then the final norm and the head in the same call.
+        token = torch.randint(0, 11, (batch,), generator=torch.Generator().manual_seed(batch))
+        got, _ = model.step(token, fused)
+        want, _ = reference.step(token, plain)
+        scale = want.abs().max().item()
+        tol = dict(atol=2e-2 * scale, rtol=2e-2) if weights == "bfloat16" else dict(atol=2e-5 * scale, rtol=2e-5)
+        assert got.dtype == torch.float32 and got.shape == (batch, 11)
+        torch.testing.assert_close(got, want, **tol)
 
 
 def _tiny_ssm(family: str, n_layer: int = 2):
@@ -332,7 +340,7 @@ def test_fused_step_reuses_only_the_memory_of_dropped_states(monkeypatch, family
 
 
 def test_fused_layers_step_checks_its_arguments():
-    from mambastep.ops.cpu import MambaLayerWeights, mamba_layers_step
+    from mambastep.ops.cpu import FusedLayers, HeadWeights, MambaLayerWeights, mamba_layers_step
 
     e, n, k, d, r = 8, 4, 4, 6, 2
     lin = lambda rows, cols: (torch.randn(rows, cols), None, None)  # noqa: E731
@@ -350,6 +358,17 @@ def test_fused_layers_step_checks_its_arguments():
         mamba_layers_step(torch.randn(1, d), [layer._replace(dt_proj=(torch.randn(e, r), None, None))], conv[:1], ssm[:1], 1e-5)
     with pytest.raises(RuntimeError, match="two states per layer"):
         mamba_layers_step(torch.randn(1, d), [layer], conv, ssm[:1], 1e-5)
+    # With the head: the final norm and the output layer after the last layer, logits instead of the residual.
+    vocab, x = 5, torch.randn(1, d)
+    head = HeadWeights(norm=torch.rand(d) + 0.5, out=(torch.randn(vocab, d), None, torch.randn(vocab)))
+    residual, _, _ = mamba_layers_step(x, [layer], conv[:1], ssm[:1], 1e-5)
+    logits, _, _ = mamba_layers_step(x, FusedLayers([layer], head), conv[:1], ssm[:1], 1e-5, logits=True)
+    normed = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + 1e-5) * head.norm
+    torch.testing.assert_close(logits, normed @ head.out[0].T + head.out[2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prepared with a head"):
+        mamba_layers_step(x, [layer], conv[:1], ssm[:1], 1e-5, logits=True)
+    with pytest.raises(RuntimeError, match=r"final norm weight \(d,\) must have shape"):
+        mamba_layers_step(x, FusedLayers([layer], head._replace(norm=torch.ones(d + 1))), conv[:1], ssm[:1], 1e-5, logits=True)
 
 
 def test_fused_mamba2_layers_step_checks_its_arguments():

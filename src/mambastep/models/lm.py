@@ -7,8 +7,9 @@ and ``_hidden``. ``SSMLanguageModel`` is the shell of Mamba and Mamba-2:
 embedding -> n_layer x (RMSNorm -> mixer, residual add) -> RMSNorm -> LM head.
 
 A family supplies its mixer. The residual stream is kept in float32 when the
-config says ``residual_in_fp32``. An eager decode step on the CPU runs the whole stack in one call
-of the mixers' fused step where they have one (``SSMLanguageModel.takes_fused_step``).
+config says ``residual_in_fp32``. An eager decode step on the CPU runs the whole stack, the final
+norm and the LM head in one call of the mixers' fused step where they have one
+(``SSMLanguageModel.takes_fused_step``).
 """
 
 from __future__ import annotations
@@ -254,10 +255,24 @@ class SSMLanguageModel(LanguageModel):
         )
         return ModelState(layers, self.config.fingerprint)
 
-    def _hidden(self, tokens: Tensor, layers: list[SSMLayerState]) -> Tensor:
+    def _embedded(self, tokens: Tensor) -> Tensor:
+        """(b, l) token ids -> (b, l, d) the residual stream entering the first layer."""
         x = self.backbone.embeddings(tokens)  # (b, l, d)
-        residual_dtype = torch.float32 if self.config.residual_in_fp32 else self.dtype
-        return self.backbone.norm_f(self._layers(x.to(residual_dtype), layers))
+        return x.to(torch.float32 if self.config.residual_in_fp32 else self.dtype)
+
+    def _hidden(self, tokens: Tensor, layers: list[SSMLayerState]) -> Tensor:
+        return self.backbone.norm_f(self._layers(self._embedded(tokens), layers))
+
+    def _step_logits(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """A decode step. Where the layers take the fused step, the final norm and the head are
+        in the same call (in float32: a bfloat16 model's hidden state and logits are not rounded
+        to bfloat16 on the way, as the layer by layer step rounds them)."""
+        residual = self._embedded(token[:, None])  # (b, 1, d)
+        if not self.takes_fused_step(residual):
+            return super()._step_logits(token, state)
+        layers = list(state.layers)
+        logits = self._fused_step(residual, layers, logits=True)  # (b, vocab)
+        return logits, ModelState(tuple(layers), state.fingerprint)
 
     def takes_fused_step(self, residual: Tensor) -> bool:
         """Whether the layers read ``residual`` (b, l, d) in one call of the mixers' ``layers_step``
@@ -289,14 +304,21 @@ class SSMLanguageModel(LanguageModel):
         """The residual stream (b, l, d) through every block; ``layers`` (the blocks' states)
         replaced with the next states, in place."""
         if self.takes_fused_step(residual):
-            blocks = self.backbone.layers
-            if self._fused_layers is None or not self._fused_layers.current():
-                self._fused_layers = cpu.FusedLayers([block.mixer.step_weights(block.norm.weight) for block in blocks])
-            residual, conv, ssm = blocks[0].mixer.layers_step(
-                residual[:, 0], self._fused_layers, [s.conv for s in layers], [s.ssm for s in layers],
-            )  # (b, d), the next states
-            layers[:] = [SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm)]
-            return residual[:, None]
+            return self._fused_step(residual, layers, logits=False)[:, None]
         for i, block in enumerate(self.backbone.layers):
             residual, layers[i] = block(residual, layers[i])
         return residual
+
+    def _fused_step(self, residual: Tensor, layers: list[SSMLayerState], logits: bool) -> Tensor:
+        """The fused step of ``residual`` (b, 1, d): the residual stream after the last layer
+        (b, d), or with ``logits`` the logits (b, vocab) float32; ``layers`` replaced in place."""
+        if self._fused_layers is None or not self._fused_layers.current():
+            blocks = self.backbone.layers
+            head = cpu.HeadWeights(self.backbone.norm_f.weight, self.lm_head.matvec_operands())
+            self._fused_layers = cpu.FusedLayers([block.mixer.step_weights(block.norm.weight) for block in blocks], head)
+        mixers, _ = self._mixers()
+        out, conv, ssm = mixers[0].layers_step(
+            residual[:, 0], self._fused_layers, [s.conv for s in layers], [s.ssm for s in layers], logits
+        )  # (b, d) or (b, vocab), the next states
+        layers[:] = [SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm)]
+        return out

@@ -81,9 +81,11 @@ class MambaMixer(nn.Module):
             self.dt_proj.matvec_operands(), self.A_log, self.D, self.out_proj.matvec_operands(),
         )
 
-    def layers_step(self, residual: Tensor, weights: cpu.FusedLayers | list, conv: list[Tensor], ssm: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def layers_step(
+        self, residual: Tensor, weights: cpu.FusedLayers | list, conv: list[Tensor], ssm: list[Tensor], logits: bool = False
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """A decode step through a stack of layers like this one in one call (``ops.cpu.mamba_layers_step``)."""
-        return cpu.mamba_layers_step(residual, weights, conv, ssm, self.config.norm_eps)
+        return cpu.mamba_layers_step(residual, weights, conv, ssm, self.config.norm_eps, logits)
 
     def ssm(self, x: Tensor, h: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The selective SSM over x (b, l, e) from state h (b, e, n): y (b, l, e) and the next state;

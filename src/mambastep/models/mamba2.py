@@ -104,10 +104,12 @@ class Mamba2Mixer(nn.Module):
             self.norm.weight, self.out_proj.matvec_operands(),
         )
 
-    def layers_step(self, residual: Tensor, weights: cpu.FusedLayers | list, conv: list[Tensor], ssm: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def layers_step(
+        self, residual: Tensor, weights: cpu.FusedLayers | list, conv: list[Tensor], ssm: list[Tensor], logits: bool = False
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """A decode step through a stack of layers like this one in one call (``ops.cpu.mamba2_layers_step``)."""
         c = self.config
-        return cpu.mamba2_layers_step(residual, weights, conv, ssm, c.norm_eps, c.n_groups, c.dt_limit)
+        return cpu.mamba2_layers_step(residual, weights, conv, ssm, c.norm_eps, c.n_groups, c.dt_limit, logits)
 
 
 def _gated(y: Tensor, z: Tensor) -> Tensor:

@@ -395,6 +395,18 @@ def module_assignments() -> int:
     return _Registrations.count
 
 
+class HeadWeights(NamedTuple):
+    """A model's last steps as the fused decode step can take them: the final RMSNorm, then
+    the output layer (``HeadParam`` in mamba_step.cpp)."""
+
+    norm: Tensor  # (d,) the final norm's weight
+    out: Operands  # (vocab, d) the output layer as matvec takes it
+
+    def params(self, derive: FusedLayers) -> list[Tensor | None]:
+        weight, scale, bias = self.out
+        return [derive.float32(self.norm), weight, scale, derive.float32(bias)]
+
+
 class FusedLayers:
     """A stack of layers' weights in the flat form a fused decode step takes, prepared once.
 
@@ -405,12 +417,13 @@ class FusedLayers:
     from still has the same storage and has not been modified in place.
     """
 
-    def __init__(self, layers: Sequence[MambaLayerWeights] | Sequence[Mamba2LayerWeights]):
+    def __init__(self, layers: Sequence[MambaLayerWeights] | Sequence[Mamba2LayerWeights], head: HeadWeights | None = None):
         self._sources: list[tuple[Tensor, int, int]] = []  # (tensor, data_ptr, version) of what was derived from
         self._tracked = True  # False once a source is an inference tensor, which keeps no version
         self._registrations = module_assignments()
         self.count = len(layers)
         self.params = [t for layer in layers for t in layer.params(self)]
+        self.head = [] if head is None else head.params(self)  # empty: the step returns the residual
 
     def float32(self, t: Tensor | None) -> Tensor | None:
         """``t`` as contiguous float32: itself when it already is, else a copy derived from it."""
@@ -439,18 +452,21 @@ class FusedLayers:
         )
 
 
-def _layers_step(op: str, residual: Tensor, layers, conv_states, ssm_states, *args) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def _layers_step(op: str, residual: Tensor, layers, conv_states, ssm_states, *args, logits: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     kernels()
     if not isinstance(layers, FusedLayers):
         layers = FusedLayers(layers)
-    out = getattr(torch.ops.mambastep, op)(residual, layers.params, list(conv_states), list(ssm_states), *args, STATE_REUSE_BYTES)
+    if logits and not layers.head:
+        raise ValueError("logits=True needs layers prepared with a head (FusedLayers(..., head=HeadWeights(...)))")
+    head = layers.head if logits else []
+    out = getattr(torch.ops.mambastep, op)(residual, layers.params, head, list(conv_states), list(ssm_states), *args, STATE_REUSE_BYTES)
     n = layers.count
     return out[0], out[1 : 1 + n], out[1 + n :]
 
 
 def mamba_layers_step(
     residual: Tensor, layers: FusedLayers | Sequence[MambaLayerWeights], conv_states: Sequence[Tensor],
-    ssm_states: Sequence[Tensor], eps: float,
+    ssm_states: Sequence[Tensor], eps: float, logits: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One decode step through a stack of Mamba-1 layers in one call.
 
@@ -461,18 +477,20 @@ def mamba_layers_step(
     Args:
         residual: (b, d) float32, the residual stream entering the first layer; layers: each
         layer's weights, or a ``FusedLayers`` prepared from them; conv_states: (b, k-1, e) per
-        layer; ssm_states: (b, e, n) per layer; eps: the norms' epsilon.
+        layer; ssm_states: (b, e, n) per layer; eps: the norms' epsilon; logits: go on through
+        the head ``layers`` was prepared with (the final norm, with ``eps``, and the output layer).
 
     Returns:
-        the residual stream after the last layer (b, d) float32; the next conv states and SSM
-        states, each in the dtype of the state it replaces.
+        the residual stream after the last layer (b, d) float32, or with ``logits`` the logits
+        (b, vocab) float32; the next conv states and SSM states, each in the dtype of the state
+        it replaces.
     """
-    return _layers_step("mamba_layers_step", residual, layers, conv_states, ssm_states, eps)
+    return _layers_step("mamba_layers_step", residual, layers, conv_states, ssm_states, eps, logits=logits)
 
 
 def mamba2_layers_step(
     residual: Tensor, layers: FusedLayers | Sequence[Mamba2LayerWeights], conv_states: Sequence[Tensor],
-    ssm_states: Sequence[Tensor], eps: float, n_groups: int, dt_limit: tuple[float, float],
+    ssm_states: Sequence[Tensor], eps: float, n_groups: int, dt_limit: tuple[float, float], logits: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One decode step through a stack of Mamba-2 layers in one call.
 
@@ -490,4 +508,4 @@ def mamba2_layers_step(
     """
     low, high = dt_limit
     high = min(high, torch.finfo(torch.float32).max)  # the kernel is built for finite math
-    return _layers_step("mamba2_layers_step", residual, layers, conv_states, ssm_states, eps, n_groups, low, high)
+    return _layers_step("mamba2_layers_step", residual, layers, conv_states, ssm_states, eps, n_groups, low, high, logits=logits)

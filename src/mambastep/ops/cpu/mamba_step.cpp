@@ -1,6 +1,6 @@
 // One decode step of a whole stack of Mamba-1 or Mamba-2 layers in one call: for each layer,
 // RMSNorm, the mixer's step (its products, causal conv step, SiLU, softplus, state update, gate)
-// and the residual add.
+// and the residual add; then, if given, the model's final RMSNorm and output layer.
 //
 // A layer's products go through the matvec kernel (matvec.cpp), so the weights keep
 // their storage (float32, bfloat16 or int8 with a scale per row); everything between them is
@@ -112,6 +112,8 @@ enum MambaParam {
   kNorm, kInW, kInScale, kInBias, kConvW, kConvB, kXW, kXScale, kDtW, kDtScale, kDtB, kA, kD,
   kOutW, kOutScale, kOutBias, kMambaParams
 };
+// The final norm and the output product, after the last layer.
+enum HeadParam { kHeadNorm, kHeadW, kHeadScale, kHeadBias, kHeadParams };
 enum Mamba2Param {
   k2Norm, k2InW, k2InScale, k2InBias, k2ConvW, k2ConvB, k2DtBias, k2A, k2D, k2GateNorm, k2OutW,
   k2OutScale, k2OutBias, kMamba2Params
@@ -364,7 +366,9 @@ std::array<torch::Tensor, 2> mamba2_mixer_step(const torch::Tensor& u, const Lay
 template <typename MixerStep>
 std::vector<torch::Tensor> layers_step(const char* op, const torch::Tensor& residual,
                                        const c10::List<c10::optional<torch::Tensor>>& params,
-                                       int64_t per_layer, const std::vector<torch::Tensor>& conv_states,
+                                       int64_t per_layer,
+                                       const c10::List<c10::optional<torch::Tensor>>& head,
+                                       const std::vector<torch::Tensor>& conv_states,
                                        const std::vector<torch::Tensor>& ssm_states, double eps,
                                        int64_t reuse_bytes, MixerStep mixer) {
   const int64_t layers = static_cast<int64_t>(conv_states.size());
@@ -390,7 +394,17 @@ std::vector<torch::Tensor> layers_step(const char* op, const torch::Tensor& resi
     out[1 + layers + i] = ssm.to(ssm_states[i].scalar_type());
   }
   state_pool().trim();
-  out[0] = x;
+  if (head.empty()) {
+    out[0] = x;
+  } else {
+    TORCH_CHECK(head.size() == kHeadParams, op, ": the head is ", static_cast<int>(kHeadParams),
+                " tensors (final norm weight, weight, scale, bias), got ", head.size());
+    TORCH_CHECK(present(head.get(kHeadNorm)) && present(head.get(kHeadW)), op,
+                ": the head needs the final norm's weight and the output weight");
+    const auto norm_w = f32(*head.get(kHeadNorm), "final norm weight (d,)", {d});
+    out[0] = matvec(rms_norm(x, norm_w, eps, d), *head.get(kHeadW), head.get(kHeadScale),
+                    opt_f32(head.get(kHeadBias)));  // (b, vocab)
+  }
   return out;
 }
 
@@ -399,30 +413,34 @@ std::vector<torch::Tensor> layers_step(const char* op, const torch::Tensor& resi
 // residual: (b, d) float32, the residual stream entering the first layer; params: the layers'
 // parameters, one run of MambaParam (or Mamba2Param) per layer (None where a layer has no such
 // tensor; the linear weights float32, bfloat16 or int8 as matvec takes them, A the decay rates
-// -exp(A_log), the rest any float dtype, converted here unless already float32); conv_states[i] and ssm_states[i]: layer i's state, any float dtype; eps: the
+// -exp(A_log), the rest any float dtype, converted here unless already float32); head: empty,
+// or the model's last steps as HeadParam (the final RMSNorm's weight, then the output layer as
+// matvec takes it); conv_states[i] and ssm_states[i]: layer i's state, any float dtype; eps: the
 // norms' epsilon; reuse_bytes: next SSM states of at least this many bytes (float32) are written
 // into memory reused from earlier steps' states once nothing holds them (StatePool). Returns
-// 1 + 2 * layers new tensors: the residual stream after the last layer
-// (b, d) float32, every layer's next conv state, then every layer's next SSM state, each in
-// the dtype of the state it replaces.
+// 1 + 2 * layers new tensors: the residual stream after the last layer (b, d) float32, or with
+// a head the logits (b, vocab) float32; every layer's next conv state, then every layer's next
+// SSM state, each in the dtype of the state it replaces.
 std::vector<torch::Tensor> mamba_layers_step(const torch::Tensor& residual,
                                              const c10::List<c10::optional<torch::Tensor>>& params,
+                                             const c10::List<c10::optional<torch::Tensor>>& head,
                                              const std::vector<torch::Tensor>& conv_states,
                                              const std::vector<torch::Tensor>& ssm_states,
                                              double eps, int64_t reuse_bytes) {
-  return layers_step("mamba_layers_step", residual, params, kMambaParams, conv_states, ssm_states,
-                     eps, reuse_bytes, mamba_mixer_step);
+  return layers_step("mamba_layers_step", residual, params, kMambaParams, head, conv_states,
+                     ssm_states, eps, reuse_bytes, mamba_mixer_step);
 }
 
 // As mamba_layers_step, for Mamba-2 layers; n_groups: the groups of B and C (and of the gated
 // norm); dt_min, dt_max: the clamp of Δ after the softplus.
 std::vector<torch::Tensor> mamba2_layers_step(const torch::Tensor& residual,
                                               const c10::List<c10::optional<torch::Tensor>>& params,
+                                              const c10::List<c10::optional<torch::Tensor>>& head,
                                               const std::vector<torch::Tensor>& conv_states,
                                               const std::vector<torch::Tensor>& ssm_states,
                                               double eps, int64_t n_groups, double dt_min,
                                               double dt_max, int64_t reuse_bytes) {
-  return layers_step("mamba2_layers_step", residual, params, kMamba2Params, conv_states,
+  return layers_step("mamba2_layers_step", residual, params, kMamba2Params, head, conv_states,
                      ssm_states, eps, reuse_bytes,
                      [&](const torch::Tensor& u, const LayerParams& layer, const torch::Tensor& conv,
                          const torch::Tensor& ssm, const torch::Tensor& next_ssm) {
@@ -444,9 +462,9 @@ torch::Tensor rms_norm_op(const torch::Tensor& x, const torch::Tensor& weight, d
 
 TORCH_LIBRARY_FRAGMENT(mambastep, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, int group) -> Tensor");
-  m.def("mamba_layers_step(Tensor residual, Tensor?[] params, Tensor[] conv_states, "
+  m.def("mamba_layers_step(Tensor residual, Tensor?[] params, Tensor?[] head, Tensor[] conv_states, "
         "Tensor[] ssm_states, float eps, int reuse_bytes) -> Tensor[]");
-  m.def("mamba2_layers_step(Tensor residual, Tensor?[] params, Tensor[] conv_states, "
+  m.def("mamba2_layers_step(Tensor residual, Tensor?[] params, Tensor?[] head, Tensor[] conv_states, "
         "Tensor[] ssm_states, float eps, int n_groups, float dt_min, float dt_max, "
         "int reuse_bytes) -> Tensor[]");
 }
