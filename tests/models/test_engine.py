@@ -194,6 +194,15 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
     # The reference: the blocks' own steps through F.linear, in float32 on the same weight values
     # (a bfloat16 model's plain step rounds every intermediate to bfloat16; the fused one does not).
     reference = copy.deepcopy(model).float().configure(EngineSettings(matvec="torch"))
+
+    def assert_close_to_scale(got, want):
+        # float32: sums in another order and a vectorised exp, relative to the tensor's scale
+        # (outputs are differences of larger terms); bfloat16: the conv state is stored in
+        # bfloat16 and carried over the steps, and the plain path rounds more often.
+        scale = want.abs().max().item()
+        tol = dict(atol=2e-2 * scale, rtol=2e-2) if weights == "bfloat16" else dict(atol=2e-5 * scale, rtol=2e-5)
+        torch.testing.assert_close(got, want, **tol)
+
     with torch.no_grad():
         residual = torch.randn(3, 1, shape["d_model"])
         assert model.takes_fused_step(residual)  # an eager step takes it ...
@@ -222,20 +231,13 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
             assert r_fused.dtype == torch.float32 and fused.layers[0].conv.dtype == model.dtype and fused.layers[0].ssm.dtype == torch.float32
             pairs = [(r_fused, r_plain)] + [(a, b) for fl, pl in zip(fused.layers, plain.layers) for a, b in ((fl.conv, pl.conv), (fl.ssm, pl.ssm))]
             for got, want in pairs:
-                # float32: sums in another order and a vectorised exp, relative to the tensor's scale
-                # (outputs are differences of larger terms); bfloat16: the conv state is stored in
-                # bfloat16 and carried over the steps, and the plain path rounds more often.
-                scale = want.abs().max().item()
-                tol = dict(atol=2e-2 * scale, rtol=2e-2) if weights == "bfloat16" else dict(atol=2e-5 * scale, rtol=2e-5)
-                torch.testing.assert_close(got.float(), want.float(), **tol)
+                assert_close_to_scale(got.float(), want.float())
         # A whole decode step: the embedding, the fused layers, then the final norm and the head in the same call.
         token = torch.randint(0, 11, (batch,), generator=torch.Generator().manual_seed(batch))
         got, _ = model.step(token, fused)
         want, _ = reference.step(token, plain)
-        scale = want.abs().max().item()
-        tol = dict(atol=2e-2 * scale, rtol=2e-2) if weights == "bfloat16" else dict(atol=2e-5 * scale, rtol=2e-5)
         assert got.dtype == torch.float32 and got.shape == (batch, 11)
-        torch.testing.assert_close(got, want, **tol)
+        assert_close_to_scale(got, want)
 
 
 def _tiny_ssm(family: str, n_layer: int = 2):

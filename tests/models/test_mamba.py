@@ -1,5 +1,7 @@
 """Mamba-1 and Mamba-2 models against `transformers`, and the model-level invariants."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -70,10 +72,7 @@ def test_prefill_in_pieces_equals_one_prefill(checkpoint):
     torch.testing.assert_close(walked, last, atol=1e-5, rtol=1e-5)
 
 
-
 def test_prefill_frees_each_layers_old_state_as_its_next_is_made(checkpoint):
-    import weakref
-
     model = mambastep.load(checkpoint).configure(EngineSettings(prefill_piece=4))
     blocks = model.backbone.layers
     seen, alive_at_last_layer = [], []
@@ -85,12 +84,14 @@ def test_prefill_frees_each_layers_old_state_as_its_next_is_made(checkpoint):
         assert alive_at_last_layer == [False] * 3  # three pieces; layer 0's old state gone each time
         held = model.new_state(1)
         before = [s.ssm.clone() for s in held.layers]
-        seen.clear(), alive_at_last_layer.clear()
+        seen.clear()
+        alive_at_last_layer.clear()
         model.prefill(tokens, held)
         assert alive_at_last_layer == [True, False, False]  # the caller's state stays, untouched
         assert all(torch.equal(s.ssm, b) for s, b in zip(held.layers, before))
     finally:
-        first.remove(), last.remove()
+        first.remove()
+        last.remove()
 
 
 def test_batch_invariance(checkpoint):

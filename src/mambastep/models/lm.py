@@ -267,11 +267,12 @@ class SSMLanguageModel(LanguageModel):
         """A decode step. Where the layers take the fused step, the final norm and the head are
         in the same call (in float32: a bfloat16 model's hidden state and logits are not rounded
         to bfloat16 on the way, as the layer by layer step rounds them)."""
-        residual = self._embedded(token[:, None])  # (b, 1, d)
-        if not self.takes_fused_step(residual):
-            return super()._step_logits(token, state)
         layers = list(state.layers)
-        logits = self._fused_step(residual, layers, logits=True)  # (b, vocab)
+        residual = self._embedded(token[:, None])  # (b, 1, d)
+        if self.takes_fused_step(residual):
+            logits = self._fused_step(residual, layers, logits=True)  # (b, vocab)
+        else:
+            logits = self._logits(self.backbone.norm_f(self._blocks(residual, layers))[:, 0])
         return logits, ModelState(tuple(layers), state.fingerprint)
 
     def takes_fused_step(self, residual: Tensor) -> bool:
@@ -305,6 +306,10 @@ class SSMLanguageModel(LanguageModel):
         replaced with the next states, in place."""
         if self.takes_fused_step(residual):
             return self._fused_step(residual, layers, logits=False)[:, None]
+        return self._blocks(residual, layers)
+
+    def _blocks(self, residual: Tensor, layers: list[SSMLayerState]) -> Tensor:
+        """The residual stream (b, l, d) through the blocks one by one; ``layers`` replaced in place."""
         for i, block in enumerate(self.backbone.layers):
             residual, layers[i] = block(residual, layers[i])
         return residual
