@@ -38,12 +38,12 @@ def test_bench_cli_appends_markdown(tmp_path, capsys):
     path = make_hf_checkpoint(tmp_path / "m")
     out = tmp_path / "BENCH.md"
     assert main(["bench", "--model", str(path), "--batches", "2", "--prompts", "8", "--decode-steps", "1",
-                 "--repeats", "1", "--long-context", "0", "--no-baseline", "--quantize", "int8", "--matvec", "torch", "--json",
+                 "--repeats", "1", "--long-context", "0", "--no-baseline", "--quantize", "int8", "--matvec", "torch", "--no-huge-pages", "--json",
                  "--markdown", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "transformers_ms_per_step" not in report["decode"][0] and "context" not in report
-    assert report["engine"]["matvec"] == "torch"
-    assert "int8 weights" in out.read_text() and "matvec torch" in out.read_text()
+    assert report["engine"]["matvec"] == "torch" and report["engine"]["huge_pages"] is False
+    assert "int8 weights" in out.read_text() and "matvec torch" in out.read_text() and "4 KiB pages" in out.read_text()
 
 
 def test_bad_bench_settings():

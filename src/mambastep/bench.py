@@ -229,7 +229,8 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     engine = report["engine"]
     title = (f"{s['model']}, {s['dtype']}{', int8 weights' if s['quantize'] else ''}, {report['threads']} threads, "
-             f"decode {engine['decode']}, matvec {engine['matvec']}, prompt matmul {engine['prompt_matmul']}")
+             f"decode {engine['decode']}, matvec {engine['matvec']}, prompt matmul {engine['prompt_matmul']}"
+             f"{'' if engine['huge_pages'] else ', 4 KiB pages'}")
     lines = [f"### {title}", "",
              f"Machine: {report['machine']}; weights {report['weight_bytes'] / 2**20:.0f} MiB; "
              f"state {report['state_bytes_per_sequence'] / 2**20:.2f} MiB per sequence.", "",

@@ -53,11 +53,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", choices=DECODE_BACKENDS, default=engine.decode,
                         help="compiled: torch.compile the decode step (one-time compile, cached; faster steps)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
+    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                        help="keep the weights in ordinary 4 KiB pages (default: moved into transparent huge pages)")
 
 
 def _engine_settings(args: argparse.Namespace) -> EngineSettings:
     return EngineSettings(scan=args.scan, matvec=args.matvec, prompt_matmul=args.prompt_matmul,
-                          decode=args.decode, threads=args.threads)
+                          decode=args.decode, threads=args.threads, huge_pages=args.huge_pages)
 
 
 def _load_model(args: argparse.Namespace):

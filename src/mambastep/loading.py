@@ -191,6 +191,7 @@ def load(
     if config.tie_embeddings:
         tensors[model.head_weight] = tensors[model.embedding_weight]
     model.load_state_dict(tensors, strict=True, assign=True)
+    del tensors  # the model holds them now: a copy made below frees them
     if config.tie_embeddings:
         model.tie_embeddings()
     dtype = dtype or model.dtype

@@ -157,7 +157,8 @@ def test_matvec_rows_follow_what_pytorch_multiplies_natively(monkeypatch, tmp_pa
     torch.testing.assert_close(half.step(tokens[:, 0], a)[0], plain.step(tokens[:, 0], b)[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(scan="fast"), dict(matvec="blas"), dict(prompt_matmul="mkl"), dict(decode="jit"), dict(scan_chunk=0), dict(threads=0)])
+@pytest.mark.parametrize("bad", [dict(scan="fast"), dict(matvec="blas"), dict(prompt_matmul="mkl"), dict(decode="jit"), dict(scan_chunk=0), dict(threads=0),
+                                 dict(huge_pages="yes")])
 def test_bad_settings(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineSettings(**bad)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mambastep.memory import in_huge_pages, place_in_huge_pages
 from mambastep.models.linear import WIDE_MATVEC_ROWS, float32_product, takes_matvec
 from mambastep.ops.cpu import matvec
 
@@ -66,13 +67,18 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of ``model`` (in place) by an Int8Linear; return the model.
 
     A tied head keeps its float embedding for the lookup and gets an int8 copy for the product.
-    The model must hold float32 weights on the CPU. Each layer keeps its engine settings.
+    The model must hold float32 weights on the CPU. Each layer keeps its engine settings, and
+    where the float weights were in huge pages (``memory.place_in_huge_pages``) the weights are
+    placed there again, so the float ones' memory is freed.
     """
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    placed = any(in_huge_pages(linear.weight) for _, linear in linears)
     for name, linear in linears:
         if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
             raise ValueError(f"int8 weights need float32 weights on the CPU; {name} is {linear.weight.dtype} on {linear.weight.device}")
         parent, _, child = name.rpartition(".")
         quantized = Int8Linear(linear.weight, linear.bias, getattr(linear, "fused_matvec", False))
         setattr(model.get_submodule(parent) if parent else model, child, quantized)
+    if placed:
+        place_in_huge_pages(model)
     return model

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mambastep.config import ModelConfig
+from mambastep.memory import place_in_huge_pages
 from mambastep.models.int8 import Int8Linear
 from mambastep.models.linear import Linear, takes_matvec
 from mambastep.ops import cpu
@@ -103,7 +104,7 @@ class LanguageModel(nn.Module, ABC):
         return self.get_parameter(self.embedding_weight).dtype
 
     def configure(self, settings: EngineSettings) -> "LanguageModel":
-        """Apply engine settings (kernels, decode backend, threads); logs the choice once."""
+        """Apply engine settings (kernels, decode backend, threads, the weights' pages); logs the choice once."""
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         self.settings = settings
@@ -121,7 +122,8 @@ class LanguageModel(nn.Module, ABC):
                 module.onednn_prompts = onednn_prompts
         # Compiled at the first step (cached on disk); dynamic shapes, so a new batch size compiles at most once more.
         self._compiled_step = torch.compile(self._step_logits, dynamic=True) if settings.decode == "compiled" else None
-        log.info("engine: %s", settings)
+        moved = place_in_huge_pages(self) if settings.huge_pages else 0
+        log.info("engine: %s%s", settings, f"; {moved / 2**20:.0f} MiB of weights moved into huge pages" if moved else "")
         return self
 
     def tie_embeddings(self) -> None:
