@@ -68,10 +68,10 @@ def available_memory() -> int:
     return _proc_field_bytes("/proc/meminfo", "MemAvailable") or 0
 
 
-
 _HUGE_PAGE_BYTES = 2 << 20  # a transparent huge page on x86-64 (and on arm64 with 4 KiB pages)
 _ALIGN = 64  # bytes: each tensor in an arena starts on a cache line
-_arenas: weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int]] = weakref.WeakKeyDictionary()  # live ones: (start, payload bytes)
+# The live arenas place_in_huge_pages made: (payload address, payload bytes) by mapping.
+_arenas: weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def huge_pages_available() -> bool:
@@ -124,7 +124,9 @@ def place_in_huge_pages(module: nn.Module, min_bytes: int = 4 * _HUGE_PAGE_BYTES
             placed[arena] = placed.get(arena, 0) + _aligned(t.nbytes)
         else:
             storages.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-    fresh = [ts[0] for ts in storages.values() if len(ts) == 1 and ts[0].is_contiguous() and ts[0].nbytes == ts[0].untyped_storage().nbytes()]
+    fresh = [  # tensors alone in a storage of their own size
+        t for t, *others in storages.values() if not others and t.is_contiguous() and t.nbytes == t.untyped_storage().nbytes()
+    ]
     if not fresh and all(used == _arenas[arena][1] for arena, used in placed.items()):
         return 0
     moving = fresh + [t for t in tensors.values() if _arena_of(t) in placed]

@@ -44,8 +44,9 @@ class EngineSettings:
     huge_pages: ``configure`` moves the model's CPU weights into transparent huge pages (Linux;
         ``memory.place_in_huge_pages``): a decode step streams every weight, and ran 1.02-1.17x
         faster from huge pages on an AMD EPYC (Zen 3). It costs a copy of the weights once (0.3 s
-        per GB there, 1.3 s where the virtual machine first backs the memory). Weights made later (``.to(dtype)``) are not moved until the
-        next ``configure``; ``quantize_int8`` moves its int8 weights where the float ones were.
+        per GB there, 1.3 s where the virtual machine first backs the memory). Weights made
+        later (``.to(dtype)``) are not moved until the next ``configure``; ``quantize_int8``
+        moves its int8 weights where the float ones were.
     scan_chunk: tokens per block of the chunked PyTorch scans.
     prefill_piece: tokens per piece when a long prompt is prefilled; bounds activation memory.
         512 ran prefills 1.01-1.20x faster than 256 on an AMD EPYC (Zen 3), 2 threads (fewer
