@@ -88,6 +88,15 @@ def test_an_arena_holding_replaced_tensors_is_replaced_and_freed():
 
 
 @needs_huge_pages
+def test_converted_weights_leave_the_arena_and_free_it():
+    model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 100))
+    arenas = _live_arenas()
+    place_in_huge_pages(model, min_bytes=0)
+    model.to(torch.float64)  # new tensors for every parameter: not moved until placed again
+    assert not any(in_huge_pages(p) for p in model.parameters()) and _live_arenas() == arenas
+
+
+@needs_huge_pages
 def test_too_little_to_fill_huge_pages_stays():
     model = nn.Linear(100, 100)
     assert place_in_huge_pages(model) == 0 and not in_huge_pages(model.weight)
