@@ -44,7 +44,10 @@ class EngineSettings:
     huge_pages: ``configure`` moves the model's CPU weights into transparent huge pages (Linux;
         ``memory.place_in_huge_pages``): a decode step streams every weight, and ran 1.02-1.17x
         faster from huge pages on an AMD EPYC (Zen 3). It costs a copy of the weights once (0.3 s
-        per GB there, 1.3 s where the virtual machine first backs the memory). Weights made
+        per GB there, 1.3 s where the virtual machine first backs the memory), and the weights
+        of a loaded checkpoint become private memory instead of pages of the file's mapping;
+        during the copy both are resident (the file's pages are clean: the kernel can drop
+        them). False keeps them where loading put them. Weights made
         later (``.to(dtype)``) are not moved until the next ``configure``; ``quantize_int8``
         moves its int8 weights where the float ones were.
     scan_chunk: tokens per block of the chunked PyTorch scans.
