@@ -117,11 +117,13 @@ def place_in_huge_pages(module: nn.Module, min_bytes: int = 4 * _HUGE_PAGE_BYTES
         return 0
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu" and t.numel()}
     placed: dict[mmap.mmap, int] = {}  # arena -> bytes of module's tensors in it
+    in_arenas: list[torch.Tensor] = []
     storages: dict[int, list[torch.Tensor]] = {}  # storage address -> tensors outside arenas
     for t in tensors.values():
         arena = _arena_of(t)
         if arena is not None:
             placed[arena] = placed.get(arena, 0) + _aligned(t.nbytes)
+            in_arenas.append(t)
         else:
             storages.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     fresh = [  # tensors alone in a storage of their own size
@@ -129,7 +131,7 @@ def place_in_huge_pages(module: nn.Module, min_bytes: int = 4 * _HUGE_PAGE_BYTES
     ]
     if not fresh and all(used == _arenas[arena][1] for arena, used in placed.items()):
         return 0
-    moving = fresh + [t for t in tensors.values() if _arena_of(t) in placed]
+    moving = fresh + in_arenas
     total = sum(_aligned(t.nbytes) for t in moving)
     if total < min_bytes:
         return 0

@@ -47,9 +47,9 @@ class EngineSettings:
         per GB there, 1.3 s where the virtual machine first backs the memory), and the weights
         of a loaded checkpoint become private memory instead of pages of the file's mapping;
         during the copy both are resident (the file's pages are clean: the kernel can drop
-        them). False keeps them where loading put them. Weights made
-        later (``.to(dtype)``) are not moved until the next ``configure``; ``quantize_int8``
-        moves its int8 weights where the float ones were.
+        them). False keeps them where loading put them. Weights made later (``.to(dtype)``)
+        are not moved until the next ``configure``; ``quantize_int8`` moves its int8 weights
+        where the float ones were.
     scan_chunk: tokens per block of the chunked PyTorch scans.
     prefill_piece: tokens per piece when a long prompt is prefilled; bounds activation memory.
         512 ran prefills 1.01-1.20x faster than 256 on an AMD EPYC (Zen 3), 2 threads (fewer
