@@ -166,7 +166,7 @@ def test_bad_settings(bad):
 
 FUSED_STEP_SHAPES = [
     ("mamba", dict(d_model=24, d_state=5, d_conv=4)),
-    ("mamba", dict(d_model=40, d_state=16, d_conv=2, dt_rank=3)),
+    ("mamba", dict(d_model=40, d_state=24, d_conv=2, dt_rank=3)),  # three vectors of state per channel
     ("mamba2", dict(d_model=24, d_state=5, d_conv=4, head_dim=6)),  # 8 heads, 1 group, D per head
     ("mamba2", dict(d_model=20, d_state=16, d_conv=2, head_dim=5, n_groups=2, D_has_hdim=True, dt_limit=(0.01, 0.2))),
 ]
