@@ -12,6 +12,8 @@ from mambastep.generation import (
     StopFilter,
     generate,
     generate_batch,
+    _draw,
+    _outside_nucleus,
     generate_tokens,
     sample,
 )
@@ -156,6 +158,46 @@ def test_a_row_does_not_depend_on_the_others(params):
 def test_sample_checks_its_arguments():
     with pytest.raises(ValueError, match="2 generators"):
         sample(torch.zeros(2, 5), SamplingParams(), gens(0), [[], []])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sample(torch.tensor([[0.0, math.nan, 1.0]]), SamplingParams(), gens(0), [[]])
+
+
+def test_draws_follow_the_probabilities():
+    """Frequencies of 40,000 draws within 4.5 standard deviations of each token's probability;
+    a token of probability 0 is never drawn, wherever it lies."""
+    probs = torch.tensor([[0.0, 0.5, 0.25, 0.0, 0.15, 0.1, 0.0]])
+    g = gens(7)
+    counts = torch.bincount(torch.cat([_draw(probs, g) for _ in range(40_000)]), minlength=7).double()
+    p = probs[0].double()
+    sigma = (40_000 * p * (1 - p)).sqrt()
+    assert (counts - 40_000 * p).abs().le(4.5 * sigma).all() and counts[p == 0].sum() == 0
+    scaled = _draw(3 * probs, gens(7))  # rows need not sum to 1
+    assert scaled.tolist() == _draw(probs, gens(7)).tolist()
+
+
+def test_a_draw_at_the_top_of_the_range_stays_on_a_possible_token(monkeypatch):
+    """u just below 1 times the total may round up to the total: the draw is still the last
+    token of non-zero probability, not the zero-probability tokens after it or past the end."""
+    probs = torch.tensor([[0.1, 0.7, 0.2, 0.0, 0.0]], dtype=torch.float32)
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor([1.0 - 2.0**-53], dtype=torch.float64))
+    assert _draw(probs, gens(0)).tolist() == [2]
+
+
+@pytest.mark.parametrize("vocab, scale, top_p", [(100, 2.0, 0.9), (3000, 1.0, 0.95), (3000, 8.0, 0.9), (3000, 3.0, 0.5)])
+def test_nucleus_equals_a_sort_of_the_whole_row(vocab, scale, top_p):
+    """The nucleus found among the most likely tokens (more of them while it lies beyond) is the
+    one a sort of the whole row gives: peaked and flat rows, one batch, so that the search
+    widens for some rows only."""
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab)) * scale
+    logits[0] *= 0.05 / scale  # a nearly uniform row: most of it before top_p is reached
+    probs = logits.softmax(-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    outside = ordered.cumsum(-1) - ordered >= top_p
+    outside[:, 0] = False
+    expected = outside.scatter(-1, order, outside)
+    got = _outside_nucleus(probs, top_p)
+    assert got.tolist() == expected.tolist()
+    assert not got.all(-1).any()
 
 
 # generate_tokens()
