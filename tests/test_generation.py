@@ -158,8 +158,38 @@ def test_a_row_does_not_depend_on_the_others(params):
 def test_sample_checks_its_arguments():
     with pytest.raises(ValueError, match="2 generators"):
         sample(torch.zeros(2, 5), SamplingParams(), gens(0), [[], []])
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        sample(torch.tensor([[0.0, math.nan, 1.0]]), SamplingParams(), gens(0), [[]])
+    for top_k in (0, 2):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            sample(torch.tensor([[0.0, math.nan, 1.0]]), SamplingParams(top_k=top_k), gens(0), [[]])
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """A row with three tokens tied at its 2nd largest logit keeps all three; the row beside it,
+    without ties, keeps two (its other columns are padding that is never drawn)."""
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    g = gens(0, 1)
+    drawn = [set(), set()]
+    for _ in range(400):
+        for row, token in enumerate(sample(logits, SamplingParams(top_k=2, temperature=2.0), g, [[], []]).tolist()):
+            drawn[row].add(token)
+    assert drawn == [{0, 1, 2, 3}, {3, 4}]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_k=20), SamplingParams(top_k=20, top_p=0.8, min_p=0.02, temperature=0.7)])
+def test_top_k_draws_the_token_a_draw_over_the_masked_row_draws(params):
+    """Narrowed to its top-k columns (in vocabulary order), a row gives the token that a draw with
+    the same generator gives over the whole vocabulary with the other tokens masked."""
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(3))
+    for seed in range(20):
+        got = sample(logits, params, gens(*range(seed, seed + 4)), [[]] * 4)
+        masked = logits / params.temperature
+        masked = masked.masked_fill(masked < masked.topk(params.top_k, dim=-1).values[:, -1:], -math.inf)
+        if params.top_p < 1.0:
+            masked = masked.masked_fill(_outside_nucleus(masked.softmax(-1), params.top_p), -math.inf)
+        if params.min_p > 0.0:
+            probs = masked.softmax(-1)
+            masked = masked.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), -math.inf)
+        assert got.tolist() == _draw(masked.softmax(-1), gens(*range(seed, seed + 4))).tolist()
 
 
 def test_draws_follow_the_probabilities():

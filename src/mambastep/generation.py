@@ -131,15 +131,32 @@ def sample(
     if params.greedy:
         return logits.argmax(-1)
     logits = logits / params.temperature
+    ids = None  # the token id of each column of logits, once narrowed to the top-k
     if 0 < params.top_k < vocab:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (b, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
+        logits, ids = _top_k(logits, params.top_k)  # (b, c) each, c >= top_k
     if params.top_p < 1.0:
         logits = logits.masked_fill(_outside_nucleus(logits.softmax(-1), params.top_p), -math.inf)
     if params.min_p > 0.0:
-        probs = logits.softmax(-1)  # (b, vocab)
+        probs = logits.softmax(-1)  # (b, c)
         logits = logits.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), -math.inf)
-    return _draw(logits.softmax(-1).cpu(), generators).to(logits.device)
+    columns = _draw(logits.softmax(-1).cpu(), generators).to(logits.device)  # (b,)
+    return columns if ids is None else ids.gather(-1, columns[:, None])[:, 0]
+
+
+def _top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(b, vocab) -> the logits and token ids (b, c) of each row's k largest logits and of any
+    tied with its k-th (c: the most such tokens in a row; a row with fewer holds -inf in the
+    rest), ids in vocabulary order, so that a draw among them picks the token a draw over the
+    whole row, the others masked, would pick. What follows then runs over c columns, not the
+    vocabulary (a few hundredths of a ms per operation, against 0.07 ms over 50,280)."""
+    values, ids = logits.topk(k, dim=-1)  # (b, k), largest first
+    kth = values[:, -1:]  # (b, 1)
+    width = int((logits >= kth).sum(-1).max())
+    if width > k:  # ties with some row's k-th logit: all of them stay
+        values, ids = logits.topk(width, dim=-1)
+        values = values.masked_fill(values < kth, -math.inf)
+    ids, order = ids.sort(dim=-1)
+    return values.gather(-1, order), ids
 
 
 def _outside_nucleus(probs: Tensor, top_p: float) -> Tensor:
