@@ -61,6 +61,10 @@ struct SimdF32 {
   // The same into L2 only, further ahead (0: none).
   template <typename W, int M>
   static constexpr int64_t prefetch_l2_bytes() { return 0; }
+  // Whether the blocked product asks for the next block's weights of type W into L2 (see the
+  // AVX2 version; not measured here).
+  template <typename W>
+  static constexpr bool prefetch_next_block() { return false; }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 #define MAMBASTEP_SIMD 1
@@ -98,6 +102,11 @@ struct SimdF32 {
   // into fewer than 4 rows: into 4 and 8 rows int8 streamed 1.04-1.13x faster without it.
   template <typename W, int M>
   static constexpr int64_t prefetch_l2_bytes() { return sizeof(W) == 1 && M < 4 ? 8192 : 0; }
+  // Whether the blocked product (16 rows and more) asks for the next block's weights of type W
+  // into L2 as it starts a block: int8 and bfloat16 decode steps at 16-32 sequences ran
+  // 1.06-1.08x and 1.035x faster; float32 products 4-6% slower.
+  template <typename W>
+  static constexpr bool prefetch_next_block() { return sizeof(W) < 4; }
 };
 #endif
 
@@ -206,6 +215,11 @@ void matmul_blocked(const float* x, const W* w, const float* scale, const float*
     for (int64_t block = begin; block < end; ++block) {
       const int64_t o = block * kBlockCols;
       const int cols = static_cast<int>(std::min<int64_t>(kBlockCols, n - o));
+      if (SimdF32::prefetch_next_block<W>() && block + 1 < end) {  // the next block's rows, contiguous
+        const char* next = reinterpret_cast<const char*>(w + (o + kBlockCols) * k);
+        const int64_t bytes = static_cast<int64_t>(sizeof(W)) * std::min<int64_t>(kBlockCols, n - o - kBlockCols) * k;
+        for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
+      }
       for (int64_t r0 = 0; r0 < m; r0 += kBlockRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, m - r0));
         dot_block_any(x + r0 * k, w + o * k, k, rows, cols, out);
