@@ -10,10 +10,10 @@ from conftest import hf_reference, make_hf_checkpoint
 from mambastep.generation import (
     SamplingParams,
     StopFilter,
-    generate,
-    generate_batch,
     _draw,
     _outside_nucleus,
+    generate,
+    generate_batch,
     generate_tokens,
     sample,
 )
@@ -206,8 +206,8 @@ def test_draws_follow_the_probabilities():
 
 
 def test_a_draw_at_the_top_of_the_range_stays_on_a_possible_token(monkeypatch):
-    """u just below 1 times the total may round up to the total: the draw is still the last
-    token of non-zero probability, not the zero-probability tokens after it or past the end."""
+    """The largest u (1 - 2^-53) draws the last token of non-zero probability, not the
+    zero-probability tokens after it or past the end (as a float32 sum could round to)."""
     probs = torch.tensor([[0.1, 0.7, 0.2, 0.0, 0.0]], dtype=torch.float32)
     monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor([1.0 - 2.0**-53], dtype=torch.float64))
     assert _draw(probs, gens(0)).tolist() == [2]

@@ -196,9 +196,9 @@ def _draw(probs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     if not bool(torch.isfinite(total).all()):
         raise ValueError("cannot sample: the logits hold NaN or infinite values")
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])[:, None]  # (b, 1) in [0, 1)
-    # Below the total even where u * total rounds up to it: the draw never passes the last possible token.
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    # In float64, u < 1 times the total rounds to below the total, so the draw never passes
+    # the last token of non-zero probability.
+    return torch.searchsorted(cdf, u * total, right=True)[:, 0]
 
 
 def _penalize(logits: Tensor, penalty: float, previous_tokens: Sequence[Collection[int]]) -> Tensor:

@@ -87,7 +87,7 @@ struct SimdF32 {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-  // As for AVX-512, measured on an AMD Zen 3 CPU (2 threads sharing a core): 4 KiB ahead
+  // As for AVX-512, measured on an AMD Zen 3 CPU (2 cores): 4 KiB ahead
   // streamed 12-17% slower than these distances; float32 streams fastest on the hardware
   // prefetcher alone, bfloat16 and int8 a little ahead of it. Multiplied into 4 or more rows,
   // float32 weights stream 1.15-1.3x faster 2 KiB ahead: with the FMAs of several rows
