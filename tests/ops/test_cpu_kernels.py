@@ -225,13 +225,17 @@ def _matvec_inputs(m, k, n, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize(
-    "m,k,n", [(1, 1, 1), (1, 15, 3), (3, 17, 5), (8, 48, 80), (11, 100, 33), (2, 768, 64), (16, 15, 7), (19, 17, 5), (18, 768, 65), (64, 100, 34)]
+    "m,k,n",
+    [
+        (1, 1, 1), (1, 15, 3), (3, 17, 5), (8, 48, 80), (11, 100, 33), (2, 768, 64),
+        (16, 15, 7), (19, 17, 5), (18, 768, 65), (64, 100, 34), (17, 40, 9), (21, 33, 8),
+    ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matvec_matches_reference(dtype, m, k, n, with_bias):
-    """Every weight storage; row counts across the 8-row groups and, from 16 rows, the blocks of
-    4 activation rows x 3 weight rows (with partial blocks of each); lengths around the 8- and
-    16-lane vectors."""
+    """Every weight storage; row counts across the 8-row groups and, from 16 rows, the blocks
+    (4 activation rows x 3 weight rows, 2 x 6 for float32 weights on AVX2) with every partial
+    block of each; lengths around the 8- and 16-lane vectors."""
     from mambastep.ops.cpu import matvec
 
     x, weight, scale, bias = _matvec_inputs(m, k, n, dtype)

@@ -18,10 +18,9 @@
 namespace {
 
 constexpr int kGroup = 8;  // activation rows multiplied per pass over a weight row
-// From this many activation rows (a batch of sequences) the products go by blocks of
-// kBlockRows activation rows x kBlockCols weight rows (where the build has vector instructions).
+// From this many activation rows (a batch of sequences) the products go by blocks of activation
+// rows x weight rows (where the build has vector instructions; SimdF32::BlockShape).
 constexpr int64_t kBlockedFrom = 16;
-constexpr int kBlockRows = 4, kBlockCols = 3;
 
 inline float to_float(float w) { return w; }
 inline float to_float(int8_t w) { return static_cast<float>(w); }
@@ -65,6 +64,12 @@ struct SimdF32 {
   // AVX2 version; not measured here).
   template <typename W>
   static constexpr bool prefetch_next_block() { return false; }
+  // The blocked product's activation rows x weight rows for weights of type W (see the AVX2
+  // version; not measured here).
+  template <typename W>
+  struct BlockShape {
+    static constexpr int kRows = 4, kCols = 3;
+  };
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 #define MAMBASTEP_SIMD 1
@@ -107,6 +112,15 @@ struct SimdF32 {
   // 1.06-1.08x and 1.035x faster; float32 products 4-6% slower.
   template <typename W>
   static constexpr bool prefetch_next_block() { return sizeof(W) < 4; }
+  // The blocked product's activation rows x weight rows for weights of type W. float32 weights
+  // go 2 x 6: each activation vector serves six weight rows, so fewer of them come from L2
+  // (decode steps of 16-64 sequences 1.08-1.14x faster than 4 x 3). bfloat16 and int8 weights
+  // take two more instructions to load, so 4 x 3, which loads a weight vector per four FMAs,
+  // was faster for them (2 x 6 lost 20-40% in their products).
+  template <typename W>
+  struct BlockShape {
+    static constexpr int kRows = sizeof(W) == 4 ? 2 : 4, kCols = sizeof(W) == 4 ? 6 : 3;
+  };
 };
 #endif
 
@@ -159,12 +173,12 @@ void dot_rows(const float* x, const W* row, int64_t k, float* out) {
   }
 }
 
-// out[r][c] = x[r] . w[c] for R rows of x and C rows of W (each of length k, stride k). Each
-// weight vector loaded is multiplied into R activation rows and each activation vector into C
-// weight rows: R * C accumulators and C + 1 vectors in registers (16 for AVX2), about half a
-// load per FMA where dot_rows needs more than one, so a batch is bound by the FMAs.
-template <typename W, int R, int C>
-void dot_block(const float* x, const W* w, int64_t k, float (&out)[kBlockRows][kBlockCols]) {
+// out[r][c] = x[r] . w[c] for R rows of x and C rows of W (each of length k, stride k), into
+// an array of BR x BC. Each weight vector loaded is multiplied into R activation rows and each
+// activation vector into C weight rows: R * C accumulators in registers, and fewer loads per
+// FMA than dot_rows, so a batch is bound by the FMAs.
+template <typename W, int R, int C, int BR, int BC>
+void dot_block(const float* x, const W* w, int64_t k, float (&out)[BR][BC]) {
   using S = SimdF32;
   constexpr int L = S::kLanes;
   typename S::V acc[R][C];
@@ -183,45 +197,40 @@ void dot_block(const float* x, const W* w, int64_t k, float (&out)[kBlockRows][k
     for (int c = 0; c < C; ++c) out[r][c] = S::sum(acc[r][c]) + dot_tail(x + r * k, w + c * k, i, k);
 }
 
-template <typename W, int C>
-void dot_block_rows(const float* x, const W* w, int64_t k, int rows, float (&out)[kBlockRows][kBlockCols]) {
-  static_assert(kBlockRows == 4);
-  switch (rows) {
-    case 1: return dot_block<W, 1, C>(x, w, k, out);
-    case 2: return dot_block<W, 2, C>(x, w, k, out);
-    case 3: return dot_block<W, 3, C>(x, w, k, out);
-    default: return dot_block<W, 4, C>(x, w, k, out);
-  }
+// dot_block for `rows` <= BR activation rows and C weight rows.
+template <typename W, int BR, int BC, int C, int R = BR>
+void dot_block_rows(const float* x, const W* w, int64_t k, int rows, float (&out)[BR][BC]) {
+  if constexpr (R > 1)
+    if (rows < R) return dot_block_rows<W, BR, BC, C, R - 1>(x, w, k, rows, out);
+  dot_block<W, R, C, BR, BC>(x, w, k, out);
 }
 
-// The rows x cols block of products at x (rows, k) and w (cols, k), into out.
-template <typename W>
-void dot_block_any(const float* x, const W* w, int64_t k, int rows, int cols, float (&out)[kBlockRows][kBlockCols]) {
-  static_assert(kBlockCols == 3);
-  switch (cols) {
-    case 1: return dot_block_rows<W, 1>(x, w, k, rows, out);
-    case 2: return dot_block_rows<W, 2>(x, w, k, rows, out);
-    default: return dot_block_rows<W, 3>(x, w, k, rows, out);
-  }
+// dot_block for `rows` <= BR activation rows and `cols` <= BC weight rows.
+template <typename W, int BR, int BC, int C = BC>
+void dot_block_any(const float* x, const W* w, int64_t k, int rows, int cols, float (&out)[BR][BC]) {
+  if constexpr (C > 1)
+    if (cols < C) return dot_block_any<W, BR, BC, C - 1>(x, w, k, rows, cols, out);
+  dot_block_rows<W, BR, BC, C>(x, w, k, rows, out);
 }
 
 // y (m, n) = x (m, k) W^T * scale + bias by blocks (see dot_block); threads split the weight rows.
 template <typename W>
 void matmul_blocked(const float* x, const W* w, const float* scale, const float* bias, float* y,
                     int64_t m, int64_t k, int64_t n) {
-  const int64_t blocks = (n + kBlockCols - 1) / kBlockCols;
+  constexpr int kRows = SimdF32::BlockShape<W>::kRows, kCols = SimdF32::BlockShape<W>::kCols;
+  const int64_t blocks = (n + kCols - 1) / kCols;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    float out[kBlockRows][kBlockCols];
+    float out[kRows][kCols];
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t o = block * kBlockCols;
-      const int cols = static_cast<int>(std::min<int64_t>(kBlockCols, n - o));
+      const int64_t o = block * kCols;
+      const int cols = static_cast<int>(std::min<int64_t>(kCols, n - o));
       if (SimdF32::prefetch_next_block<W>() && block + 1 < end) {  // the next block's rows, contiguous
-        const char* next = reinterpret_cast<const char*>(w + (o + kBlockCols) * k);
-        const int64_t bytes = static_cast<int64_t>(sizeof(W)) * std::min<int64_t>(kBlockCols, n - o - kBlockCols) * k;
+        const char* next = reinterpret_cast<const char*>(w + (o + kCols) * k);
+        const int64_t bytes = static_cast<int64_t>(sizeof(W)) * std::min<int64_t>(kCols, n - o - kCols) * k;
         for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
       }
-      for (int64_t r0 = 0; r0 < m; r0 += kBlockRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, m - r0));
+      for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, m - r0));
         dot_block_any(x + r0 * k, w + o * k, k, rows, cols, out);
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < cols; ++c)
