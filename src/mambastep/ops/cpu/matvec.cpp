@@ -116,7 +116,7 @@ struct SimdF32 {
   // go 2 x 6: each activation vector serves six weight rows, so fewer of them come from L2
   // (decode steps of 16-64 sequences 1.08-1.14x faster than 4 x 3). bfloat16 and int8 weights
   // take two more instructions to load, so 4 x 3, which loads a weight vector per four FMAs,
-  // was faster for them (2 x 6 lost 20-40% in their products).
+  // was faster for them (with 2 x 6 their products took 4-41% longer).
   template <typename W>
   struct BlockShape {
     static constexpr int kRows = sizeof(W) == 4 ? 2 : 4, kCols = sizeof(W) == 4 ? 6 : 3;
