@@ -26,7 +26,12 @@ def test_report_schema_and_ratios(report):
         # Times are rounded to 0.01 ms (up to 2.5% of a tiny model's ~0.2 ms step), ratios to 0.01
         assert r["tokens_per_s"] == pytest.approx(1000 * r["batch"] / ms, rel=0.001 + 0.005 / ms)
         assert r["roofline_fraction"] == pytest.approx(r["roofline_ms"] / ms, abs=0.006 + 0.01 / ms)
+        assert r["roofline_ms"] == max(r["memory_ms"], r["compute_ms"])
         assert r["speedup"] == pytest.approx(theirs / ms, abs=0.006 + r["speedup"] * (0.005 / ms + 0.005 / theirs))
+    # The compute time grows with the batch (the same products per sequence), rounded to 0.01 ms.
+    one, three = report["decode"]
+    assert three["compute_ms"] == pytest.approx(3 * one["compute_ms"], abs=0.04)
+    assert report["machine"]["matmul_peak_gflop_s_float32_decode"] > 0
     (p,) = report["prefill"]
     assert p["tokens"] == 20 and p["speedup"] == pytest.approx(p["tokens_per_s"] / p["transformers_tokens_per_s"], rel=0.02)
     assert report["context"]["long_context"] == 40
@@ -86,7 +91,9 @@ def test_matmul_peak_shrinks_the_product_where_matmul_is_slow():
 @pytest.mark.parametrize("native", [True, False])
 def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_path, monkeypatch, native):
     """bfloat16 prompts multiply in float32 on a CPU without native bfloat16 kernels, so their
-    compute bound is the float32 peak there (PyTorch's bfloat16 matmul peak is 100x lower)."""
+    compute bound is the float32 peak there (PyTorch's bfloat16 matmul peak is 100x lower).
+    Decode steps multiply in float32 either way: with native bfloat16 the float32 peak is
+    measured too, for the decode roofline."""
     from mambastep import bench
 
     peaks = []
@@ -97,7 +104,9 @@ def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_p
                              long_context=0, baseline=False)
     report = run_bench(settings)
     want = torch.bfloat16 if native else torch.float32
-    assert peaks == [want] and report["machine"][f"matmul_peak_gflop_s_{str(want)[6:]}"] == 1000.0
+    assert peaks == ([want, torch.float32] if native else [want])
+    assert report["machine"][f"matmul_peak_gflop_s_{str(want)[6:]}"] == 1000.0
+    assert report["machine"]["matmul_peak_gflop_s_float32_decode"] == 1000.0
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")

@@ -4,8 +4,10 @@ Every figure is measured in the same run as its baseline, interleaved repeat by
 repeat, and reported as a ratio, because a shared machine is noisy:
 
 - decode ms/token per batch size, against `transformers` (same weights) and the
-  bandwidth roofline (weights + state read once per step, at this machine's measured
-  bandwidth);
+  roofline: the longer of the memory time (weights + state read once per step, at this
+  machine's measured bandwidth) and the compute time (the products' FLOPs for the whole
+  batch at the measured float32 matmul peak, the dtype the decode kernels compute in), which
+  takes over from about 16 sequences on a CPU;
 - prefill tokens/s per prompt length, against `transformers` and the compute bound
   (matrix FLOPs at this machine's measured matmul peak, in the dtype the products compute
   in: float32 for bfloat16 weights on a CPU without native bfloat16; of oneDNN's product where
@@ -92,13 +94,13 @@ def weight_bytes(model: LanguageModel) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def matmul_flops_per_token(model: LanguageModel) -> int:
-    """Multiply-add FLOPs of the linear layers per prompt token, the LM head excluded
-    (prefill computes it for the last token only)."""
-    head = model.get_submodule(model.head_weight.rpartition(".")[0])
+def matmul_flops_per_token(model: LanguageModel, head: bool = False) -> int:
+    """Multiply-add FLOPs of the linear layers per token: a prompt's without the LM head
+    (prefill computes it for the last token only), a decode step's with it (``head``)."""
+    head_module = model.get_submodule(model.head_weight.rpartition(".")[0])
     total = 0
     for module in model.modules():
-        if module is head:
+        if module is head_module and not head:
             continue
         if isinstance(module, torch.nn.Linear):
             total += 2 * module.weight.numel()
@@ -150,6 +152,8 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
     peak_by = "onednn" if onednn else "torch"
     bandwidth = read_bandwidth()
     peak = matmul_peak(compute_dtype, product=(lambda a, b: onednn_linear(a, b, None)) if onednn else torch.mm)
+    # Decode steps multiply in float32 whatever the weights' storage.
+    decode_peak = peak if compute_dtype == torch.float32 else matmul_peak(torch.float32, product=torch.mm)
     progress.update()
     ours = model_for(s.model, dtype, settings=engine)
     ref = _baseline(ours, dtype) if s.baseline else None
@@ -165,12 +169,13 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
         "engine": asdict(ours.settings),
         "threads": torch.get_num_threads(),
         "machine": {"bandwidth_gb_s": round(bandwidth / 1e9, 1), f"matmul_peak_gflop_s_{str(compute_dtype).removeprefix('torch.')}": round(peak / 1e9, 1),
-                    "matmul_peak_by": peak_by},
+                    "matmul_peak_by": peak_by, "matmul_peak_gflop_s_float32_decode": round(decode_peak / 1e9, 1)},
         "weight_bytes": w_bytes,
         "state_bytes_per_sequence": ours.new_state(1).nbytes,
         "decode": [],
         "prefill": [],
     }
+    decode_flops = matmul_flops_per_token(ours, head=True)
     for batch in s.batches:
         prompt = torch.randint(0, vocab, (batch, 16), generator=gen)
         _, state = ours.prefill(prompt)
@@ -180,9 +185,13 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
             if ref is not None:
                 theirs.append(_theirs_decode(ref, prompt, s.decode_steps))
         ms = 1000 * statistics.median(mine)
-        # One step reads every weight once and the batch's state twice (read, write).
-        roofline_ms = 1000 * (w_bytes + 2 * state.nbytes) / bandwidth
+        # One step reads every weight once and the batch's state twice (read, write), and
+        # multiplies every weight into each sequence's activations.
+        memory_ms = 1000 * (w_bytes + 2 * state.nbytes) / bandwidth
+        compute_ms = 1000 * batch * decode_flops / decode_peak
+        roofline_ms = max(memory_ms, compute_ms)
         row = {"batch": batch, "ms_per_step": round(ms, 2), "tokens_per_s": round(1000 * batch / ms, 1),
+               "memory_ms": round(memory_ms, 2), "compute_ms": round(compute_ms, 2),
                "roofline_ms": round(roofline_ms, 2), "roofline_fraction": round(roofline_ms / ms, 2)}
         if theirs:
             their_ms = 1000 * statistics.median(theirs)
@@ -234,10 +243,11 @@ def markdown(report: dict) -> str:
     lines = [f"### {title}", "",
              f"Machine: {report['machine']}; weights {report['weight_bytes'] / 2**20:.0f} MiB; "
              f"state {report['state_bytes_per_sequence'] / 2**20:.2f} MiB per sequence.", "",
-             "| batch | ms/step | tokens/s | roofline ms | of roofline | transformers ms | speedup |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | ms/step | tokens/s | roofline ms | bound by | of roofline | transformers ms | speedup |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in report["decode"]:
-        lines.append(f"| {r['batch']} | {r['ms_per_step']} | {r['tokens_per_s']} | {r['roofline_ms']} | "
+        bound_by = "compute" if r["compute_ms"] > r["memory_ms"] else "memory"
+        lines.append(f"| {r['batch']} | {r['ms_per_step']} | {r['tokens_per_s']} | {r['roofline_ms']} | {bound_by} | "
                      f"{r['roofline_fraction']:.0%} | {r.get('transformers_ms_per_step', '-')} | {r.get('speedup', '-')} |")
     lines += ["", "| prompt | tokens/s | compute bound | of bound | peak RSS added MB | transformers tokens/s | speedup |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
