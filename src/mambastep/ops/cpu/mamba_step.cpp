@@ -201,10 +201,7 @@ inline float update_state_row(const float* h, const float* decay, float dx, cons
       _mm256_stream_ps(h_next + j, s);
       acc[(j / 8) % 2] = _mm256_fmadd_ps(s, _mm256_loadu_ps(C + j), acc[(j / 8) % 2]);
     }
-    const __m256 sum = _mm256_add_ps(acc[0], acc[1]);
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+    return mambastep::sum_lanes(_mm256_add_ps(acc[0], acc[1]));
   }
 #endif
   float acc = 0.f;

@@ -15,6 +15,8 @@
 #include <immintrin.h>
 #endif
 
+#include "vector_math.h"
+
 namespace {
 
 constexpr int kGroup = 8;  // activation rows multiplied per pass over a weight row
@@ -87,11 +89,7 @@ struct SimdF32 {
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static float sum(V a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-  }
+  static float sum(V a) { return mambastep::sum_lanes(a); }
   // As for AVX-512, measured on an AMD Zen 3 CPU (2 cores): 4 KiB ahead
   // streamed 12-17% slower than these distances; float32 streams fastest on the hardware
   // prefetcher alone, bfloat16 and int8 a little ahead of it. Multiplied into 4 or more rows,

@@ -7,8 +7,20 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace mambastep {
+
+#if defined(__AVX2__)
+// The sum of a vector's 8 lanes.
+inline float sum_lanes(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
 
 // exp(v): within 3.1e-7 relative of exp on [-87.3, 88.3] (about 3 ulp); exp(-87.3) = 1.2e-38
 // below (where exp is denormal or 0) and exp(88.3) above. v = k ln2 + r: adding 1.5 * 2^23 to
