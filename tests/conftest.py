@@ -26,8 +26,8 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def make_hf_checkpoint(path: Path, family: str = "mamba", seed: int = 0, **config) -> Path:
-    """Save a random `transformers` Mamba, Mamba-2 or GPT-NeoX LM with ``save_pretrained`` and return its directory."""
+def make_hf_model(family: str = "mamba", seed: int = 0, **config) -> torch.nn.Module:
+    """A random `transformers` Mamba, Mamba-2 or GPT-NeoX LM, its weights moved off their initial values."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
     torch.manual_seed(seed)
@@ -41,7 +41,12 @@ def make_hf_checkpoint(path: Path, family: str = "mamba", seed: int = 0, **confi
         defaults = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4, num_heads=4, head_dim=8, n_groups=1)
         model = Mamba2ForCausalLM(Mamba2Config(**{**defaults, **config}))
     _perturb(model, seed)
-    model.save_pretrained(path)
+    return model.eval()
+
+
+def make_hf_checkpoint(path: Path, family: str = "mamba", seed: int = 0, **config) -> Path:
+    """Save a random `transformers` Mamba, Mamba-2 or GPT-NeoX LM with ``save_pretrained`` and return its directory."""
+    make_hf_model(family, seed, **config).save_pretrained(path)
     return path
 
 
@@ -83,32 +88,50 @@ def assert_prefill_then_steps_equal_forward(model, length: int, prefixes: tuple[
             torch.testing.assert_close(last, full[:, t], atol=1e-5, rtol=1e-5)
 
 
-def to_original_format(hf_dir: Path, out_dir: Path) -> Path:
-    """Rewrite a `transformers` checkpoint in the original state-spaces format (config.json + pytorch_model.bin)."""
-    import mambastep
-    from safetensors.torch import load_file
+def original_checkpoint(model: torch.nn.Module, out_dir: Path, vocab_size: int | None = None) -> Path:
+    """Write a `transformers` Mamba or Mamba-2 LM in the original state-spaces format of ``mamba_ssm``.
 
-    hf = json.loads((hf_dir / "config.json").read_text())
-    model = mambastep.load(hf_dir)
+    Built from the `transformers` model alone (never through mambastep): config.json with the
+    original keys, and the model's state dict under the original names (``backbone.embedding``,
+    ``backbone.layers.{i}.mixer.*``, ``backbone.layers.{i}.norm``, ``backbone.norm_f``,
+    ``lm_head``) in pytorch_model.bin.
+
+    ``vocab_size``: the unpadded vocabulary to write in config.json, with
+    ``pad_vocab_size_multiple`` 8, as the published checkpoints do: their embedding has the
+    vocabulary rounded up to a multiple of 8 rows (the model's own ``vocab_size``), their
+    config.json the unpadded number. None: the model's vocabulary, with no padding (multiple 1).
+    """
     c = model.config
-    ssm_cfg = {"d_state": c.d_state, "d_conv": c.d_conv, "expand": c.expand, "conv_bias": c.conv_bias, "bias": c.bias}
-    if c.family == "mamba":
-        ssm_cfg["dt_rank"] = c.dt_rank
+    if vocab_size is None:
+        vocab_size, multiple = c.vocab_size, 1
     else:
-        ssm_cfg.update(layer="Mamba2", headdim=c.head_dim, ngroups=c.n_groups, dt_limit=list(c.dt_limit))
+        multiple = 8
+        assert vocab_size + (-vocab_size % multiple) == c.vocab_size, "the model's vocabulary must be the padded one"
+    ssm_cfg = {"d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand, "conv_bias": c.use_conv_bias,
+               "bias": c.use_bias}
+    if c.model_type == "mamba":
+        ssm_cfg["dt_rank"] = c.time_step_rank
+    else:
+        assert c.model_type == "mamba2", c.model_type
+        ssm_cfg.update(layer="Mamba2", headdim=c.head_dim, ngroups=c.n_groups, dt_limit=list(c.time_step_limit))
     config = {
-        "d_model": c.d_model, "n_layer": c.n_layer, "vocab_size": hf["vocab_size"], "ssm_cfg": ssm_cfg,
+        "d_model": c.hidden_size, "n_layer": c.num_hidden_layers, "vocab_size": vocab_size, "ssm_cfg": ssm_cfg,
         "rms_norm": True, "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True,
-        "pad_vocab_size_multiple": 1, "tie_embeddings": c.tie_embeddings,
+        "pad_vocab_size_multiple": multiple, "tie_embeddings": c.tie_word_embeddings,
     }
-    tensors = load_file(str(hf_dir / "model.safetensors"))
-    tensors = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in tensors.items()}
-    if c.tie_embeddings:
-        tensors["lm_head.weight"] = tensors["backbone.embedding.weight"]
+    # transformers' names are the original ones but for the embedding ("embeddings" there); a tied
+    # lm_head.weight is in the state dict as well, as mamba_ssm saves it.
+    tensors = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config))
     torch.save(tensors, out_dir / "pytorch_model.bin")
     return out_dir
+
+
+def to_original_format(hf_dir: Path, out_dir: Path, vocab_size: int | None = None) -> Path:
+    """Rewrite a `transformers` checkpoint in the original state-spaces format (config.json + pytorch_model.bin),
+    from the `transformers` model it holds (see `original_checkpoint`)."""
+    return original_checkpoint(hf_reference(hf_dir), out_dir, vocab_size)
 
 
 @pytest.fixture(scope="module")

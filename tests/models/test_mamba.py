@@ -1,5 +1,6 @@
 """Mamba-1 and Mamba-2 models against `transformers`, and the model-level invariants."""
 
+import json
 import weakref
 
 import pytest
@@ -7,7 +8,10 @@ import torch
 
 import mambastep
 from mambastep.settings import EngineSettings
-from conftest import assert_greedy_equals_transformers, assert_prefill_then_steps_equal_forward, hf_reference, make_hf_checkpoint, to_original_format
+from conftest import (
+    assert_greedy_equals_transformers, assert_prefill_then_steps_equal_forward, hf_reference, make_hf_checkpoint, make_hf_model,
+    original_checkpoint, random_tokens, to_original_format,
+)
 
 MAMBA_CONFIGS = [
     dict(),
@@ -110,6 +114,33 @@ def test_original_format_equals_hf_format(checkpoint, tmp_path):
     assert orig_model.config == hf_model.config
     tokens = _tokens(hf_model, 2, 9)
     torch.testing.assert_close(orig_model(tokens)[0], hf_model(tokens)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "family, config",
+    [("mamba", {}), ("mamba2", dict(n_groups=2)), ("mamba2", dict(tie_word_embeddings=False))],
+    ids=["mamba", "mamba2", "mamba2-untied"],
+)
+def test_original_checkpoint_with_a_padded_vocabulary_equals_transformers(family, config, tmp_path):
+    """The published state-spaces checkpoints pad their vocabulary: config.json says vocab_size 50277
+    and pad_vocab_size_multiple 8, the embedding (and an untied head) have 50280 rows. Here 99 -> 104,
+    written from the `transformers` model itself, which has the 104 rows."""
+    ref = make_hf_model(family, seed=3, vocab_size=104, **config)
+    original = original_checkpoint(ref, tmp_path / "original", vocab_size=99)
+    written = json.loads((original / "config.json").read_text())
+    assert written["vocab_size"] == 99 and written["pad_vocab_size_multiple"] == 8
+    tensors = torch.load(original / "pytorch_model.bin", weights_only=True)
+    assert tensors["backbone.embedding.weight"].shape[0] == tensors["lm_head.weight"].shape[0] == 104
+    model = mambastep.load(original)
+    assert model.config.vocab_size == 104
+    tokens = random_tokens(99, 2, 23)  # ids of the unpadded vocabulary
+    logits, _ = model(tokens)
+    with torch.no_grad():
+        expected = ref(tokens).logits
+    assert logits.shape == expected.shape == (2, 23, 104)
+    assert (logits - expected).abs().max() <= 1e-4  # the tolerance of test_forward_equals_transformers
+    last, _ = model.prefill(tokens[:, :7])
+    assert (last - expected[:, 6]).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
