@@ -1,0 +1,76 @@
+"""The bundled default model predicts held-out Python source as well as docs/default-model.md says."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mambastep
+from mambastep.cli import DEFAULT_MODEL
+
+# Four whole files of CPython 3.11.7's Lib/ that the default model's training held out
+# (seed 0, holdout 0.05): asyncio/trsock.py, cmd.py, ctypes/test/test_keeprefs.py and
+# ctypes/test/test_slicing.py, concatenated in path order (tests/data/README.md). Committed, so the
+# sample does not depend on the Python installed here.
+SAMPLE = Path(__file__).parent / "data" / "stdlib_heldout_sample.txt"
+SAMPLE_SHA256 = "a50251b0faf6363edef1f7fee840e1ee7c1692edd8264c50ec56435203a44f90"
+WINDOW = 512  # bytes read from a fresh state, as in training and in the documented evaluation
+
+# docs/default-model.md reports 1.637 bits per byte over all 94 held-out files (1.610 for the 93
+# source files without pydoc_data/topics.py, read file by file). This sample measures 1.516: lower
+# than the documented figure by 0.12, so the threshold is the measured value plus a margin, not the
+# documented one (it stays below 1.637, so the documented claim holds on this sample too).
+# Margin: the figure is deterministic up to float rounding (float32 and bfloat16 weights give 1.51622
+# and 1.51625, one thread or two the same), so 0.01 bpb is a hundred times that; every weight
+# multiplied by 1 + 5% noise reads 1.534 and fails, a random model of the same config reads ~80.
+MEASURED_BPB = 1.516
+MARGIN_BPB = 0.01
+THRESHOLD_BPB = MEASURED_BPB + MARGIN_BPB
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """A small model: intra-op threads only wait on each other."""
+
+
+@torch.no_grad()
+def bits_per_byte(model, text: str) -> float:
+    """Cross-entropy in bits per byte of the byte-level ``model`` on ``text``, read in windows of
+    `WINDOW` bytes, each from a fresh state; every byte but the first is predicted."""
+    tokens = torch.tensor(mambastep.load_tokenizer(DEFAULT_MODEL).encode(text), dtype=torch.int64)
+    assert len(tokens) == len(text.encode())  # one token per byte
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - 1, WINDOW):
+        piece = tokens[start : start + WINDOW + 1]
+        logits, _ = model(piece[None, :-1])  # (1, q, 256)
+        nll += F.cross_entropy(logits[0].float(), piece[1:], reduction="sum").item()
+        count += len(piece) - 1
+    return nll / count / math.log(2)
+
+
+def check_heldout_bits_per_byte(model) -> float:
+    data = SAMPLE.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == SAMPLE_SHA256, f"{SAMPLE} changed"
+    bpb = bits_per_byte(model, data.decode("utf-8"))
+    assert bpb <= THRESHOLD_BPB, f"{bpb:.4f} bits per byte on the held-out sample, above {THRESHOLD_BPB:.3f}"
+    return bpb
+
+
+def test_default_model_bits_per_byte_on_held_out_stdlib_files():
+    model = mambastep.load(DEFAULT_MODEL)
+    assert model.config.family == "mamba2" and model.config.vocab_size == 256
+    bpb = check_heldout_bits_per_byte(model)
+    assert bpb == pytest.approx(MEASURED_BPB, abs=MARGIN_BPB)
+
+
+def test_a_random_model_of_the_same_config_fails_the_check(tmp_path):
+    shipped = mambastep.load(DEFAULT_MODEL)
+    torch.manual_seed(0)
+    random = mambastep.load(mambastep.save(type(shipped)(shipped.config), tmp_path / "random"))
+    with pytest.raises(AssertionError, match="bits per byte on the held-out sample"):
+        check_heldout_bits_per_byte(random)
