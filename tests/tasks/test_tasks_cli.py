@@ -1,9 +1,12 @@
 """`mambastep tasks train|eval` and `mambastep inspect --task` end to end."""
 
 import json
+import shutil
 
 import pytest
+import torch
 
+import mambastep
 from mambastep.cli import main
 from mambastep.tasks.train import shipped_runs
 
@@ -40,7 +43,60 @@ def test_inspect_task_highlights_the_data_tokens(run_dir, tmp_path, capsys):
     assert main(["inspect", "--task", "selective_copying", "--model", str(run_dir), "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert summary["highlighted_over_other"] is not None  # the 3 data tokens were marked
+    assert summary["model"] == str(run_dir / "model") and summary["family"] == "mamba"
+    assert summary["tokens"] == 24 and summary["highlighted_positions"] == 3  # the run's length and its 3 data tokens
+    assert all(row["highlighted_over_other"] > 0 for row in summary["layers"])
+
+
+# What the shipped runs select (docs/tasks.md, "What the model selects"): `inspect --task
+# selective_copying --seed s` over validation sequences s = 0..7 (one sequence per seed, 16 data
+# tokens each). The ratio is the summary's highlighted_over_other: mean Δ at the data tokens over
+# mean Δ at every other token (noise and markers), averaged over the two layers. Shipped S6 run,
+# measured per seed: 1.370 1.494 1.298 1.607 1.538 1.445 1.035 1.330, mean 1.390. A model whose Δ
+# does not depend on the input reads 1 exactly, and a random model of the S6 config reads 0.999-1.000
+# (mean 0.999). The threshold 1.25 sits between: 0.14 below the measured mean, whose sequences and
+# weights are fixed (it moves only with float rounding, ~1e-6), and far above what no selection gives.
+SEEDS = range(8)
+S6_MEAN_RATIO_THRESHOLD = 1.25
+
+
+def inspect_ratios(capsys, tmp_path, *model_args) -> list[float]:
+    """highlighted_over_other of `inspect --task selective_copying` for each of `SEEDS`."""
+    ratios = []
+    for seed in SEEDS:
+        capsys.readouterr()
+        args = ["inspect", "--task", "selective_copying", *model_args, "--seed", str(seed), "--out", str(tmp_path / f"{seed}.png"), "--json"]
+        assert main(args) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["tokens"] == 128 and summary["highlighted_positions"] == 16
+        ratios.append(summary["highlighted_over_other"])
+    return ratios
+
+
+def check_data_tokens_get_larger_steps(ratios: list[float]) -> None:
+    mean = sum(ratios) / len(ratios)
+    assert mean >= S6_MEAN_RATIO_THRESHOLD, f"Δ at data tokens / Δ elsewhere: mean {mean:.3f} of {[round(r, 3) for r in ratios]}"
+
+
+def test_inspect_task_the_shipped_s6_run_takes_larger_steps_at_the_data_tokens(tmp_path, capsys):
+    check_data_tokens_get_larger_steps(inspect_ratios(capsys, tmp_path))  # no --model: the shipped S6 run
+
+
+def test_inspect_task_the_shipped_s4d_run_takes_the_same_step_everywhere(tmp_path, capsys):
+    s4d = next(run for run in shipped_runs("selective_copying") if run.name == "selective_copying-s4d")
+    assert inspect_ratios(capsys, tmp_path, "--model", str(s4d)) == [1.0] * len(SEEDS)  # exactly: Δ ignores the input
+
+
+def test_inspect_task_a_random_s6_model_fails_the_check(tmp_path, capsys):
+    s6 = shipped_runs("selective_copying")[0]
+    shipped = mambastep.load(s6 / "model")
+    run = tmp_path / "random-s6"
+    torch.manual_seed(0)
+    mambastep.save(type(shipped)(shipped.config), run / "model")
+    shutil.copy(s6 / "task.json", run / "task.json")
+    ratios = inspect_ratios(capsys, tmp_path, "--model", str(run))
+    with pytest.raises(AssertionError, match="Δ at data tokens"):
+        check_data_tokens_get_larger_steps(ratios)
 
 
 def test_eval_refuses_a_run_of_another_task(run_dir, tmp_path, capsys):
