@@ -108,15 +108,37 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     assert final_two["loss"] == pytest.approx(final_one["loss"], rel=1e-4)
 
 
+def heldout_loss(model, tokenizer, corpus: Path) -> float:
+    """Mean next-token loss on the corpus's held-out files (holdout 0.2, seed 0), in windows of 16
+    tokens (the runs' --seq-len) from a fresh state."""
+    names = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.py"))
+    text = "".join((corpus / n).read_text() for n in names if is_heldout(n, 0, 0.2))
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    windows = (len(ids) - 1) // 16
+    x, y = ids[: windows * 16].view(windows, 16), ids[1 : windows * 16 + 1].view(windows, 16)
+    with torch.no_grad():
+        logits, _ = model(x)  # (windows, 16, 256)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item()
+
+
 def test_checkpoint_loads_and_generates(corpus, tmp_path):
+    config = tiny_config(tmp_path)
     out = tmp_path / "out"
-    assert main(["train", str(corpus), "--config", tiny_config(tmp_path), "--out", str(out), "--holdout", "0.2",
-                 "--seq-len", "16", "--steps", "4", "--batch-size", "4", "--no-progress"]) == 0
+    assert main(["train", str(corpus), "--config", config, "--out", str(out), "--holdout", "0.2", "--seq-len", "16",
+                 "--steps", "12", "--lr", "1e-2", "--warmup-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
     model = mambastep.load(out / "model")
     tokenizer = mambastep.load_tokenizer(out / "model")
     assert isinstance(tokenizer, mambastep.ByteTokenizer)
-    text = "".join(mambastep.generate(model, tokenizer, "def ", mambastep.SamplingParams(max_new_tokens=8, seed=0)))
-    assert isinstance(text, str)
+    # The untrained model: the same run's initial weights (one step at learning rate 0), written the same way.
+    train(settings(corpus, tmp_path / "untrained", config, steps=1, optim=OptimSettings(lr=0.0, warmup_steps=0), eval_every=0))
+    untrained = mambastep.load(tmp_path / "untrained" / "model")
+    # Measured: 4.05 trained, 5.52 untrained (log 256 = 5.55 is uniform); 1 nat asks for most of that gap.
+    trained_loss, untrained_loss = heldout_loss(model, tokenizer, corpus), heldout_loss(untrained, tokenizer, corpus)
+    assert trained_loss < untrained_loss - 1.0, (trained_loss, untrained_loss)
+    # Greedy text is made of the corpus's characters (the untrained model's is bytes of any value).
+    text = "".join(mambastep.generate(model, tokenizer, "def ", mambastep.SamplingParams(max_new_tokens=8, temperature=0)))
+    alphabet = {ch for p in corpus.rglob("*.py") for ch in p.read_text()}
+    assert len(text) == 8 and set(text) <= alphabet, repr(text)
     # Fine-tuning starts from the checkpoint's weights and tokenizer.
     record = train(settings(corpus, tmp_path / "tuned", None, init=str(out / "model"), steps=2, eval_every=0))
     assert record["model"]["family"] == "mamba2"
