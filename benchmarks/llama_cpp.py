@@ -50,10 +50,10 @@ import torch
 from tqdm import tqdm
 
 import mambastep
-from mambastep.bench import _ours_decode, _seconds
-from mambastep.config import MambaConfig
-from mambastep.configs import BUILTIN_CONFIGS, random_model
-from mambastep.loading import load, save
+from mambastep.evidence.bench import _ours_decode, _seconds
+from mambastep.models.config import MambaConfig
+from mambastep.families.presets import BUILTIN_CONFIGS, random_model
+from mambastep.files.checkpoints import load, save
 from mambastep.settings import EngineSettings
 
 # GGUF type -> mambastep weights of the same precision: (dtype, quantize).

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from mambastep.generation import SamplingParams, sample
+from mambastep.runtime.sampling import SamplingParams, sample
 
 CASES = {
     "default": SamplingParams(),

@@ -22,7 +22,7 @@ import torch
 
 import mambastep
 from mambastep import Session
-from mambastep.cli import DEFAULT_MODEL
+from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.memory import rss_bytes
 from mambastep.settings import SCAN_KERNELS, EngineSettings
 

@@ -18,13 +18,14 @@ import time
 
 import torch
 
-from mambastep.models import model_class
-from mambastep.ops import selective_scan
-from mambastep.ops.cpu import selective_scan_fused
+from mambastep import ops
+from mambastep.evidence.tasks import task
+from mambastep.evidence.tasks.layers import layer_config
+from mambastep.evidence.tasks.train import scored_loss
+from mambastep.families import family_of
 from mambastep.settings import EngineSettings
-from mambastep.tasks import task
-from mambastep.tasks.layers import layer_config
-from mambastep.tasks.train import scored_loss
+
+CPP = ops.resolve(EngineSettings(scan="cpp"), "cpu")
 
 
 def _scan_inputs(b: int, l: int, e: int, n: int) -> list[torch.Tensor]:
@@ -64,20 +65,20 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     for b, l, e, n in [(16, 256, 128, 16), (1, 512, 1536, 16)]:
         inputs = _scan_inputs(b, l, e, n)
-        fused = _median_seconds(lambda: _scan_step(selective_scan_fused, inputs), args.repeats)
-        plain = _median_seconds(lambda: _scan_step(selective_scan, inputs), args.repeats)
+        fused = _median_seconds(lambda: _scan_step(lambda *t: ops.selective_scan(*t, backend=CPP), inputs), args.repeats)
+        plain = _median_seconds(lambda: _scan_step(ops.selective_scan, inputs), args.repeats)
         print(json.dumps({"case": "scan forward+backward", "shape_blen": [b, l, e, n], "fused_s": round(fused, 5),
                           "torch_scan_s": round(plain, 5), "speedup": round(plain / fused, 1)}))
     heads = task("induction_heads")
     batch = heads.sample(32, 256, torch.Generator().manual_seed(0))
     config = layer_config("s6", heads.vocab_size)
     seconds = {}
-    for scan in ("fused", "torch"):
+    for scan in ("cpp", "torch"):
         torch.manual_seed(0)
-        model = model_class(config)(config).configure(EngineSettings(scan=scan)).train()
+        model = family_of(config).model(config).configure(EngineSettings(scan=scan)).train()
         seconds[scan] = _median_seconds(lambda: _model_step(model, batch), args.repeats)
-    print(json.dumps({"case": "training step, 2-layer width-64 S6, batch 32 x 256", "fused_s": round(seconds["fused"], 4),
-                      "torch_scan_s": round(seconds["torch"], 4), "speedup": round(seconds["torch"] / seconds["fused"], 1)}))
+    print(json.dumps({"case": "training step, 2-layer width-64 S6, batch 32 x 256", "fused_s": round(seconds["cpp"], 4),
+                      "torch_scan_s": round(seconds["torch"], 4), "speedup": round(seconds["torch"] / seconds["cpp"], 1)}))
     return 0
 
 

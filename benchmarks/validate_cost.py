@@ -19,8 +19,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mambastep import cost
-from mambastep.configs import BUILTIN_CONFIGS, random_model
+from mambastep.evidence import cost
+from mambastep.families.presets import BUILTIN_CONFIGS, random_model
 from mambastep.settings import EngineSettings
 
 

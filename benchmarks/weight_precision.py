@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mambastep.cli import DEFAULT_MODEL
-from mambastep.loading import load
-from mambastep.models.linear import MATVEC_ROWS
+from mambastep.cli.common import DEFAULT_MODEL
+from mambastep.files.checkpoints import load
+from mambastep.ops.products import MATVEC_ROWS
 from mambastep.settings import EngineSettings
-from mambastep.tokenizer import load_tokenizer
+from mambastep.files.tokenizer import load_tokenizer
 
 VARIANTS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.float32, "int8")}
 

@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from mambastep import ops
+from mambastep.settings import EngineSettings
+
+# PyTorch's operators only, and mambastep's C++ kernels (built on first use): the two backends
+# every fast path is tested between. CPP is resolved by the ``cpp`` fixture, which builds them.
+TORCH = ops.TORCH
+
 # Tolerances per dtype for fast ops against the float64 reference.
 TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
@@ -151,3 +158,19 @@ def mamba_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def mamba2_dir(tmp_path: Path) -> Path:
     return make_hf_checkpoint(tmp_path / "mamba2", family="mamba2", n_groups=2)
+
+
+@pytest.fixture(scope="session")
+def cpp() -> ops.Backend:
+    """The backend of mambastep's C++ CPU kernels, built (for ``MAMBASTEP_CPU_ISA``) if need be."""
+    return ops.resolve(EngineSettings(scan="cpp", matvec="cpp"), "cpu")
+
+
+def pytest_report_header(config) -> str:
+    """Which instruction set the C++ kernels of this run use."""
+    from mambastep.ops.cpu import build
+
+    try:
+        return f"mambastep CPU kernels: {build.load()} (MAMBASTEP_CPU_ISA={build.requested_isa()})"
+    except (RuntimeError, OSError, ValueError) as err:
+        return f"mambastep CPU kernels: unavailable ({err})"

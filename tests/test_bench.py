@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from mambastep.bench import BenchSettings, markdown, matmul_flops_per_token, run_bench
+from mambastep.evidence.bench import BenchSettings, markdown, matmul_flops_per_token, run_bench
 from mambastep.cli import main
 from conftest import make_hf_checkpoint
 
@@ -58,7 +58,7 @@ def test_bad_bench_settings():
 def test_weight_bytes_count_what_a_decode_step_reads(tmp_path):
     """Every weight once; the embedding table only where the (tied) head reads it whole."""
     import mambastep
-    from mambastep.bench import weight_bytes
+    from mambastep.evidence.bench import weight_bytes
 
     path = make_hf_checkpoint(tmp_path / "m")
     full, int8 = mambastep.load(path), mambastep.load(path, quantize="int8")
@@ -71,7 +71,7 @@ def test_weight_bytes_count_what_a_decode_step_reads(tmp_path):
 def test_matmul_peak_shrinks_the_product_where_matmul_is_slow():
     """On a CPU without native kernels for a dtype a 2048 x 2048 product takes a minute: the
     measurement then shrinks it to fit its time budget."""
-    from mambastep import hardware
+    from mambastep.evidence import hardware
 
     sizes = []
     real_mm = torch.mm
@@ -88,8 +88,8 @@ def test_matmul_peak_shrinks_the_product_where_matmul_is_slow():
 def test_decode_roofline_takes_the_compute_time_of_the_whole_batch(tmp_path, monkeypatch):
     """With a slow enough matmul peak, the products of a step (LM head included, every sequence)
     outlast the memory time, and the roofline is their time."""
-    from mambastep import bench
-    from mambastep.configs import model_for
+    from mambastep.evidence import bench
+    from mambastep.files.checkpoints import model_for
 
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, product: 1e6)  # FLOP/s
     path = make_hf_checkpoint(tmp_path / "m")
@@ -110,7 +110,7 @@ def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_p
     compute bound is the float32 peak there (PyTorch's bfloat16 matmul peak is 100x lower).
     Decode steps multiply in float32 either way: with native bfloat16 the float32 peak is
     measured too, for the decode roofline."""
-    from mambastep import bench
+    from mambastep.evidence import bench
 
     peaks = []
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, product: peaks.append(dtype) or 1e12)
@@ -129,7 +129,7 @@ def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_p
 @pytest.mark.parametrize("prompt_matmul", ["onednn", "torch"])
 def test_prefill_bound_takes_the_peak_of_the_product_prompts_take(tmp_path, monkeypatch, prompt_matmul):
     """Where float32 prompts go to oneDNN's matmul, the compute bound is that product's peak."""
-    from mambastep import bench
+    from mambastep.evidence import bench
     from mambastep.settings import EngineSettings
 
     products = []

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from mambastep import compare
+from mambastep.evidence import compare
 from mambastep.cli import main
-from mambastep.compare import CompareSettings, synthetic_state
-from mambastep.config import GPTNeoXConfig, Mamba2Config
-from mambastep.configs import random_model
+from mambastep.evidence.compare import CompareSettings, synthetic_state
+from mambastep.models.config import GPTNeoXConfig, Mamba2Config
+from mambastep.families.presets import random_model
 from conftest import make_hf_checkpoint
 
 REPORT_KEYS = {"schema", "machine", "settings", "models", "rows", "crossings"}

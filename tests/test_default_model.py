@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mambastep
-from mambastep.cli import DEFAULT_MODEL
+from mambastep.cli.common import DEFAULT_MODEL
 
 # Four whole files of CPython 3.11.7's Lib/ that the default model's training held out
 # (seed 0, holdout 0.05): asyncio/trsock.py, cmd.py, ctypes/test/test_keeprefs.py and

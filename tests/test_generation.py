@@ -7,17 +7,9 @@ import torch
 
 import mambastep
 from conftest import hf_reference, make_hf_checkpoint
-from mambastep.generation import (
-    SamplingParams,
-    StopFilter,
-    _draw,
-    _outside_nucleus,
-    generate,
-    generate_batch,
-    generate_tokens,
-    sample,
-)
-from mambastep.tokenizer import ByteTokenizer
+from mambastep.runtime.generation import StopFilter, generate, generate_batch, generate_tokens
+from mambastep.runtime.sampling import SamplingParams, _draw, _outside_nucleus, sample
+from mambastep.files.tokenizer import ByteTokenizer
 
 PROMPT_LENGTHS = (1, 5, 17)
 

@@ -94,7 +94,7 @@ def test_unexpected_tensor(mamba_dir):
 def test_truncated_safetensors(mamba_dir):
     path = mamba_dir / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file: corrupt or truncated"):
         mambastep.load(mamba_dir)
 
 

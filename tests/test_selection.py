@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from mambastep.cli import main
-from mambastep.config import Mamba2Config, MambaConfig, MambaLTIConfig
-from mambastep.loading import save
+from mambastep.models.config import Mamba2Config, MambaConfig, MambaLTIConfig
+from mambastep.files.checkpoints import save
 from mambastep.models import Mamba2LM, MambaLM, MambaLTILM
-from mambastep.selection import (
+from mambastep.evidence.selection import (
     SelectionTrace, escape_label, plot_selection, selection_summary, token_labels, trace_selection,
 )
-from mambastep.tokenizer import ByteTokenizer
+from mambastep.files.tokenizer import ByteTokenizer
 from conftest import make_hf_checkpoint, random_tokens
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -110,11 +110,11 @@ def test_only_the_time_invariant_model_has_the_same_dt_at_every_token():
 
 
 def test_bad_inputs_are_refused_and_hooks_are_always_removed(monkeypatch):
-    from mambastep.config import GPTNeoXConfig
+    from mambastep.models.config import GPTNeoXConfig
     from mambastep.models import TransformerLM
 
     transformer = TransformerLM(GPTNeoXConfig(d_model=16, n_layer=1, n_heads=2, vocab_size=VOCAB))
-    with pytest.raises(ValueError, match=r"inspect needs a state space model \(mamba, mamba2, mamba_lti\), got gpt_neox"):
+    with pytest.raises(ValueError, match=r"inspect needs a state space model \(mamba, mamba_lti, mamba2\), got gpt_neox"):
         trace_selection(transformer, [1, 2])
     model = tiny_model("mamba2")
     probes = [block.mixer.dt_probe for block in model.backbone.layers]
@@ -240,7 +240,7 @@ def test_cli_text_on_the_bundled_model(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "GPT", "--ids", "1,2"], "inspect needs a state space model (mamba, mamba2, mamba_lti), got gpt_neox"),
+        (["--model", "GPT", "--ids", "1,2"], "inspect needs a state space model (mamba, mamba_lti, mamba2), got gpt_neox"),
         (["--input", ""], "empty input"),
         (["--ids", "1,256"], "token id 256 is outside the model's vocabulary [0, 256)"),
         (["--ids", "1,x"], "--ids takes comma-separated integer token ids"),

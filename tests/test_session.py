@@ -1,5 +1,6 @@
 """Session: chunked feeding, rollback, fork, generation, save/load across processes, crash-safe files."""
 
+import copy
 import gc
 import json
 import os
@@ -15,7 +16,7 @@ import mambastep
 from mambastep import SamplingParams, Session, StateError, generate
 from mambastep.memory import rss_bytes
 from mambastep.settings import EngineSettings
-from mambastep.tokenizer import ByteTokenizer
+from mambastep.files.tokenizer import ByteTokenizer
 
 # A stream read in other chunks runs the same maths in another order: fp32 rounding differs.
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -41,7 +42,7 @@ def model(request):
         config = mambastep.MambaConfig(d_model=16, n_layer=2, vocab_size=300, d_state=4)
     else:
         config = mambastep.Mamba2Config(d_model=16, n_layer=2, vocab_size=300, d_state=8, head_dim=8)
-    return _spread(mambastep.models.model_class(config)(config), 0, 0.2)
+    return _spread(mambastep.families.family_of(config).model(config), 0, 0.2)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_one_token_at_a_time_equals_the_decode_step(model):
 
 
 def test_a_long_list_is_fed_in_pieces(model, monkeypatch):
-    monkeypatch.setattr(mambastep.session, "FEED_PIECE", 1000)
+    monkeypatch.setattr(mambastep.runtime.session, "FEED_PIECE", 1000)
     tokens = ids(4321, seed=3)
     assert_same_point(fed(model, tokens.tolist()), fed(model, tokens), exact=True)
 
@@ -142,7 +143,7 @@ def test_bad_chunks_are_refused_and_change_nothing(model, bad, message):
 
 
 def test_a_bad_id_late_in_a_long_chunk_changes_nothing(model, monkeypatch):
-    monkeypatch.setattr(mambastep.session, "FEED_PIECE", 100)
+    monkeypatch.setattr(mambastep.runtime.session, "FEED_PIECE", 100)
     session = Session(model)
     with pytest.raises(ValueError, match="offset 999"):
         session.feed(ids(999).tolist() + [300])
@@ -437,3 +438,16 @@ def test_a_long_stream_keeps_rss_flat(byte_model):
     assert torch.isfinite(session.logits).all()
     assert session.nbytes < 64 * 1024
     assert peak - warm < 8 * 2**20, f"RSS grew by {(peak - warm) / 2**20:.1f} MiB after warm-up"
+
+
+def test_a_session_saved_with_other_weights_is_refused_unless_asked_for(model, tmp_path):
+    session = Session(model)
+    session.feed(ids(40))
+    session.save(tmp_path / "a.session")
+    variant = copy.deepcopy(model)
+    with torch.no_grad():
+        variant.backbone.layers[0].mixer.D.add_(0.1)
+    with pytest.raises(StateError, match="saved with weights .* other_weights=True"):
+        Session.load(tmp_path / "a.session", variant)
+    resumed = Session.load(tmp_path / "a.session", variant, other_weights=True)
+    assert resumed.position == 40 and torch.equal(resumed.history, session.history)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import mambastep
-from mambastep.state import ModelState, StateError
+from mambastep.models.state import ModelState, StateError
 from conftest import make_hf_checkpoint
 
 
@@ -83,3 +83,52 @@ def test_batch_mismatch_is_an_error(model):
     state = model.new_state(batch_size=2)
     with pytest.raises(StateError, match="2 sequences"):
         model.step(torch.tensor([1, 2, 3]), state)
+
+
+def test_state_saved_with_other_weights_is_refused_unless_asked_for(model, tmp_path):
+    """Same architecture, other weights (a fine-tuned variant): an error naming both digests,
+    unless ``other_weights``; the same weights in another model object load."""
+    path = make_hf_checkpoint(tmp_path / "variant", family=model.config.family, seed=1)
+    variant = mambastep.load(path)
+    assert variant.config.fingerprint == model.config.fingerprint
+    assert variant.weights_digest() != model.weights_digest()
+    _, state = _prefilled(variant)
+    state.save(tmp_path / "v.state")
+    with pytest.raises(StateError, match=f"saved with weights {variant.weights_digest()}, but this model's weights are {model.weights_digest()}"):
+        mambastep.load_state(tmp_path / "v.state", model)
+    loaded = ModelState.load(tmp_path / "v.state", model, other_weights=True)
+    assert all(torch.equal(a.ssm, b.ssm) for a, b in zip(loaded.layers, state.layers))
+    again = mambastep.load(path)  # the same checkpoint, loaded again: the same digest
+    assert again.weights_digest() == variant.weights_digest()
+    assert torch.equal(again.step(torch.tensor([1, 2]), ModelState.load(tmp_path / "v.state", again))[0],
+                       variant.step(torch.tensor([1, 2]), state)[0])
+
+
+def test_the_weights_digest_follows_the_weights(model):
+    digest = model.weights_digest()
+    _prefilled(model)
+    assert model.weights_digest() == digest  # running the model changes nothing
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.D.add_(1e-3)  # an in-place update
+    assert model.weights_digest() != digest
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.D.sub_(1e-3)
+    assert model.weights_digest() == digest  # the same values again
+    assert model.to(torch.bfloat16).weights_digest() != digest
+
+
+def test_a_state_file_without_a_weights_digest_loads_with_a_warning(model, tmp_path, caplog):
+    """Files of format version 1 record the architecture only."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    _, state = _prefilled(model)
+    state.save(tmp_path / "s.state")
+    with safe_open(str(tmp_path / "s.state"), framework="pt") as f:
+        metadata = f.metadata()
+    old = {key: value for key, value in metadata.items() if key != "weights"} | {"version": "1"}
+    save_file(load_file(str(tmp_path / "s.state")), str(tmp_path / "old.state"), metadata=old)
+    with caplog.at_level("WARNING"):
+        loaded = mambastep.load_state(tmp_path / "old.state", model)
+    assert "records no weights digest" in caplog.text
+    assert all(torch.equal(a.ssm, b.ssm) for a, b in zip(loaded.layers, state.layers))

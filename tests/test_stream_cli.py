@@ -11,8 +11,8 @@ import torch
 
 import mambastep
 from mambastep import SamplingParams, Session
-from mambastep.cli import DEFAULT_MODEL
-from mambastep.stream import StreamSettings, run_stream
+from mambastep.cli.common import DEFAULT_MODEL
+from mambastep.runtime.stream import StreamSettings, run_stream
 
 TEXT = ("A stream of log lines, read as it arrives: état 🐍 ok\n" * 60).encode()
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mambastep.tokenizer import (
+from mambastep.files.tokenizer import (
     REPLACEMENT_CHAR,
     ByteTokenizer,
     HFTokenizer,

@@ -146,11 +146,11 @@ def test_checkpoint_loads_and_generates(corpus, tmp_path):
 
 def test_weight_decay_only_on_matrices(tmp_path):
     from mambastep.training.loop import model_config
-    from mambastep.models import model_class
+    from mambastep.families import family_of
 
     for family in ("mamba", "mamba2"):
         config = model_config(tiny_config(tmp_path, family))
-        model = model_class(config)(config)
+        model = family_of(config).model(config)
         optimizer = build_optimizer(model, OptimSettings())
         names = {id(p): n for n, p in model.named_parameters()}
         decayed = {names[id(p)].rsplit(".", 1)[-1] for p in optimizer.param_groups[0]["params"]}

@@ -9,6 +9,7 @@ import resource
 import sys
 import weakref
 
+import psutil
 import torch
 from torch import nn
 
@@ -63,9 +64,13 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def available_memory() -> int:
-    """Bytes the system can still give (MemAvailable of /proc/meminfo); 0 where that is unknown."""
-    return _proc_field_bytes("/proc/meminfo", "MemAvailable") or 0
+def available_memory() -> int | None:
+    """Bytes the system can still give without swapping (psutil's ``available``, on every
+    platform psutil supports); None where it cannot tell, which callers take as no limit."""
+    try:
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, AttributeError):
+        return None
 
 
 _HUGE_PAGE_BYTES = 2 << 20  # a transparent huge page on x86-64 (and on arm64 with 4 KiB pages)
@@ -103,7 +108,7 @@ def place_in_huge_pages(module: nn.Module, min_bytes: int = 4 * _HUGE_PAGE_BYTES
 
     A decode step streams every weight from memory. With 4 KiB pages that costs a TLB miss
     every 4 KiB, and the CPU's prefetchers stop at every page's end; with huge pages decode
-    steps ran 1.02-1.17x faster on an AMD EPYC (Zen 3). Each tensor keeps its identity (its
+    steps run faster (BENCHMARKS.md). Each tensor keeps its identity (its
     ``.data`` moves), so tied weights and optimizers are unaffected, and its old storage is
     freed unless something else holds it. A tensor that shares its storage with another one
     stays where it is: moving it would break the sharing.

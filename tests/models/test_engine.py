@@ -6,7 +6,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import mambastep
-from mambastep.models.linear import CONVERTED_ROWS, MATVEC_ROWS, ONEDNN_MIN_FEATURES, WIDE_MATVEC_ROWS, Linear, takes_matvec
+from mambastep.models.linear import Linear
+from mambastep.ops.products import CONVERTED_ROWS, MATVEC_ROWS, ONEDNN_MIN_FEATURES, WIDE_MATVEC_ROWS, matvec_rows, takes_matvec
+from mambastep.ops.stack_step import takes_stack_step
 from mambastep.settings import EngineSettings
 from conftest import make_hf_checkpoint
 
@@ -35,7 +37,7 @@ def test_compiled_decode_equals_eager(tmp_path, family):
 @pytest.mark.parametrize("family, config", [("mamba", dict(hidden_size=24)), ("mamba2", dict(hidden_size=24, num_heads=6, n_groups=2, head_dim=8))])
 def test_fused_and_torch_scans_give_the_same_prefill(tmp_path, family, config):
     path = make_hf_checkpoint(tmp_path / "m", family=family, **config)
-    fused = mambastep.load(path, settings=EngineSettings(scan="fused"))
+    fused = mambastep.load(path, settings=EngineSettings(scan="cpp"))
     plain = mambastep.load(path, settings=EngineSettings(scan="torch"))
     tokens = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(1))
     (lf, sf), (lp, sp) = fused.prefill(tokens), plain.prefill(tokens)
@@ -56,7 +58,7 @@ def test_half_precision_prefill_through_the_fused_kernels(tmp_path, family, dtyp
     tokens = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(1))
     exact = mambastep.load(path, dtype=dtype, settings=EngineSettings(scan="torch")).float()
     want, _ = exact.prefill(tokens)
-    for scan in ("fused", "torch"):
+    for scan in ("cpp", "torch"):
         logits, _ = mambastep.load(path, dtype=dtype, settings=EngineSettings(scan=scan)).prefill(tokens)
         assert ((logits - want).norm() / want.norm()).item() < 2e-2, scan
 
@@ -68,15 +70,15 @@ def test_fused_and_torch_scans_give_the_same_gradients(tmp_path, family):
     if family in ("mamba", "mamba2"):
         path = make_hf_checkpoint(tmp_path / "m", family=family, hidden_size=24, **({"num_heads": 6} if family == "mamba2" else {}))
     else:
-        from mambastep.config import MambaLTIConfig
-        from mambastep.loading import save
+        from mambastep.models.config import MambaLTIConfig
+        from mambastep.files.checkpoints import save
         from mambastep.models import MambaLTILM
 
         torch.manual_seed(0)
         path = save(MambaLTILM(MambaLTIConfig(d_model=24, n_layer=2, vocab_size=97, d_state=4)), tmp_path / "m")
     tokens = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(1))
     grads = []
-    for scan in ("fused", "torch"):
+    for scan in ("cpp", "torch"):
         model = mambastep.load(path, settings=EngineSettings(scan=scan))
         logits, _ = model(tokens)
         logits.logsumexp(-1).mean().backward()
@@ -99,11 +101,11 @@ def test_fused_matvec_decode_equals_pytorch_linear(tmp_path, family, dtype):
     logit by logit."""
     path = make_hf_checkpoint(tmp_path / family, family=family)
     plain = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="torch"))
-    fused = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="fused"))
-    compiled = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="fused", decode="compiled"))
+    fused = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="cpp"))
+    compiled = mambastep.load(path, dtype=dtype, settings=EngineSettings(matvec="cpp", decode="compiled"))
     reference = copy.deepcopy(plain).float()
-    assert all(m.fused_matvec for m in fused.modules() if isinstance(m, Linear))
-    rows = fused.backbone.layers[0].mixer.out_proj.matvec_rows if family != "gpt_neox" else MATVEC_ROWS
+    assert fused.backend.matvec_kernel and not plain.backend.matvec_kernel
+    rows = matvec_rows(fused.dtype)
     for batch in (1, 3, rows, rows + 1):
         tokens = torch.randint(0, 97, (batch, 6), generator=torch.Generator().manual_seed(batch))
         _, state = plain.prefill(tokens[:, :3])
@@ -122,35 +124,33 @@ def test_fused_matvec_decode_equals_pytorch_linear(tmp_path, family, dtype):
                 torch.testing.assert_close(logits[1].float(), logits[3], atol=0.1, rtol=0.02)
 
 
-def test_fused_matvec_stays_out_of_training(tmp_path):
-    """A layer that would take the kernel takes F.linear when a gradient is wanted."""
+def test_fused_matvec_stays_out_of_training(cpp):
+    """A product that would take the kernel takes F.linear when a gradient is wanted."""
     layer = Linear(12, 5)
-    layer.fused_matvec = True
     x = torch.randn(1, 12)
-    assert takes_matvec(layer, x) is False
-    layer(x).sum().backward()
+    assert takes_matvec(x, layer.weight, cpp, layer.bias) is False
+    layer(x, cpp).sum().backward()
     assert layer.weight.grad is not None
     with torch.no_grad():
-        assert takes_matvec(layer, x) and not takes_matvec(layer, torch.randn(MATVEC_ROWS + 1, 12))
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert takes_matvec(x, layer.weight, cpp) and not takes_matvec(torch.randn(MATVEC_ROWS + 1, 12), layer.weight, cpp)
+        torch.testing.assert_close(layer(x, cpp), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
 def test_matvec_rows_follow_what_pytorch_multiplies_natively(monkeypatch, tmp_path):
     """Float32 weights take the kernel up to MATVEC_ROWS rows; bfloat16 ones as many where PyTorch
     multiplies bfloat16 natively, up to WIDE_MATVEC_ROWS where it would copy them to float32;
     float16 ones never (the kernel does not read them), so a float16 model decodes through F.linear."""
-    from mambastep.models import linear
+    from mambastep.ops import products as linear
 
-    layer = Linear(12, 5)
-    assert layer.matvec_rows == MATVEC_ROWS < WIDE_MATVEC_ROWS
+    assert matvec_rows(torch.float32) == MATVEC_ROWS < WIDE_MATVEC_ROWS
     monkeypatch.setattr(linear, "computes_in", lambda d: True)
-    assert layer.to(torch.bfloat16).matvec_rows == MATVEC_ROWS
+    assert matvec_rows(torch.bfloat16) == MATVEC_ROWS
     monkeypatch.setattr(linear, "computes_in", lambda d: d != torch.bfloat16)
-    assert layer.to(torch.bfloat16).matvec_rows == WIDE_MATVEC_ROWS
-    assert layer.to(torch.float16).matvec_rows == 0
+    assert matvec_rows(torch.bfloat16) == WIDE_MATVEC_ROWS
+    assert matvec_rows(torch.float16) == 0
     monkeypatch.undo()
     path = make_hf_checkpoint(tmp_path / "m")
-    half = mambastep.load(path, dtype=torch.float16, settings=EngineSettings(matvec="fused"))
+    half = mambastep.load(path, dtype=torch.float16, settings=EngineSettings(matvec="cpp"))
     plain = mambastep.load(path, dtype=torch.float16, settings=EngineSettings(matvec="torch"))
     tokens = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(0))
     (_, a), (_, b) = half.prefill(tokens), plain.prefill(tokens)
@@ -162,6 +162,12 @@ def test_matvec_rows_follow_what_pytorch_multiplies_natively(monkeypatch, tmp_pa
 def test_bad_settings(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineSettings(**bad)
+
+
+@pytest.mark.parametrize("name", ["scan", "matvec"])
+def test_a_renamed_setting_value_names_the_new_one(name):
+    with pytest.raises(ValueError, match=f"{name}='fused' is now called 'cpp': use {name}='cpp'"):
+        EngineSettings(**{name: "fused"})
 
 
 FUSED_STEP_SHAPES = [
@@ -179,7 +185,7 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
     """The fused CPU step of a stack of layers (one call per step) against the blocks' own steps
     on the same weights, over a few tokens from a random state: awkward widths, groups, dt
     limits, with and without biases, at 3 sequences and at a batch wider than any matvec limit."""
-    from mambastep.config import Mamba2Config, MambaConfig
+    from mambastep.models.config import Mamba2Config, MambaConfig
     from mambastep.models import Mamba2LM, MambaLM
     from mambastep.models.int8 import quantize_int8
 
@@ -191,7 +197,7 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
             p.add_(0.3 * torch.randn_like(p))
     if weights == "int8":
         quantize_int8(model)
-    model = model.to(torch.bfloat16 if weights == "bfloat16" else torch.float32).configure(EngineSettings(matvec="fused"))
+    model = model.to(torch.bfloat16 if weights == "bfloat16" else torch.float32).configure(EngineSettings(matvec="cpp"))
     # The reference: the blocks' own steps through F.linear, in float32 on the same weight values
     # (a bfloat16 model's plain step rounds every intermediate to bfloat16; the fused one does not).
     reference = copy.deepcopy(model).float().configure(EngineSettings(matvec="torch"))
@@ -206,17 +212,17 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
 
     with torch.no_grad():
         residual = torch.randn(3, 1, shape["d_model"])
-        assert model.takes_fused_step(residual)  # an eager step takes it ...
+        assert model._takes_stack_step(residual)  # an eager step takes it ...
         hook = model.backbone.layers[1].mixer.dt_probe.register_forward_hook(lambda *args: None)
-        assert not model.takes_fused_step(residual)  # ... unless Δ is watched (inspect)
+        assert not model._takes_stack_step(residual)  # ... unless Δ is watched (inspect)
         hook.remove()
-        assert model.takes_fused_step(residual)
+        assert model._takes_stack_step(residual)
         unwatched, watched = model.backbone.layers[1].mixer.dt_probe, torch.nn.Identity()
         watched.register_forward_hook(lambda *args: None)
         model.backbone.layers[1].mixer.dt_probe = watched  # a probe put in after the mixers were looked up
-        assert not model.takes_fused_step(residual)
+        assert not model._takes_stack_step(residual)
         model.backbone.layers[1].mixer.dt_probe = unwatched
-        assert not model.takes_fused_step(residual.to(torch.bfloat16)) and not model.takes_fused_step(residual.expand(3, 2, -1))
+        assert not model._takes_stack_step(residual.to(torch.bfloat16)) and not model._takes_stack_step(residual.expand(3, 2, -1))
     # a few sequences (row groups in the products), then a batch of blocks and the widest rows
     for batch in (3, WIDE_MATVEC_ROWS + 6):
         random = model.new_state(batch)
@@ -225,9 +231,9 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
         for _ in range(3):
             residual = torch.randn(batch, 1, shape["d_model"])
             with torch.no_grad():
-                assert model.takes_fused_step(residual)
+                assert model._takes_stack_step(residual)
                 fused_layers, plain_layers = list(fused.layers), list(plain.layers)
-                r_fused, r_plain = model._layers(residual, fused_layers), reference._layers(residual, plain_layers)
+                r_fused, r_plain = model._stack_step(residual, fused_layers, logits=False)[:, None], reference._blocks(residual, plain_layers)
                 fused, plain = (type(fused)(tuple(s), fused.fingerprint) for s in (fused_layers, plain_layers))
             assert r_fused.dtype == torch.float32 and fused.layers[0].conv.dtype == model.dtype and fused.layers[0].ssm.dtype == torch.float32
             pairs = [(r_fused, r_plain)] + [(a, b) for fl, pl in zip(fused.layers, plain.layers) for a, b in ((fl.conv, pl.conv), (fl.ssm, pl.ssm))]
@@ -243,13 +249,13 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
 
 def _tiny_ssm(family: str, n_layer: int = 2):
     """A random Mamba or Mamba-2 model of width 16, its products through the fused kernel."""
-    from mambastep.config import Mamba2Config, MambaConfig
+    from mambastep.models.config import Mamba2Config, MambaConfig
     from mambastep.models import Mamba2LM, MambaLM
 
     config = MambaConfig(n_layer=n_layer, vocab_size=11, d_model=16, d_state=4) if family == "mamba" else Mamba2Config(
         n_layer=n_layer, vocab_size=11, d_model=16, d_state=4, head_dim=8
     )
-    return (MambaLM if family == "mamba" else Mamba2LM)(config).configure(EngineSettings(matvec="fused"))
+    return (MambaLM if family == "mamba" else Mamba2LM)(config).configure(EngineSettings(matvec="cpp"))
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
@@ -258,7 +264,7 @@ def test_fused_step_follows_changes_to_the_weights(family):
     and keeps them while they match its parameters: after an in-place update, a replaced layer or a
     dtype change, its next step is still the one its current weights give."""
     from mambastep.models.int8 import quantize_int8
-    from mambastep.ops.cpu import FusedLayers
+    from mambastep.ops.stack_step import PreparedStack
 
     torch.manual_seed(0)
     model = _tiny_ssm(family)
@@ -270,9 +276,9 @@ def test_fused_step_follows_changes_to_the_weights(family):
         state = model.new_state(2)
         with torch.no_grad():
             model.step(token, state)  # prepares (or keeps) the fused weights
-            prepared = model._fused_layers
+            prepared = model._prepared
             got, _ = model.step(token, state)
-            assert model._fused_layers is prepared and prepared.current()  # kept between steps
+            assert model._prepared is prepared and prepared.current()  # kept between steps
             want, _ = reference.step(token, reference.new_state(2))
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
         return prepared
@@ -288,11 +294,11 @@ def test_fused_step_follows_changes_to_the_weights(family):
     assert not prepared.current()
     prepared = check_step(tol=1e-4)
     model.to(torch.bfloat16)
-    assert model._fused_layers is None
+    assert model._prepared is None
     check_step(tol=2e-2)
     with torch.inference_mode():  # inference tensors keep no version counter: never kept
         frozen = _tiny_ssm(family, n_layer=1)
-    layers = FusedLayers([frozen.backbone.layers[0].mixer.step_weights(frozen.backbone.layers[0].norm.weight)])
+    layers = PreparedStack([frozen.backbone.layers[0].mixer.step_weights(frozen.backbone.layers[0].norm.weight)])
     assert not layers.current()
 
 
@@ -301,7 +307,7 @@ def test_fused_step_reuses_only_the_memory_of_dropped_states(monkeypatch, family
     """Large next SSM states go into the memory of states nothing holds any more (every size
     here, with the threshold at 0): the same steps as fresh memory gives, no state or view still
     held is ever written, and a decode loop's memory does go round."""
-    from mambastep.ops import cpu
+    from mambastep.ops import stack_step
 
     torch.manual_seed(0)
     model = _tiny_ssm(family)
@@ -319,7 +325,7 @@ def test_fused_step_reuses_only_the_memory_of_dropped_states(monkeypatch, family
         return torch.stack(logits), kept
 
     fresh, _ = decode(keep=False)  # the default threshold: states this small take fresh memory
-    monkeypatch.setattr(cpu, "STATE_REUSE_BYTES", 0)
+    monkeypatch.setattr(stack_step, "STATE_REUSE_BYTES", 0)
     reused, _ = decode(keep=False)
     assert torch.equal(reused, fresh)
     kept_logits, kept = decode(keep=True)
@@ -342,8 +348,9 @@ def test_fused_step_reuses_only_the_memory_of_dropped_states(monkeypatch, family
         assert state.layers[0].ssm.data_ptr() == previous
 
 
-def test_fused_layers_step_checks_its_arguments():
-    from mambastep.ops.cpu import FusedLayers, HeadWeights, MambaLayerWeights, mamba_layers_step
+def test_fused_layers_step_checks_its_arguments(cpp):
+    from mambastep.ops.stack_step import HeadWeights, MambaLayerWeights, PreparedStack
+    from mambastep.ops.stack_step import mamba_stack_step as mamba_layers_step
 
     e, n, k, d, r = 8, 4, 4, 6, 2
     lin = lambda rows, cols: (torch.randn(rows, cols), None, None)  # noqa: E731
@@ -365,17 +372,18 @@ def test_fused_layers_step_checks_its_arguments():
     vocab, x = 5, torch.randn(1, d)
     head = HeadWeights(norm=torch.rand(d) + 0.5, out=(torch.randn(vocab, d), None, torch.randn(vocab)))
     residual, _, _ = mamba_layers_step(x, [layer], conv[:1], ssm[:1], 1e-5)
-    logits, _, _ = mamba_layers_step(x, FusedLayers([layer], head), conv[:1], ssm[:1], 1e-5, logits=True)
+    logits, _, _ = mamba_layers_step(x, PreparedStack([layer], head), conv[:1], ssm[:1], 1e-5, logits=True)
     normed = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + 1e-5) * head.norm
     torch.testing.assert_close(logits, normed @ head.out[0].T + head.out[2], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="prepared with a head"):
         mamba_layers_step(x, [layer], conv[:1], ssm[:1], 1e-5, logits=True)
     with pytest.raises(RuntimeError, match=r"final norm weight \(d,\) must have shape"):
-        mamba_layers_step(x, FusedLayers([layer], head._replace(norm=torch.ones(d + 1))), conv[:1], ssm[:1], 1e-5, logits=True)
+        mamba_layers_step(x, PreparedStack([layer], head._replace(norm=torch.ones(d + 1))), conv[:1], ssm[:1], 1e-5, logits=True)
 
 
-def test_fused_mamba2_layers_step_checks_its_arguments():
-    from mambastep.ops.cpu import Mamba2LayerWeights, mamba2_layers_step
+def test_fused_mamba2_layers_step_checks_its_arguments(cpp):
+    from mambastep.ops.stack_step import Mamba2LayerWeights
+    from mambastep.ops.stack_step import mamba2_stack_step as mamba2_layers_step
 
     d, e, h, p, n, g, k = 6, 8, 2, 4, 3, 1, 4
     c = e + 2 * g * n
@@ -397,7 +405,7 @@ def test_fused_mamba2_layers_step_checks_its_arguments():
 def test_half_precision_products_upcast_on_cpus_without_native_kernels(monkeypatch, dtype):
     """Where PyTorch's bfloat16 (float16) matmul is slow, such a layer multiplies in float32 and
     rounds the result back; elsewhere it keeps PyTorch's own product."""
-    from mambastep.models import linear
+    from mambastep.ops import products as linear
 
     torch.manual_seed(0)
     layer = Linear(12, 2 * CONVERTED_ROWS + 5).to(dtype)  # converted in two blocks and a part
@@ -421,38 +429,41 @@ def test_onednn_prompt_products_equal_pytorch_linear(bias):
     whatever the input's leading dimensions; narrow layers, other dtypes and training keep F.linear."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mambastep.ops import Backend
+    from mambastep.ops.products import takes_onednn
+
     torch.manual_seed(0)
     layer = Linear(48, ONEDNN_MIN_FEATURES + 8, bias=bias)
-    layer.onednn_prompts = True
+    onednn = Backend(onednn_prompts=True)
     for shape in [(2, 40, 48), (300, 48), (1, 48)]:
         x = torch.randn(shape)
         with torch.no_grad():
-            assert layer.takes_onednn(x)
+            assert takes_onednn(x, layer.weight)
             want = torch.nn.functional.linear(x, layer.weight, layer.bias)
             with FlopCounterMode(display=False) as counter:
-                got = layer(x)
+                got = layer(x, onednn)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert counter.get_total_flops() == 2 * x.numel() * layer.out_features
     x = torch.randn(5, 48)
-    assert not layer.takes_onednn(x)  # the weight wants a gradient
-    assert layer(x).grad_fn is not None
+    assert not takes_onednn(x, layer.weight)  # the weight wants a gradient
+    assert layer(x, onednn).grad_fn is not None
     with torch.no_grad():
-        assert not Linear(48, ONEDNN_MIN_FEATURES - 1).takes_onednn(x)
-        assert not layer.takes_onednn(x.double())
-        assert not copy.deepcopy(layer).to(torch.bfloat16).takes_onednn(x.bfloat16())
+        assert not takes_onednn(x, Linear(48, ONEDNN_MIN_FEATURES - 1).weight)
+        assert not takes_onednn(x.double(), layer.weight.double())
+        assert not takes_onednn(x.bfloat16(), layer.weight.bfloat16())
 
 
 @needs_onednn
 def test_prompt_matmul_setting(monkeypatch, tmp_path):
     """"auto" takes oneDNN only where MKL is not tuned for the CPU; a model prefilled with
     oneDNN's products is as close to the float64 model as one prefilled with PyTorch's."""
-    from mambastep.ops import cpu
+    from mambastep.ops import backend
 
-    monkeypatch.setattr(cpu, "mkl_tuned_here", lambda: True)
-    assert not cpu.uses_onednn("auto") and cpu.uses_onednn("onednn") and not cpu.uses_onednn("torch")
-    monkeypatch.setattr(cpu, "mkl_tuned_here", lambda: False)
-    assert cpu.uses_onednn("auto")
+    monkeypatch.setattr(backend, "mkl_tuned_here", lambda: True)
+    assert not backend.uses_onednn("auto") and backend.uses_onednn("onednn") and not backend.uses_onednn("torch")
+    monkeypatch.setattr(backend, "mkl_tuned_here", lambda: False)
+    assert backend.uses_onednn("auto")
     path = make_hf_checkpoint(tmp_path / "m", hidden_size=ONEDNN_MIN_FEATURES // 2)  # in_proj: 2 x 2 x hidden outputs
     tokens = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(0))
     exact = mambastep.load(path, dtype=torch.float64, settings=EngineSettings(prompt_matmul="torch", scan="torch"))
@@ -460,8 +471,30 @@ def test_prompt_matmul_setting(monkeypatch, tmp_path):
     for setting in ("onednn", "torch"):
         model = mambastep.load(path, settings=EngineSettings(prompt_matmul=setting))
         in_proj = model.backbone.layers[0].mixer.in_proj
-        assert in_proj.onednn_prompts == (setting == "onednn") and in_proj.out_features >= ONEDNN_MIN_FEATURES
+        assert model.backend.onednn_prompts == (setting == "onednn") and in_proj.out_features >= ONEDNN_MIN_FEATURES
         logits, state = model.prefill(tokens)
         # Seen: 2.7e-6 (logits) and 4-6e-6 (state) of the largest value, for both settings.
         for got, ref in [(logits, want), (state.layers[-1].ssm, want_state.layers[-1].ssm)]:
             assert (got.double() - ref).abs().max() <= 2e-5 * ref.abs().max()
+
+
+def test_the_stack_steps_parameter_lists_are_checked_by_name(cpp):
+    """The layers' weights reach the kernel as flat lists; their entries are named, and a list
+    in another order than the kernel reads is an error before any step, not a wrong result."""
+    from mambastep.ops.stack_step import MambaLayerWeights, PreparedStack
+
+    class Swapped(MambaLayerWeights):
+        def entries(self, prepare):
+            entries = super().entries(prepare)
+            i, j = [name for name, _ in entries].index("A"), [name for name, _ in entries].index("D")
+            entries[i], entries[j] = entries[j], entries[i]
+            return entries
+
+    e, n, k, d, r = 8, 4, 4, 6, 2
+    lin = lambda rows, cols: (torch.randn(rows, cols), None, None)  # noqa: E731
+    weights = dict(norm=torch.ones(d), in_proj=lin(2 * e, d), conv_weight=torch.randn(e, 1, k), conv_bias=None,
+                   x_proj=lin(r + 2 * n, e), dt_proj=(torch.randn(e, r), None, torch.randn(e)), A_log=torch.randn(e, n),
+                   D=torch.ones(e), out_proj=lin(d, e))
+    assert len(PreparedStack([MambaLayerWeights(**weights)]).params) == 16
+    with pytest.raises(RuntimeError, match=r"the mamba layers step reads \('norm', .* but was given"):
+        PreparedStack([Swapped(**weights)])

@@ -5,8 +5,8 @@ import torch
 
 import mambastep
 from mambastep.models.int8 import Int8Linear
-from mambastep.models.linear import CONVERTED_ROWS
-from conftest import make_hf_checkpoint
+from mambastep.ops.products import CONVERTED_ROWS
+from conftest import TORCH, make_hf_checkpoint
 
 
 @pytest.mark.parametrize("out_features", [36, 2 * CONVERTED_ROWS + 17])  # one block; two and a part
@@ -48,14 +48,16 @@ def test_int8_refuses_what_it_cannot_do(tmp_path):
         mambastep.save(mambastep.load(path, quantize="int8"), tmp_path / "out")
 
 
-def test_int8_linear_takes_the_kernel_up_to_its_row_limit():
-    from mambastep.models.linear import takes_matvec
+def test_int8_linear_takes_the_kernel_up_to_its_row_limit(cpp):
+    from mambastep.ops.products import WIDE_MATVEC_ROWS, takes_matvec
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(40, 24)
-    q = Int8Linear(linear.weight, linear.bias, fused_matvec=True)
+    q = Int8Linear(linear.weight, linear.bias)
     with torch.no_grad():
-        for rows in (1, Int8Linear.matvec_rows, Int8Linear.matvec_rows + 1):
+        for rows in (1, WIDE_MATVEC_ROWS, WIDE_MATVEC_ROWS + 1):
             x = torch.randn(rows, 40)
-            assert takes_matvec(q, x) == (rows <= Int8Linear.matvec_rows)
-            torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantized(), linear.bias), atol=1e-5, rtol=1e-5)
+            assert takes_matvec(x, q.weight_int8, cpp) == (rows <= WIDE_MATVEC_ROWS)
+            want = torch.nn.functional.linear(x, q.dequantized(), linear.bias)
+            for backend in (cpp, TORCH):
+                torch.testing.assert_close(q(x, backend), want, atol=1e-5, rtol=1e-5)

@@ -3,10 +3,12 @@
 import torch
 
 from mambastep import load
-from mambastep.config import MambaConfig, MambaLTIConfig, config_from_dict, config_to_hf_dict
-from mambastep.loading import save
+from mambastep.families import config_from_dict, config_to_dict
+from mambastep.models.config import MambaConfig, MambaLTIConfig
+from mambastep.files.checkpoints import save
 from mambastep.models import MambaLM, MambaLTILM
 from conftest import assert_prefill_then_steps_equal_forward, random_tokens
+from mambastep.ops import TORCH, Backend
 
 CONFIG = MambaLTIConfig(d_model=12, n_layer=2, vocab_size=19, d_state=5, d_conv=3)
 
@@ -36,9 +38,8 @@ def test_ssm_matches_the_s4d_real_recurrence_from_any_state():
     dt = torch.nn.functional.softplus(mixer.dt_bias)
     expected_y, expected_h = _s4d_real_loop(x, dt, -torch.exp(mixer.A_log), mixer.C, mixer.D, h0)
     for chunk in (1, 4, 64):
-        mixer.scan_chunk = chunk
         with torch.no_grad():
-            y, h = mixer.ssm(x, h0)
+            y, h = mixer.ssm(x, h0, None, Backend(scan_chunk=chunk))
         torch.testing.assert_close(y, expected_y, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(h, expected_h, atol=1e-10, rtol=1e-10)
 
@@ -50,10 +51,10 @@ def test_time_invariant_ssm_is_linear_in_its_input_and_selective_one_is_not():
     x1, x2 = torch.randn(2, 1, 7, CONFIG.d_inner, dtype=torch.float64).unbind(0)
     zero = torch.zeros(1, CONFIG.d_inner, CONFIG.d_state, dtype=torch.float64)
     with torch.no_grad():
-        combined = lti.ssm(3 * x1 + x2, zero)[0]
-        torch.testing.assert_close(combined, 3 * lti.ssm(x1, zero)[0] + lti.ssm(x2, zero)[0])
-        s6_combined = s6.ssm(3 * x1 + x2, zero)[0]
-        assert not torch.allclose(s6_combined, 3 * s6.ssm(x1, zero)[0] + s6.ssm(x2, zero)[0])
+        combined = lti.ssm(3 * x1 + x2, zero, None, TORCH)[0]
+        torch.testing.assert_close(combined, 3 * lti.ssm(x1, zero, None, TORCH)[0] + lti.ssm(x2, zero, None, TORCH)[0])
+        s6_combined = s6.ssm(3 * x1 + x2, zero, None, TORCH)[0]
+        assert not torch.allclose(s6_combined, 3 * s6.ssm(x1, zero, None, TORCH)[0] + s6.ssm(x2, zero, None, TORCH)[0])
 
 
 def test_step_size_is_the_same_at_every_token():
@@ -82,7 +83,7 @@ def test_prompt_in_pieces_equals_one_prompt_and_batch_rows_are_independent():
 
 
 def test_config_and_checkpoint_round_trip(tmp_path):
-    raw = config_to_hf_dict(CONFIG)
+    raw = config_to_dict(CONFIG)
     assert raw["model_type"] == "mamba_lti" and "architectures" not in raw
     assert config_from_dict(raw) == CONFIG
     model = _model().float()

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import mambastep
 from mambastep.cli import main
 from mambastep.settings import EngineSettings
-from mambastep.state import KVLayerState, ModelState, StateError
+from mambastep.models.state import KVLayerState, ModelState, StateError
 from conftest import assert_greedy_equals_transformers, assert_prefill_then_steps_equal_forward, hf_reference, make_hf_checkpoint
 
 CONFIGS = [

@@ -2,10 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambastep.ops import causal_conv, causal_conv_silu, causal_conv_step, cpu
+from mambastep.ops import causal_conv, causal_conv_silu, causal_conv_step, kernels
 from mambastep.ops.reference import causal_conv_ref
 
 from conftest import TOL
+
+pytestmark = pytest.mark.usefixtures("cpp")  # the C++ kernels, built and loaded
 
 SIZES = [(1, 1, 5, 4), (3, 2, 7, 4), (2, 9, 3, 4), (1, 13, 6, 1), (2, 5, 8, 2)]  # (b, l, c, k)
 
@@ -100,7 +102,7 @@ def test_fused_conv_silu_matches_reference(b, l, c, k, with_bias, dtype):
     x, w, bias, state = _inputs(b, l, c, k, dtype)
     bias = bias if with_bias else None
     wide = torch.cat([torch.randn(b, l, 3, dtype=dtype), x, torch.randn(b, l, 2, dtype=dtype)], -1)[..., 3 : 3 + c]
-    y, new_state = cpu.causal_conv_silu(wide, w, bias, state)
+    y, new_state = kernels.causal_conv_silu(wide, w, bias, state)
     y_ref, state_ref = causal_conv_ref(*(None if t is None else t.double() for t in (x, w, bias, state)))
     assert y.dtype == new_state.dtype == dtype and y.is_contiguous() and new_state.is_contiguous()
     torch.testing.assert_close(y.double(), F.silu(y_ref), **FUSED_TOL[dtype])
@@ -109,30 +111,29 @@ def test_fused_conv_silu_matches_reference(b, l, c, k, with_bias, dtype):
 
 def test_fused_conv_silu_in_pieces_equals_one_call():
     x, w, bias, state = _inputs(2, 13, 6, 4, torch.float32)
-    y, final = cpu.causal_conv_silu(x, w, bias, state)
-    y1, s1 = cpu.causal_conv_silu(x[:, :2], w, bias, state)
-    y2, s2 = cpu.causal_conv_silu(x[:, 2:], w, bias, s1)
+    y, final = kernels.causal_conv_silu(x, w, bias, state)
+    y1, s1 = kernels.causal_conv_silu(x[:, :2], w, bias, state)
+    y2, s2 = kernels.causal_conv_silu(x[:, 2:], w, bias, s1)
     assert torch.equal(torch.cat([y1, y2], 1), y) and torch.equal(s2, final)
 
 
-def test_conv_silu_takes_the_kernel_only_where_it_applies():
-    """Inference with ``fused`` in float32, bfloat16 or float16; PyTorch's conv and SiLU
-    otherwise (float64, no ``fused``, gradients), which agree with it."""
+def test_conv_silu_takes_the_kernel_only_where_it_applies(cpp):
+    """With the C++ backend, inference in float32, bfloat16 or float16 takes the kernel;
+    float64 and gradients take PyTorch's conv and SiLU, which agree with it."""
     x, w, bias, state = _inputs(2, 9, 6, 4, torch.float32)
     for dtype in (torch.float32, torch.bfloat16):
         args = [t.to(dtype) for t in (x, w, bias, state)]
-        fused, plain = causal_conv_silu(*args, True), causal_conv_silu(*args, False)
-        for a, b in zip(fused, plain):
+        kernel, plain = causal_conv_silu(*args, backend=cpp), causal_conv_silu(*args)
+        assert torch.equal(kernel[0], kernels.causal_conv_silu(*args)[0])
+        for a, b in zip(kernel, plain):
             assert a.dtype == b.dtype == dtype
             torch.testing.assert_close(a, b, **FUSED_TOL[dtype])
-    y, new_state = causal_conv_silu(*(t.double() for t in (x, w, bias, state)), True)
+    y, new_state = causal_conv_silu(*(t.double() for t in (x, w, bias, state)), backend=cpp)
     assert y.dtype == new_state.dtype == torch.float64
     x = x.requires_grad_()
-    y, _ = causal_conv_silu(x, w, bias, state, True)
+    y, _ = causal_conv_silu(x, w, bias, state, backend=cpp)
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
-    with pytest.raises(RuntimeError, match="no backward pass"):
-        cpu.causal_conv_silu(x, w, bias, state)
 
 
 def test_fused_conv_silu_checks_its_arguments():

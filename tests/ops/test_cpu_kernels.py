@@ -1,11 +1,22 @@
-"""The fused CPU selective scan against the float64 reference."""
+"""mambastep's C++ CPU kernels (``ops.kernels``) against the float64 references."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mambastep.ops.cpu import selective_scan_fused
+from mambastep.ops import kernels
 from mambastep.ops.reference import selective_scan_ref
+
+pytestmark = pytest.mark.usefixtures("cpp")  # the kernels, built and loaded
+
+
+def selective_scan_fused(x, dt, A, B, C, D, state, z=None, dt_softplus=False):
+    return kernels.selective_scan(x, dt, A, B, C, D, state, z, dt_softplus)
 
 # -ffast-math and a vectorised expf: float32 rounding, a little more than the eager op's.
 FUSED_TOL = dict(atol=2e-5, rtol=2e-5)
@@ -139,10 +150,8 @@ def test_fused_scan_gradients_match_reference(b, l, e, n, with_D):
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_fused_scan_gradients_for_any_checkpoint_chunk(chunk):
-    from mambastep.ops.cpu import _SelectiveScanFused
-
     inputs = _inputs(2, 30, 20, 3)
-    _assert_grads_close(_grads(lambda *t: _SelectiveScanFused.apply(*t, chunk), inputs), _reference_grads(inputs))
+    _assert_grads_close(_grads(lambda *t: kernels._SelectiveScan.apply(*t, chunk), inputs), _reference_grads(inputs))
 
 
 def test_fused_scan_gradients_from_zero_state_and_for_some_inputs_only():
@@ -192,24 +201,23 @@ def test_fused_scan_inference_path_equals_training_path():
 
 
 def test_fused_kernels_check_their_arguments():
-    from mambastep.ops.cpu import kernels
-
+    ops = torch.ops.mambastep
     x, dt, A, B, C, D, state = _inputs(2, 5, 8, 3)
     no_gate = torch.empty(0)
     with pytest.raises(RuntimeError, match="x must be float32"):
-        kernels().selective_scan_fused(x.double(), dt, A, B, C, D, no_gate, state, False)
+        ops.selective_scan(x.double(), dt, A, B, C, D, no_gate, state, False)
     with pytest.raises(RuntimeError, match=r"B \(b, l, n\) must have shape"):
-        kernels().selective_scan_fused(x, dt, A, B[:, :4].contiguous(), C, D, no_gate, state, False)
+        ops.selective_scan(x, dt, A, B[:, :4].contiguous(), C, D, no_gate, state, False)
     with pytest.raises(RuntimeError, match="dt must have a unit stride over its last dimension"):
-        kernels().selective_scan_fused(x, dt.transpose(1, 2).contiguous().transpose(1, 2), A, B, C, D, no_gate, state, False)
+        ops.selective_scan(x, dt.transpose(1, 2).contiguous().transpose(1, 2), A, B, C, D, no_gate, state, False)
     with pytest.raises(RuntimeError, match=r"z \(like x\) must have shape"):
-        kernels().selective_scan_fused(x, dt, A, B, C, D, x[:, :4], state, False)
-    y, final, ckpt = kernels().selective_scan_fused_fwd(x, dt, A, B, C, D, state, 2)
+        ops.selective_scan(x, dt, A, B, C, D, x[:, :4], state, False)
+    y, final, ckpt = ops.selective_scan_fwd(x, dt, A, B, C, D, state, 2)
     assert ckpt.shape == (2, 3, 8, 3) and torch.equal(ckpt[:, 0], state)
     with pytest.raises(RuntimeError, match="checkpoints .* must have shape"):
-        kernels().selective_scan_fused_bwd(x, dt, A, B, C, D, ckpt, y, final, 4)
+        ops.selective_scan_bwd(x, dt, A, B, C, D, ckpt, y, final, 4)
     with pytest.raises(RuntimeError, match="x must be contiguous"):  # the backward reads rows at stride e
-        kernels().selective_scan_fused_bwd(x.transpose(0, 1).contiguous().transpose(0, 1), dt, A, B, C, D, ckpt, y, final, 2)
+        ops.selective_scan_bwd(x.transpose(0, 1).contiguous().transpose(0, 1), dt, A, B, C, D, ckpt, y, final, 2)
 
 
 def _matvec_inputs(m, k, n, dtype, seed=0):
@@ -236,8 +244,7 @@ def test_matvec_matches_reference(dtype, m, k, n, with_bias):
     """Every weight storage; row counts across the 8-row groups and, from 16 rows, the blocks
     (4 activation rows x 3 weight rows, 2 x 6 for float32 weights on AVX2) with every partial
     block of each; lengths around the 8- and 16-lane vectors."""
-    from mambastep.ops.cpu import matvec
-
+    matvec = kernels.matvec
     x, weight, scale, bias = _matvec_inputs(m, k, n, dtype)
     bias = bias if with_bias else None
     w64 = weight.double() * (scale.double()[:, None] if scale is not None else 1)  # (n, k)
@@ -251,8 +258,7 @@ def test_matvec_matches_reference(dtype, m, k, n, with_bias):
 
 
 def test_matvec_keeps_leading_dimensions_and_takes_any_float_input():
-    from mambastep.ops.cpu import matvec
-
+    matvec = kernels.matvec
     x, weight, _, bias = _matvec_inputs(6, 20, 7, torch.float32)
     got = matvec(x.view(2, 3, 20).to(torch.bfloat16), weight, None, bias.to(torch.bfloat16))
     expected = torch.nn.functional.linear(x.to(torch.bfloat16).float(), weight, bias.to(torch.bfloat16).float())
@@ -260,8 +266,7 @@ def test_matvec_keeps_leading_dimensions_and_takes_any_float_input():
 
 
 def test_matvec_checks_its_arguments():
-    from mambastep.ops.cpu import matvec
-
+    matvec = kernels.matvec
     x, weight, scale, bias = _matvec_inputs(2, 16, 4, torch.int8)
     with pytest.raises(RuntimeError, match="a scale goes with int8 weights"):
         matvec(x, weight, None, bias)
@@ -279,8 +284,7 @@ def test_matvec_checks_its_arguments():
 
 def test_matvec_runs_inside_a_compiled_graph():
     """A PyTorch operator with a shape function: torch.compile keeps it in one graph."""
-    from mambastep.ops.cpu import matvec
-
+    matvec = kernels.matvec
     x, weight, _, bias = _matvec_inputs(3, 40, 9, torch.bfloat16)
 
     def f(x):
@@ -289,32 +293,30 @@ def test_matvec_runs_inside_a_compiled_graph():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, dynamic=True)(x), f(x))
 
 
-def test_matvec_portable_build_matches_reference(tmp_path):
-    """The kernel without AVX-512 (the build a CPU without it gets), in its own process."""
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
-    import mambastep.ops.cpu as cpu
 
-    source = Path(cpu.__file__).with_name("matvec.cpp")
-    script = textwrap.dedent(f"""
-        import torch
-        from torch.utils.cpp_extension import load
-        load(name="matvec_portable", sources=[{str(source)!r}], build_directory={str(tmp_path)!r},
-             extra_cflags=["-O3", "-march=x86-64-v2", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(11, 37, generator=g)
-        for w, s in [(torch.randn(5, 37, generator=g), None), (torch.randn(5, 37, generator=g).bfloat16(), None),
-                     (torch.randint(-127, 128, (5, 37), generator=g, dtype=torch.int8), torch.rand(5, generator=g))]:
-            expected = x.double() @ (w.double() * (1 if s is None else s.double()[:, None])).T
-            got = torch.ops.mambastep.matvec(x, w, s, None)
-            assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-5), (w.dtype, (got - expected).abs().max())
-        print("ok")
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+KERNEL_TESTS = ["tests/ops/test_cpu_kernels.py", "tests/ops/test_ssd.py", "tests/ops/test_conv.py", "tests/models/test_engine.py"]
+
+
+@pytest.mark.skipif(os.environ.get("MAMBASTEP_CPU_ISA", "native") != "native", reason="run from the native build's tests")
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_every_kernel_test_passes_in_a_narrower_build(isa):
+    """The kernels' tests again, in a process whose kernels are built for a narrower instruction
+    set (AVX-512 off; AVX2 off too: the plain loops), so that every branch of the C++ code is
+    compiled and tested on a machine that has the wider one."""
+    if isa == "avx2" and " avx2 " not in _cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "MAMBASTEP_CPU_ISA": isa}
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "not compiled", *KERNEL_TESTS]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=2400)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert f"mambastep CPU kernels: {isa} (MAMBASTEP_CPU_ISA={isa})" in done.stdout, done.stdout[:2000]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +326,6 @@ def test_matvec_portable_build_matches_reference(tmp_path):
 @pytest.mark.parametrize("shape, group", [((3, 24), 24), ((2, 70, 48), 48), ((1, 300, 1536), 192), ((2, 5, 12), 4)])
 def test_rms_norm_kernel_matches_pytorch(shape, group):
     from mambastep.models.lm import RMSNorm
-    from mambastep.ops.cpu import rms_norm
 
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(shape[-1], 1e-5, group)
@@ -332,30 +333,25 @@ def test_rms_norm_kernel_matches_pytorch(shape, group):
         norm.weight.copy_(torch.randn(shape[-1], generator=g))
     x = torch.randn(*shape, generator=g) * 3
     want = norm.double()(x.double())
-    y = rms_norm(x.transpose(0, -2).contiguous().transpose(0, -2) if x.dim() == 3 else x, norm.weight.float(), 1e-5, group)
+    y = kernels.rms_norm(x.transpose(0, -2).contiguous().transpose(0, -2) if x.dim() == 3 else x, norm.weight.float(), 1e-5, group)
     assert y.shape == x.shape and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_rms_norm_module_takes_the_kernel_for_float32_inference_only():
-    from mambastep.models.lm import RMSNorm
+def test_rms_norm_op_takes_the_kernel_for_float32_inference_only(cpp):
+    from mambastep.ops import rms_norm
 
-    norm = RMSNorm(16, 1e-5, 8)
-    norm.fused_kernel = True
+    weight = torch.nn.Parameter(torch.randn(16))
     x = torch.randn(3, 16)
-    plain = RMSNorm(16, 1e-5, 8)
     with torch.no_grad():
-        torch.testing.assert_close(norm(x), plain(x), atol=1e-6, rtol=1e-5)
-    y = norm(x)  # the weight requires grad: PyTorch's path, differentiable
+        torch.testing.assert_close(rms_norm(x, weight, 1e-5, 8, backend=cpp), rms_norm(x, weight, 1e-5, 8), atol=1e-6, rtol=1e-5)
+    y = rms_norm(x, weight, 1e-5, 8, backend=cpp)  # the weight requires grad: PyTorch's path, differentiable
     y.sum().backward()
-    assert norm.weight.grad is not None
-    assert norm.bfloat16()(x.bfloat16()).dtype == torch.bfloat16
+    assert weight.grad is not None
+    assert rms_norm(x.bfloat16(), weight.detach().bfloat16(), 1e-5, 8, backend=cpp).dtype == torch.bfloat16
 
 
 def test_rms_norm_kernel_checks_its_arguments():
-    from mambastep.ops.cpu import kernels
-
-    kernels()
     with pytest.raises(RuntimeError, match="must be float32"):
         torch.ops.mambastep.rms_norm(torch.randn(2, 8).double(), torch.ones(8), 1e-5, 8)
     with pytest.raises(RuntimeError, match=r"weight must be \(8,\)"):

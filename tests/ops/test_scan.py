@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mambastep.ops import selective_scan, selective_step
+from mambastep.ops import selective_scan_chunked as selective_scan
+from mambastep.ops import selective_step
 from mambastep.ops.reference import selective_scan_ref
 
 from conftest import TOL

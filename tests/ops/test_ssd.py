@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from mambastep.ops.cpu import kernels, ssd_scan_fused
+from mambastep.ops import kernels
 from mambastep.ops.reference import ssd_scan_ref
-from mambastep.ops.ssd import ssd_scan
+from mambastep.ops.ssd import ssd_scan_chunked as ssd_scan
 from mambastep.ops.step import ssd_step
+
+from conftest import TORCH
+
+pytestmark = pytest.mark.usefixtures("cpp")  # the C++ kernels, built and loaded
+
+
+def ssd_scan_fused(x, dt, A, B, C, D, state, z=None):
+    return kernels.ssd_scan(x, dt, A, B, C, D, state, z)
 
 # float64 in, float64 out: only rounding of a few hundred terms (seen: < 1e-14).
 FP64 = dict(atol=1e-10, rtol=1e-10)
@@ -273,18 +281,21 @@ def test_fused_gate_matches_reference_and_reads_strided_rows(l):
     assert torch.equal(y2, y) and torch.equal(s2, s)
 
 
-def test_fused_refuses_gradients():
+def test_the_op_takes_the_kernel_only_where_no_gradient_is_wanted(cpp):
+    from mambastep.ops import ssd_scan as ssd_op
+
     args = make(1, 5, 4, 2, 3, 2, "h", dtype=torch.float32)
-    x = args[0].requires_grad_()
-    with pytest.raises(RuntimeError, match="no backward pass"):
-        ssd_scan_fused(x, *args[1:])
     with torch.no_grad():
-        ssd_scan_fused(*args)
+        assert torch.equal(ssd_op(*args, backend=cpp)[0], ssd_scan_fused(*args)[0])
+    x = args[0].clone().requires_grad_()
+    y, _ = ssd_op(x, *args[1:], backend=cpp)  # the chunked scan, which autograd goes through
+    y.sum().backward()
+    torch.testing.assert_close(y, ssd_op(x, *args[1:], backend=TORCH)[0])
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_fused_checks_its_arguments():
     x, dt, A, B, C, D, state = make(2, 5, 4, 2, 3, 2, "hp", dtype=torch.float32)
-    kernels()
     op = lambda *args, z=torch.empty(0): torch.ops.mambastep.ssd_scan(*args[:-1], z, args[-1])  # noqa: E731
     with pytest.raises(RuntimeError, match="x .* must be float32"):
         op(x.double(), dt, A, B, C, D, state)

@@ -1,4 +1,4 @@
-"""Invariants of the synthetic task generators (mambastep.tasks): layout, solvability, randomness, sizes."""
+"""Invariants of the synthetic task generators (mambastep.evidence.tasks): layout, solvability, randomness, sizes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
-from mambastep.tasks import IGNORE, TASKS, InductionHeads, SelectiveCopying, Task, TaskBatch, task
-from mambastep.tasks.base import validation_seed
-from mambastep.tasks.selective_copying import distinct_sorted_positions
+from mambastep.evidence.tasks import IGNORE, TASKS, InductionHeads, SelectiveCopying, Task, TaskBatch, task
+from mambastep.evidence.tasks.base import validation_seed
+from mambastep.evidence.tasks.selective_copying import distinct_sorted_positions
 
 COPYING_CONFIGS = [  # (vocab_size, n_memorize, length)
     (16, 16, 100),

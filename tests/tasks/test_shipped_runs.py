@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import mambastep
-from mambastep.tasks import task as make_task
-from mambastep.tasks.train import correct, shipped_runs
+from mambastep.evidence.tasks import task as make_task
+from mambastep.evidence.tasks.train import correct, shipped_runs
 
 # Selective Copying: 4,096 scored answers; the docs round to 0.1 point. 1 point is 41 answers,
 # far more than rounding can flip, and 40 times less than the gap to chance.

@@ -8,7 +8,7 @@ import torch
 
 import mambastep
 from mambastep.cli import main
-from mambastep.tasks.train import shipped_runs
+from mambastep.evidence.tasks.train import shipped_runs
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from mambastep.config import GPTNeoXConfig, MambaConfig
+from mambastep.models.config import GPTNeoXConfig, MambaConfig
 from mambastep.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from mambastep.models import MambaLM, TransformerLM
-from mambastep.tasks import task
+from mambastep.evidence.tasks import task
 from mambastep.training.settings import OptimSettings
-from mambastep.tasks.evaluate import (
+from mambastep.evidence.tasks.evaluate import (
     MEASURED, OUT_OF_MEMORY, OUT_OF_TIME, EvalSettings, evaluate, evaluate_model, markdown_table, parse_lengths, score,
 )
-from mambastep.tasks.layers import LAYERS, layer_config, layer_name
-from mambastep.tasks.train import TaskTrainSettings, correct, train_task
+from mambastep.evidence.tasks.layers import LAYERS, layer_config, layer_name
+from mambastep.evidence.tasks.train import TaskTrainSettings, correct, train_task
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -124,3 +124,16 @@ def test_bad_training_settings(tmp_path):
         train_task(TaskTrainSettings(task="copying", layer="s6", out=str(tmp_path)))
     with pytest.raises(ValueError, match="too short"):
         train_task(TaskTrainSettings(task="induction_heads", task_settings={"train_length": 2}, layer="s6", out=str(tmp_path)))
+
+
+def test_memory_the_system_cannot_tell_is_no_limit(monkeypatch):
+    """Where psutil cannot tell the available memory, nothing is skipped as out of memory."""
+    from mambastep import memory
+
+    def unknown():
+        raise OSError("no memory information here")
+
+    monkeypatch.setattr(memory.psutil, "virtual_memory", unknown)
+    assert memory.available_memory() is None
+    rows = evaluate_model(_random_model(), task("induction_heads"), EvalSettings(lengths=(64,), count=1, progress=False), "s6")
+    assert [r["status"] for r in rows] == [MEASURED]

@@ -1,41 +1,40 @@
 """The language-model API shared by every family, and the shell of the SSM families.
 
-``LanguageModel`` holds what every family shares: ``forward``, ``prefill`` and
-``step`` with their checks, and the LM head; a family supplies ``new_state``
-and ``_hidden``. ``SSMLanguageModel`` is the shell of Mamba and Mamba-2:
+``LanguageModel`` holds what every family shares: ``forward``, ``prefill`` and ``step`` with
+their checks, the LM head, the engine settings and the backend they resolve to; a family
+supplies ``new_state`` and ``_hidden``. ``SSMLanguageModel`` is the shell of Mamba and Mamba-2:
 
 embedding -> n_layer x (RMSNorm -> mixer, residual add) -> RMSNorm -> LM head.
 
-A family supplies its mixer. The residual stream is kept in float32 when the
-config says ``residual_in_fp32``. An eager decode step on the CPU runs the whole stack, the final
-norm and the LM head in one call of the mixers' fused step where they have one
-(``SSMLanguageModel.takes_fused_step``).
+A family supplies its mixer. The residual stream is kept in float32 when the config says
+``residual_in_fp32``. Every module passes the model's backend (``ops.backend``) to the ops it
+calls, and the ops choose their kernels: no module here knows which one runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from mambastep.config import ModelConfig
+from mambastep import ops
 from mambastep.memory import place_in_huge_pages
+from mambastep.models.config import ModelConfig
 from mambastep.models.int8 import Int8Linear
-from mambastep.models.linear import Linear, takes_matvec
-from mambastep.ops import cpu
+from mambastep.models.linear import Linear
+from mambastep.models.state import LayerState, ModelState, SSMLayerState, StateError
+from mambastep.ops.backend import TORCH, Backend
+from mambastep.ops.stack_step import HeadWeights, PreparedStack, module_assignments, takes_stack_step
 from mambastep.settings import EngineSettings, log
-from mambastep.state import LayerState, ModelState, SSMLayerState, StateError
+
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32 over groups of ``group_size``.
-
-    With ``fused_kernel`` (set by ``LanguageModel.configure`` from the ``scan`` setting), float32
-    inference on the CPU takes the one-pass kernel ``ops.cpu.rms_norm``; PyTorch's operators
-    made three passes over the activations and their temporaries."""
-
-    fused_kernel = False
+    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32 over groups of ``group_size``."""
 
     def __init__(self, size: int, eps: float, group_size: int | None = None):
         super().__init__()
@@ -43,19 +42,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.group_size = group_size or size
 
-    def forward(self, x: Tensor) -> Tensor:
-        if (
-            self.fused_kernel
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and not torch.compiler.is_compiling()
-            and not cpu.wants_grad(x, self.weight)
-        ):
-            return cpu.rms_norm(x, self.weight, self.eps, self.group_size)
-        shape = x.shape
-        h = x.float().unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.flatten(-2).to(self.weight.dtype).view(shape)
+    def forward(self, x: Tensor, backend: Backend = TORCH) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.group_size, backend=backend)
 
 
 class Block(nn.Module):
@@ -66,8 +54,8 @@ class Block(nn.Module):
         self.norm = RMSNorm(d_model, eps)
         self.mixer = mixer
 
-    def forward(self, residual: Tensor, state: SSMLayerState) -> tuple[Tensor, SSMLayerState]:
-        y, state = self.mixer(self.norm(residual), state)
+    def forward(self, residual: Tensor, state: SSMLayerState, backend: Backend) -> tuple[Tensor, SSMLayerState]:
+        y, state = self.mixer(self.norm(residual, backend), state, backend)
         return residual + y.to(residual.dtype), state
 
 
@@ -79,21 +67,36 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
 
 
+class _WeightsOf:
+    """The digest of a model's weights, asked for when a state the model made is saved. It
+    holds the model weakly: a state does not keep its model alive."""
+
+    def __init__(self, model: LanguageModel):
+        self._model = weakref.ref(model)
+
+    def __call__(self) -> str | None:
+        model = self._model()
+        return None if model is None else model.weights_digest()
+
+
 class LanguageModel(nn.Module, ABC):
     """A language model that takes a state and returns the next: the API of every family.
 
-    Subclasses supply ``new_state`` and ``_hidden``, and name the
-    checkpoint tensors of their input and output embeddings (the loader ties
-    them when the config says so) and the derived buffers a checkpoint may
-    carry besides weights (the loader drops them).
+    Subclasses supply ``new_state`` and ``_hidden``, and name the checkpoint tensors of their
+    input and output embeddings (the loader ties them when the config says so) and the derived
+    buffers a checkpoint may carry besides weights (the loader drops them).
     """
 
     config: ModelConfig
-    settings: EngineSettings = EngineSettings(scan="torch")  # until configure() is called
-    _compiled_step = None
+    # Until configure() is called: PyTorch's operators only.
+    settings: EngineSettings = EngineSettings(scan="torch", matvec="torch", prompt_matmul="torch")
     embedding_weight: ClassVar[str]
     head_weight: ClassVar[str]
     derived_buffers: ClassVar[tuple[str, ...]] = ()  # suffixes of tensor names
+    _compiled_step = None
+    _backend: Backend | None = None  # resolved from the settings for the weights' device; None: not yet
+    _digest: tuple[tuple, str] | None = None  # (what the weights were, their digest), see weights_digest
+    _weights_of: _WeightsOf | None = None
 
     @property
     def device(self) -> torch.device:
@@ -103,33 +106,79 @@ class LanguageModel(nn.Module, ABC):
     def dtype(self) -> torch.dtype:
         return self.get_parameter(self.embedding_weight).dtype
 
-    def configure(self, settings: EngineSettings) -> "LanguageModel":
-        """Apply engine settings (kernels, decode backend, threads, the weights' pages); logs the choice once."""
+    @property
+    def backend(self) -> Backend:
+        """The kernels this model's ops take: its settings resolved for its device (``ops.backend``)."""
+        if self._backend is None:
+            self._backend = ops.resolve(self.settings, self.device)
+        return self._backend
+
+    def configure(self, settings: EngineSettings) -> LanguageModel:
+        """Apply engine settings (kernels, decode backend, threads, the weights' pages); logs the choice once.
+
+        Raises:
+            RuntimeError, ValueError: a kernel asked for explicitly ("cpp", "onednn") is not available here.
+        """
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        fused_matvec = cpu.chosen(settings.matvec)
-        if settings.matvec == "fused":
-            cpu.kernels()  # a build failure is an error here, not at the first step
-        onednn_prompts = cpu.uses_onednn(settings.prompt_matmul)
-        fused_kernels = cpu.chosen(settings.scan)
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.fused_kernel = fused_kernels
-            if isinstance(module, (Linear, Int8Linear)):
-                module.fused_matvec = fused_matvec
-            if isinstance(module, Linear):
-                module.onednn_prompts = onednn_prompts
+        self._backend = ops.resolve(settings, self.device)  # an explicit kernel that cannot run fails here
         # Compiled at the first step (cached on disk); dynamic shapes, so a new batch size compiles at most once more.
         self._compiled_step = torch.compile(self._step_logits, dynamic=True) if settings.decode == "compiled" else None
         moved = place_in_huge_pages(self) if settings.huge_pages else 0
-        log.info("engine: %s%s", settings, f"; {moved / 2**20:.0f} MiB of weights moved into huge pages" if moved else "")
+        log.info("engine: %s (%s)%s", settings, self._backend, f"; {moved / 2**20:.0f} MiB of weights moved into huge pages" if moved else "")
         return self
+
+    def _apply(self, fn, recurse=True):
+        self._backend = None  # .to(device) may move the weights to a device with other kernels
+        return super()._apply(fn, recurse)
 
     def tie_embeddings(self) -> None:
         """Make the output head share the input embedding's weight."""
         module, _, name = self.head_weight.rpartition(".")
         setattr(self.get_submodule(module), name, self.get_parameter(self.embedding_weight))
+
+    def weights_digest(self) -> str:
+        """A digest of the weights (SHA-256 of every tensor's name, dtype, shape and bytes; 16
+        hex digits). States and sessions record it, so that one saved with other weights of the
+        same shape is not continued by mistake. Computed once, and again only after a weight
+        has changed (in place, or a tensor or layer replaced)."""
+        tensors = self.state_dict()
+        if any(t.is_inference() for t in tensors.values()):
+            seen = None  # inference tensors keep no version: whether they changed cannot be told
+        else:
+            seen = (module_assignments(), tuple((t.data_ptr(), t._version) for t in tensors.values()))
+        if seen is not None and self._digest is not None and self._digest[0] == seen:
+            return self._digest[1]
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy())
+        self._digest = None if seen is None else (seen, digest.hexdigest()[:16])
+        return digest.hexdigest()[:16]
+
+    def state_of(self, layers: list[LayerState]) -> ModelState:
+        """A state of this model made of ``layers`` (one state per layer), which records that
+        this model made it."""
+        if self._weights_of is None:
+            self._weights_of = _WeightsOf(self)
+        return ModelState(tuple(layers), self.config.fingerprint, self._weights_of)
+
+    def info(self) -> dict:
+        """What a user wants to know before running the model: family, size and state cost."""
+        params = {id(p): p for p in self.parameters()}.values()  # tied weights once
+        int8 = [m.weight_int8 for m in self.modules() if isinstance(m, Int8Linear)]
+        tensors = {t.data_ptr(): t for t in self.state_dict().values()}.values()  # weights, int8 and scales
+        return {
+            "family": self.config.family,
+            "fingerprint": self.config.fingerprint,
+            "config": asdict(self.config),
+            "parameters": sum(t.numel() for t in [*params, *int8]),
+            "weight_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "state_bytes_per_sequence": self.new_state(batch_size=1).nbytes,
+        }
 
     @abstractmethod
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> ModelState:
@@ -144,7 +193,7 @@ class LanguageModel(nn.Module, ABC):
     def _logits(self, hidden: Tensor) -> Tensor:
         """(..., d) hidden states -> (..., vocab) float32 logits."""
         head = self.get_submodule(self.head_weight.rpartition(".")[0])  # a linear layer (vocab, d)
-        return head(hidden.to(self.dtype)).float()
+        return head(hidden.to(self.dtype), self.backend).float()
 
     def _check(self, tokens: Tensor, state: ModelState | None, ndim: int) -> ModelState:
         if tokens.dim() != ndim:
@@ -175,7 +224,7 @@ class LanguageModel(nn.Module, ABC):
         state = self._check(tokens, state, 2)
         layers = list(state.layers)
         hidden = self._hidden(tokens, layers)
-        return self._logits(hidden), ModelState(tuple(layers), state.fingerprint)
+        return self._logits(hidden), self.state_of(layers)
 
     @torch.no_grad()
     def prefill(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
@@ -193,12 +242,12 @@ class LanguageModel(nn.Module, ABC):
             logits: (b, vocab) float32 at the last token; the state after it.
         """
         state = self._check(tokens, state, 2)
-        layers, fingerprint = list(state.layers), state.fingerprint
+        layers = list(state.layers)
         del state  # from here only `layers` holds the states this call made
         piece = self.settings.prefill_piece
         for start in range(0, tokens.shape[1], piece):
             hidden = self._hidden(tokens[:, start : start + piece], layers)
-        return self._logits(hidden[:, -1]), ModelState(tuple(layers), fingerprint)
+        return self._logits(hidden[:, -1]), self.state_of(layers)
 
     @torch.no_grad()
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
@@ -211,12 +260,15 @@ class LanguageModel(nn.Module, ABC):
             logits: (b, vocab) float32; the next state.
         """
         state = self._check(token, state, 1)
-        return (self._compiled_step or self._step_logits)(token, state)
+        logits, layers = (self._compiled_step or self._step_logits)(token, state.layers)
+        return logits, self.state_of(layers)
 
-    def _step_logits(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        layers = list(state.layers)
+    def _step_logits(self, token: Tensor, layers: tuple[LayerState, ...]) -> tuple[Tensor, list[LayerState]]:
+        """(b,) tokens and the layers' states -> (b, vocab) logits and the next layer states:
+        what ``torch.compile`` compiles for ``decode="compiled"``."""
+        layers = list(layers)
         hidden = self._hidden(token[:, None], layers)  # (b, 1, d)
-        return self._logits(hidden[:, 0]), ModelState(tuple(layers), state.fingerprint)
+        return self._logits(hidden[:, 0]), layers
 
 
 class SSMLanguageModel(LanguageModel):
@@ -224,10 +276,16 @@ class SSMLanguageModel(LanguageModel):
 
     Parameter names follow the Hugging Face checkpoints (``backbone.embeddings``,
     ``backbone.layers.{i}.mixer``, ``backbone.norm_f``, ``lm_head``).
+
+    A decode step goes through the whole stack, the final norm and the LM head in one call of
+    the mixers' ``stack_step`` where the backend takes it (``ops.stack_step``), unless a hook
+    watches a mixer's ``dt_probe`` (which must then see Δ layer by layer).
     """
 
     embedding_weight = "backbone.embeddings.weight"
     head_weight = "lm_head.weight"
+    _prepared: PreparedStack | None = None  # the layers' weights as the stack step takes them
+    _mixers_seen: tuple[int, list[nn.Module], list[nn.Module]] | None = None  # see _mixers
 
     def __init__(self, config: ModelConfig, mixers: list[nn.Module]):
         super().__init__()
@@ -237,25 +295,14 @@ class SSMLanguageModel(LanguageModel):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
 
-    _fused_layers: cpu.FusedLayers | None = None  # the layers' weights as the fused step takes them
-    _mixers_seen: tuple[int, list[nn.Module], list[nn.Module]] | None = None  # see _mixers
-
-    def configure(self, settings: EngineSettings) -> "SSMLanguageModel":
-        for block in self.backbone.layers:
-            block.mixer.configure(settings)
-        return super().configure(settings)
-
     def _apply(self, fn, recurse=True):
-        self._fused_layers = None  # .to(), .float(), ... may give the parameters new tensors
+        self._prepared = None  # .to(), .float(), ... may give the parameters new tensors
         return super()._apply(fn, recurse)
 
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> ModelState:
         """A zero state for ``batch_size`` sequences (the state of an empty prefix)."""
         device = self.device if device is None else torch.device(device)
-        layers = tuple(
-            block.mixer.new_state(batch_size, self.dtype, device) for block in self.backbone.layers
-        )
-        return ModelState(layers, self.config.fingerprint)
+        return self.state_of([block.mixer.new_state(batch_size, self.dtype, device) for block in self.backbone.layers])
 
     def _embedded(self, tokens: Tensor) -> Tensor:
         """(b, l) token ids -> (b, l, d) the residual stream entering the first layer."""
@@ -263,69 +310,55 @@ class SSMLanguageModel(LanguageModel):
         return x.to(torch.float32 if self.config.residual_in_fp32 else self.dtype)
 
     def _hidden(self, tokens: Tensor, layers: list[SSMLayerState]) -> Tensor:
-        return self.backbone.norm_f(self._layers(self._embedded(tokens), layers))
+        residual = self._embedded(tokens)
+        if self._takes_stack_step(residual):
+            return self.backbone.norm_f(self._stack_step(residual, layers, logits=False)[:, None], self.backend)
+        return self.backbone.norm_f(self._blocks(residual, layers), self.backend)
 
-    def _step_logits(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """A decode step. Where the layers take the fused step, the final norm and the head are
-        in the same call (in float32: a bfloat16 model's hidden state and logits are not rounded
-        to bfloat16 on the way, as the layer by layer step rounds them)."""
-        layers = list(state.layers)
+    def _step_logits(self, token: Tensor, layers: tuple[SSMLayerState, ...]) -> tuple[Tensor, list[SSMLayerState]]:
+        """A decode step. Where the stack step takes it, the final norm and the head are in the
+        same call (in float32: a bfloat16 model's hidden state and logits are not rounded to
+        bfloat16 on the way, as the layer by layer step rounds them)."""
+        layers = list(layers)
         residual = self._embedded(token[:, None])  # (b, 1, d)
-        if self.takes_fused_step(residual):
-            logits = self._fused_step(residual, layers, logits=True)  # (b, vocab)
+        if self._takes_stack_step(residual):
+            logits = self._stack_step(residual, layers, logits=True)  # (b, vocab)
         else:
-            logits = self._logits(self.backbone.norm_f(self._blocks(residual, layers))[:, 0])
-        return logits, ModelState(tuple(layers), state.fingerprint)
+            logits = self._logits(self.backbone.norm_f(self._blocks(residual, layers), self.backend)[:, 0])
+        return logits, layers
 
-    def takes_fused_step(self, residual: Tensor) -> bool:
-        """Whether the layers read ``residual`` (b, l, d) in one call of the mixers' ``layers_step``
-        (a fused CPU step, ``ops.cpu``): for one float32 token per sequence, whatever the batch,
-        when the products can take the matvec kernel, outside torch.compile (which traces the
-        layers' own operations) and unless a hook watches a ``dt_probe``. A mixer without a fused
-        step has ``layers_step = None``. On an AVX2 CPU it beat PyTorch's operators layer by layer
-        (whose elementwise work grows with the batch's state) at every batch measured: 2-4x at
-        16 sequences; 1.2-1.7x (Mamba-1) and 6-7.6x (Mamba-2) at 64 to 256."""
-        if residual.shape[1] != 1 or residual.dtype != torch.float32 or torch.compiler.is_compiling():
-            return False
-        mixers, probes = self._mixers()
-        return (
-            mixers[0].layers_step is not None
-            and takes_matvec(mixers[0].in_proj, residual[:1])
-            and not any(probe._forward_hooks for probe in probes)
-        )
+    def _takes_stack_step(self, residual: Tensor) -> bool:
+        first = self.backbone.layers[0].mixer
+        if first.stack_step is None or not takes_stack_step(residual, first.in_proj.operands()[0], self.backend):
+            return False  # decided before _mixers(), which torch.compile must not trace
+        return not any(probe._forward_hooks for probe in self._mixers()[1])
 
     def _mixers(self) -> tuple[list[nn.Module], list[nn.Module]]:
         """The mixers and their ``dt_probe``s, looked up again only once a module anywhere has
         been assigned a parameter, buffer or submodule (a decode step asks at every token)."""
-        assignments = cpu.module_assignments()
+        assignments = module_assignments()
         if self._mixers_seen is None or self._mixers_seen[0] != assignments:
             mixers = [block.mixer for block in self.backbone.layers]
             self._mixers_seen = (assignments, mixers, [mixer.dt_probe for mixer in mixers])
         return self._mixers_seen[1], self._mixers_seen[2]
 
-    def _layers(self, residual: Tensor, layers: list[SSMLayerState]) -> Tensor:
-        """The residual stream (b, l, d) through every block; ``layers`` (the blocks' states)
-        replaced with the next states, in place."""
-        if self.takes_fused_step(residual):
-            return self._fused_step(residual, layers, logits=False)[:, None]
-        return self._blocks(residual, layers)
-
     def _blocks(self, residual: Tensor, layers: list[SSMLayerState]) -> Tensor:
         """The residual stream (b, l, d) through the blocks one by one; ``layers`` replaced in place."""
+        backend = self.backend
         for i, block in enumerate(self.backbone.layers):
-            residual, layers[i] = block(residual, layers[i])
+            residual, layers[i] = block(residual, layers[i], backend)
         return residual
 
-    def _fused_step(self, residual: Tensor, layers: list[SSMLayerState], logits: bool) -> Tensor:
-        """The fused step of ``residual`` (b, 1, d): the residual stream after the last layer
+    def _stack_step(self, residual: Tensor, layers: list[SSMLayerState], logits: bool) -> Tensor:
+        """The stack step of ``residual`` (b, 1, d): the residual stream after the last layer
         (b, d), or with ``logits`` the logits (b, vocab) float32; ``layers`` replaced in place."""
-        if self._fused_layers is None or not self._fused_layers.current():
+        if self._prepared is None or not self._prepared.current():
             blocks = self.backbone.layers
-            head = cpu.HeadWeights(self.backbone.norm_f.weight, self.lm_head.matvec_operands())
-            self._fused_layers = cpu.FusedLayers([block.mixer.step_weights(block.norm.weight) for block in blocks], head)
+            head = HeadWeights(self.backbone.norm_f.weight, self.lm_head.operands())
+            self._prepared = PreparedStack([block.mixer.step_weights(block.norm.weight) for block in blocks], head)
         mixers, _ = self._mixers()
-        out, conv, ssm = mixers[0].layers_step(
-            residual[:, 0], self._fused_layers, [s.conv for s in layers], [s.ssm for s in layers], logits
+        out, conv, ssm = mixers[0].stack_step(
+            residual[:, 0], self._prepared, [s.conv for s in layers], [s.ssm for s in layers], logits
         )  # (b, d) or (b, vocab), the next states
         layers[:] = [SSMLayerState(conv=c, ssm=s) for c, s in zip(conv, ssm)]
         return out

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mambastep.config import GPTNeoXConfig
+from mambastep.models.config import GPTNeoXConfig
 from mambastep.models.linear import Linear
 from mambastep.models.lm import LanguageModel
-from mambastep.state import KVLayerState, ModelState
+from mambastep.models.state import KVLayerState, ModelState
+from mambastep.ops.backend import Backend
 
 
 def rotary_angles(config: GPTNeoXConfig, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -51,12 +52,12 @@ class Attention(nn.Module):
         self.query_key_value = Linear(config.d_model, 3 * config.d_model, bias=config.attention_bias)
         self.dense = Linear(config.d_model, config.d_model, bias=config.attention_bias)
 
-    def forward(self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor) -> tuple[Tensor, KVLayerState]:
-        """Args: x (b, l, d), state with the cache of the tokens before, cos/sin (l, r).
+    def forward(self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor, backend: Backend) -> tuple[Tensor, KVLayerState]:
+        """Args: x (b, l, d), state with the cache of the tokens before, cos/sin (l, r), backend.
         Returns: (b, l, d) and the cache extended by these l tokens."""
         c = self.config
         b, l, _ = x.shape
-        qkv = self.query_key_value(x).view(b, l, c.n_heads, 3 * c.head_dim)  # per head [q | k | v]
+        qkv = self.query_key_value(x, backend).view(b, l, c.n_heads, 3 * c.head_dim)  # per head [q | k | v]
         q, k, v = qkv.chunk(3, dim=-1)  # (b, l, h, p) each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         past = state.length
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2), attn_mask=mask, is_causal=causal
         )  # (b, h, l, p)
-        return self.dense(y.transpose(1, 2).reshape(b, l, c.d_model)), state
+        return self.dense(y.transpose(1, 2).reshape(b, l, c.d_model), backend), state
 
 
 class MLP(nn.Module):
@@ -79,8 +80,8 @@ class MLP(nn.Module):
         self.dense_h_to_4h = Linear(config.d_model, config.d_ff)
         self.dense_4h_to_h = Linear(config.d_ff, config.d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # (b, l, f) inside
+    def forward(self, x: Tensor, backend: Backend) -> Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x, backend)), backend)  # (b, l, f) inside
 
 
 class Layer(nn.Module):
@@ -94,12 +95,12 @@ class Layer(nn.Module):
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor) -> tuple[Tensor, KVLayerState]:
-        attn, state = self.attention(self.input_layernorm(x), state, cos, sin)
+    def forward(self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor, backend: Backend) -> tuple[Tensor, KVLayerState]:
+        attn, state = self.attention(self.input_layernorm(x), state, cos, sin, backend)
         if self.parallel:
-            return self.mlp(self.post_attention_layernorm(x)) + attn + x, state
+            return self.mlp(self.post_attention_layernorm(x), backend) + attn + x, state
         x = attn + x
-        return self.mlp(self.post_attention_layernorm(x)) + x, state
+        return self.mlp(self.post_attention_layernorm(x), backend) + x, state
 
 
 class GPTNeoX(nn.Module):
@@ -130,13 +131,13 @@ class TransformerLM(LanguageModel):
         """An empty KV cache (length 0) per layer for ``batch_size`` sequences."""
         device = self.device if device is None else torch.device(device)
         c = self.config
-        layers = tuple(KVLayerState.zeros(batch_size, c.n_heads, c.head_dim, self.dtype, device) for _ in range(c.n_layer))
-        return ModelState(layers, c.fingerprint)
+        return self.state_of([KVLayerState.zeros(batch_size, c.n_heads, c.head_dim, self.dtype, device) for _ in range(c.n_layer)])
 
     def _hidden(self, tokens: Tensor, layers: list[KVLayerState]) -> Tensor:
         """Final-normed hidden states (b, l, d); each layer's cache replaced with one l tokens longer."""
         cos, sin = rotary_angles(self.config, layers[0].length, tokens.shape[1], tokens.device)  # (l, r)
         x = self.gpt_neox.embed_in(tokens)  # (b, l, d)
+        backend = self.backend
         for i, layer in enumerate(self.gpt_neox.layers):
-            x, layers[i] = layer(x, layers[i], cos, sin)
+            x, layers[i] = layer(x, layers[i], cos, sin, backend)
         return self.gpt_neox.final_layer_norm(x)

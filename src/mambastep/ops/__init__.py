@@ -28,25 +28,45 @@ skip connection. The recurrence of one channel is
 
     h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t        y_t = C_t · h_t + D x_t
 
+Every op function takes the ``backend`` to run with (``ops.backend``: resolved once per model
+from its ``EngineSettings``) and picks its kernel itself; without one it runs PyTorch's operators.
+
 Modules:
-    reference  the spec: plain sequential loops
-    conv       causal depthwise conv, full (alone or with SiLU) and one step
-    scan       Mamba-1 selective scan, chunked, from any state
-    ssd        Mamba-2 state space duality, chunked, from any state
-    step       one-token recurrences
+    reference   the spec: plain sequential loops
+    backend     the one choice of kernels: Backend, resolve
+    conv        causal depthwise conv, full (alone or with SiLU) and one step
+    scan        Mamba-1 selective scan, from any state
+    ssd         Mamba-2 state space duality, chunked, from any state
+    step        one-token recurrences, and the SiLU(z) gate
+    norm        RMSNorm
+    linear      products with weight matrices (matvec for decode steps)
+    stack_step  the decode step of a whole stack of layers in one call
+    library     the mambastep:: operator schemas; kernels: their calls
+    cpu         the C++ implementations for the CPU, built on first use
 """
 
+from mambastep.ops.backend import TORCH, Backend, resolve
 from mambastep.ops.conv import causal_conv, causal_conv_silu, causal_conv_step
-from mambastep.ops.scan import selective_scan
-from mambastep.ops.ssd import ssd_scan
-from mambastep.ops.step import selective_step, ssd_step
+from mambastep.ops.products import linear
+from mambastep.ops.norm import rms_norm
+from mambastep.ops.scan import selective_scan, selective_scan_chunked
+from mambastep.ops.ssd import ssd_scan, ssd_scan_chunked
+from mambastep.ops.step import gate, selective_step, ssd_step
 
 __all__ = [
+    "TORCH",
+    "Backend",
     "causal_conv",
     "causal_conv_silu",
     "causal_conv_step",
+    "gate",
+    "linear",
+    "resolve",
+    "rms_norm",
     "selective_scan",
+    "selective_scan_chunked",
     "selective_step",
     "ssd_scan",
+    "ssd_scan_chunked",
     "ssd_step",
 ]

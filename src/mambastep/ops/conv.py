@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mambastep.ops import cpu
-from mambastep.ops.cpu import computes_in
+from mambastep.ops import kernels
+from mambastep.ops.backend import TORCH, Backend, computes_in, wants_grad
 
 
 def causal_conv(
@@ -41,20 +41,29 @@ def causal_conv(
     return y.transpose(1, 2).to(x.dtype), _own(window[:, window.shape[1] - (k - 1) :])
 
 
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the inputs the fused kernel reads
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the inputs the kernel reads
 
 
 def causal_conv_silu(
-    x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, fused: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, *, backend: Backend = TORCH
 ) -> tuple[Tensor, Tensor]:
     """SiLU(causal_conv(x, weight, bias, state)), with the next conv state.
 
-    With ``fused``, float32, bfloat16 or float16 inputs on the CPU for which no gradient is
-    wanted take the fused kernel (``ops.cpu.causal_conv_silu``): one pass, y contiguous in x's
-    dtype. Otherwise PyTorch's conv (``causal_conv``), then SiLU.
+    One token takes ``causal_conv_step``. A sequence in float32, bfloat16 or float16 for which
+    no gradient is wanted takes the backend's kernel where it has one (one pass, y contiguous
+    in x's dtype); otherwise PyTorch's conv (``causal_conv``), then SiLU.
+
+    Args:
+        x: (b, l, c); weight: (c, k); bias: (c,) or None; state: (b, k-1, c).
+
+    Returns:
+        y: (b, l, c) in x's dtype; state: (b, k-1, c).
     """
-    if fused and x.device.type == "cpu" and x.dtype in FUSED_DTYPES and not cpu.wants_grad(x, weight, bias, state):
-        return cpu.causal_conv_silu(x, weight, bias, state)
+    if x.shape[1] == 1:
+        y, state = causal_conv_step(x[:, 0], weight, bias, state)  # (b, c)
+        return F.silu(y[:, None]), state
+    if backend.sequence_kernels and x.dtype in KERNEL_DTYPES and not wants_grad(x, weight, bias, state):
+        return kernels.causal_conv_silu(x, weight, bias, state)
     y, state = causal_conv(x, weight, bias, state)
     return F.silu(y), state
 

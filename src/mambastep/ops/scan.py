@@ -9,12 +9,20 @@ contraction. What remains in the loop is one fused multiply-add per token over
 ever multiplied, never divided by, so very negative Δ A (down to underflow)
 and million-token inputs stay finite and exact. Memory is bounded by the
 chunk, not the sequence.
+
+``selective_scan`` is the op the models call: one token takes the recurrent step, a sequence
+the backend's kernel where it has one (``ops.kernels``), else ``selective_scan_chunked``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from mambastep.ops import kernels
+from mambastep.ops.backend import TORCH, Backend
+from mambastep.ops.step import gate, selective_step
 
 DEFAULT_CHUNK = 64
 
@@ -27,9 +35,50 @@ def selective_scan(
     C: Tensor,
     D: Tensor | None = None,
     state: Tensor | None = None,
+    *,
+    z: Tensor | None = None,
+    dt_softplus: bool = False,
+    backend: Backend = TORCH,
+) -> tuple[Tensor, Tensor]:
+    """Selective scan (S6) over a sequence, starting from ``state``; optionally with the
+    softplus of Δ before it and the SiLU(z) gate after it.
+
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t,   y_t = (C_t · h_t + D x_t) SiLU(z_t)
+
+    Args:
+        x: (b, l, e) inputs; dt: (b, l, e) Δ, or with ``dt_softplus`` Δ before its softplus;
+        A: (e, n) state matrix (negative); B: (b, l, n), C: (b, l, n); D: (e,) or None;
+        state: (b, e, n) or None for zeros; z: (b, l, e) or None (no gate).
+        backend: the kernels to take (``ops.backend``); PyTorch's operators by default.
+
+    Returns:
+        y: (b, l, e) float32 (float64 for float64 inputs); state: (b, e, n) after the last token.
+    """
+    if state is None:
+        state = x.new_zeros(x.shape[0], x.shape[2], A.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
+    if x.shape[1] == 1:
+        one = None if z is None else z[:, 0]
+        y, state = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state, z=one, dt_softplus=dt_softplus)
+        return y[:, None], state  # (b, 1, e)
+    if backend.sequence_kernels:
+        return kernels.selective_scan(x, dt, A, B, C, D, state, z, dt_softplus)
+    y, state = selective_scan_chunked(x, F.softplus(dt) if dt_softplus else dt, A, B, C, D, state, backend.scan_chunk)
+    return gate(y, z), state
+
+
+
+def selective_scan_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    state: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor]:
-    """Selective scan (S6) over a sequence, starting from ``state``.
+    """Selective scan (S6) over a sequence, starting from ``state``, in PyTorch's operators
+    (any device, differentiable), by chunks of ``chunk_size`` tokens.
 
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,   y_t = C_t · h_t + D x_t
 

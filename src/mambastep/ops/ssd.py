@@ -6,12 +6,20 @@ arXiv 2405.21060). The paper's chunked SSD algorithm cuts the sequence into
 chunks of length q and uses both views: the quadratic form inside a chunk,
 the recurrence between chunks. Here the chunks are taken one after another,
 carrying the state, so the memory besides the output is that of one chunk.
+
+``ssd_scan`` is the op the models call: one token takes the recurrent step, a sequence the
+backend's kernel where it has one and no gradient is wanted (``ops.kernels``), else
+``ssd_scan_chunked``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from mambastep.ops import kernels
+from mambastep.ops.backend import TORCH, Backend, wants_grad
+from mambastep.ops.step import gate, ssd_step
 
 
 def _segsum_exp(a: Tensor) -> Tensor:
@@ -36,9 +44,44 @@ def ssd_scan(
     C: Tensor,
     D: Tensor | None = None,
     state: Tensor | None = None,
+    *,
+    z: Tensor | None = None,
+    backend: Backend = TORCH,
+) -> tuple[Tensor, Tensor]:
+    """Mamba-2 scan over a sequence from ``state``, y gated by SiLU(z) where z is given.
+
+    Args:
+        as ``ssd_scan_chunked``; z: (b, l, h, p) or None (no gate); backend: the kernels to
+        take (``ops.backend``); PyTorch's operators by default.
+
+    Returns:
+        y: (b, l, h, p), state: (b, h, p, n), both float32 (float64 when x is float64).
+    """
+    if state is None:
+        b, _, nh, p = x.shape
+        state = x.new_zeros(b, nh, p, B.shape[3], dtype=torch.promote_types(x.dtype, torch.float32))
+    if x.shape[1] == 1:
+        one = None if z is None else z[:, 0]
+        y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state, z=one)
+        return y[:, None], state  # (b, 1, h, p)
+    if backend.sequence_kernels and not wants_grad(x, dt, A, B, C, D, state, z):
+        return kernels.ssd_scan(x, dt, A, B, C, D, state, z)
+    y, state = ssd_scan_chunked(x, dt, A, B, C, D, state, backend.scan_chunk)
+    return gate(y, z), state
+
+
+def ssd_scan_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    state: Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """Mamba-2 scan (SSD with a scalar decay per head), chunk by chunk.
+    """Mamba-2 scan (SSD with a scalar decay per head), chunk by chunk, in PyTorch's
+    operators (any device, differentiable).
 
     Same result as ``reference.ssd_scan_ref``:
 

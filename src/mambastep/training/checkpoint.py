@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from mambastep.loading import save
+from mambastep.files.checkpoints import save
+from mambastep.files.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from mambastep.models import LanguageModel
-from mambastep.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from mambastep.training.settings import TrainingError
 
 TRAIN_STATE_FORMAT = "mambastep-train-state"

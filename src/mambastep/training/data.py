@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mambastep.tokenizer import ByteTokenizer, Tokenizer
+from mambastep.files.tokenizer import ByteTokenizer, Tokenizer
 from mambastep.training.settings import DataSettings, TrainingError
 
 

@@ -21,14 +21,15 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mambastep.config import ConfigError, ModelConfig, config_from_dict
-from mambastep.configs import BUILTIN_CONFIGS, builtin_config
-from mambastep.loading import load, read_config, resolve
-from mambastep.models import LanguageModel, model_class
+from mambastep.families import config_from_dict, family_of, parameter_count
+from mambastep.families.presets import BUILTIN_CONFIGS, builtin_config
+from mambastep.files.checkpoints import load, read_config, resolve
+from mambastep.files.tokenizer import BYTES, Tokenizer, load_tokenizer
+from mambastep.models.config import ConfigError, ModelConfig
+from mambastep.models.lm import LanguageModel
 from mambastep.settings import EngineSettings
-from mambastep.tokenizer import BYTES, Tokenizer, load_tokenizer
 from mambastep.training import distributed
-from mambastep.training.budget import check_fits, count_parameters
+from mambastep.training.budget import check_fits
 from mambastep.training.checkpoint import read_train_state, write_model, write_train_state
 from mambastep.training.data import Corpus, Lanes, load_corpus
 from mambastep.training.distributed import Placement
@@ -105,7 +106,7 @@ class _Run:
             model = load(s.init, dtype=torch.float32, device=place.device)
         else:
             with place.device:
-                model = model_class(config)(config)
+                model = family_of(config).model(config)
             init_for_training(model)
             model.configure(EngineSettings())
         self.model: LanguageModel = model.train()
@@ -146,7 +147,7 @@ class _Run:
 
     def _header(self) -> dict[str, Any]:
         s, c, config = self.settings, self.corpus, self.model.config
-        parameters = count_parameters(config)
+        parameters = parameter_count(config)
         return {
             "title": f"{config.family}, {parameters:,} parameters",
             "settings": asdict(s),

@@ -96,8 +96,4 @@ std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch:
   return {y, next};
 }
 
-TORCH_LIBRARY_FRAGMENT(mambastep, m) {
-  m.def("causal_conv_silu(Tensor x, Tensor weight, Tensor bias, Tensor state) -> Tensor[]");
-}
-
 TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("causal_conv_silu", &causal_conv_silu); }

@@ -54,9 +54,9 @@ struct SimdF32 {
   static float sum(V a) { return _mm512_reduce_add_ps(a); }
   // How far ahead of its reads a thread asks for weights of type W, multiplied into M
   // activation rows at a time (0: it does not). Rows are contiguous, so running past a row's
-  // end fetches the next one. Measured on an Intel AVX-512 CPU: the hardware prefetcher alone
-  // kept too few lines in flight to stream bfloat16 and int8 weights (2-4x more weights per
-  // byte) at full speed; 4 KiB ahead gained 20-30%.
+  // end fetches the next one. On an Intel AVX-512 CPU the hardware prefetcher alone kept too
+  // few lines in flight to stream bfloat16 and int8 weights (more weights per byte) at full
+  // speed; 4 KiB ahead streamed them faster (BENCHMARKS.md).
   template <typename W, int M>
   static constexpr int64_t prefetch_bytes() { return 4096; }
   // The same into L2 only, further ahead (0: none).
@@ -90,31 +90,31 @@ struct SimdF32 {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static float sum(V a) { return mambastep::sum_lanes(a); }
-  // As for AVX-512, measured on an AMD Zen 3 CPU (2 cores): 4 KiB ahead
-  // streamed 12-17% slower than these distances; float32 streams fastest on the hardware
-  // prefetcher alone, bfloat16 and int8 a little ahead of it. Multiplied into 4 or more rows,
-  // float32 weights stream 1.15-1.3x faster 2 KiB ahead: with the FMAs of several rows
-  // between its reads, the hardware prefetcher alone let the memory stream pause.
+  // As for AVX-512, chosen on an AVX2 CPU (BENCHMARKS.md, prefetch distances): 4 KiB ahead
+  // streamed slower than these distances; float32 streams fastest on the hardware prefetcher
+  // alone, bfloat16 and int8 a little ahead of it. Multiplied into 4 or more rows, float32
+  // weights stream faster 2 KiB ahead: with the FMAs of several rows between its reads, the
+  // hardware prefetcher alone let the memory stream pause.
   template <typename W, int M>
   static constexpr int64_t prefetch_bytes() {
     return sizeof(W) == 4 ? (M >= 4 ? 2048 : 0) : sizeof(W) == 2 ? 1024 : 2048;
   }
-  // int8 weights (a quarter of float32's bytes per FMA) also streamed 1.15-1.21x faster with
-  // lines asked into L2 8 KiB ahead while the machine had bandwidth to spare (a plain read at
-  // 22 GB/s), 1.04x when it had none (15 GB/s); bfloat16 0.89-0.97x, so only int8, and only
-  // into fewer than 4 rows: into 4 and 8 rows int8 streamed 1.04-1.13x faster without it.
+  // int8 weights (a quarter of float32's bytes per FMA) also streamed faster with lines asked
+  // into L2 8 KiB ahead, the more so while the machine had bandwidth to spare; bfloat16 slower,
+  // so only int8, and only into fewer than 4 rows: into 4 and 8 rows int8 streamed faster
+  // without it.
   template <typename W, int M>
   static constexpr int64_t prefetch_l2_bytes() { return sizeof(W) == 1 && M < 4 ? 8192 : 0; }
   // Whether the blocked product (16 rows and more) asks for the next block's weights of type W
   // into L2 as it starts a block: int8 and bfloat16 decode steps at 16-32 sequences ran
-  // 1.06-1.08x and 1.035x faster; float32 products 4-6% slower.
+  // faster with it, float32 products slower.
   template <typename W>
   static constexpr bool prefetch_next_block() { return sizeof(W) < 4; }
   // The blocked product's activation rows x weight rows for weights of type W. float32 weights
   // go 2 x 6: each activation vector serves six weight rows, so fewer of them come from L2
-  // (decode steps of 16-64 sequences 1.08-1.14x faster than 4 x 3). bfloat16 and int8 weights
+  // (decode steps of 16-64 sequences ran faster than with 4 x 3). bfloat16 and int8 weights
   // take two more instructions to load, so 4 x 3, which loads a weight vector per four FMAs,
-  // was faster for them (with 2 x 6 their products took 4-41% longer).
+  // was faster for them (BENCHMARKS.md, float32 blocks of 2 x 6).
   template <typename W>
   struct BlockShape {
     static constexpr int kRows = sizeof(W) == 4 ? 2 : 4, kCols = sizeof(W) == 4 ? 6 : 3;
@@ -337,8 +337,16 @@ torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight,
   return y;
 }
 
-TORCH_LIBRARY(mambastep, m) {
-  m.def("matvec(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor");
+// The widest instruction set this build's kernels use: what the tests report and check.
+std::string cpu_kernels_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "portable";
+#endif
 }
 
 TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("matvec", &matvec); }
+TORCH_LIBRARY_IMPL(mambastep, CompositeExplicitAutograd, m) { m.impl("cpu_kernels_isa", &cpu_kernels_isa); }

@@ -401,10 +401,8 @@ std::vector<torch::Tensor> selective_scan_fused_bwd(torch::Tensor x, torch::Tens
   return {dx, ddt, dA, dB, dC, dD, dh0};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("selective_scan_fused", &selective_scan_fused, "fused selective scan (CPU, float32)");
-  m.def("selective_scan_fused_fwd", &selective_scan_fused_fwd,
-        "fused selective scan saving state checkpoints for the backward (CPU, float32)");
-  m.def("selective_scan_fused_bwd", &selective_scan_fused_bwd,
-        "gradients of the fused selective scan (CPU, float32)");
+TORCH_LIBRARY_IMPL(mambastep, CPU, m) {
+  m.impl("selective_scan", &selective_scan_fused);
+  m.impl("selective_scan_fwd", &selective_scan_fused_fwd);
+  m.impl("selective_scan_bwd", &selective_scan_fused_bwd);
 }

@@ -147,8 +147,4 @@ std::vector<torch::Tensor> ssd_scan_fused(const torch::Tensor& x, const torch::T
   return {y, next};
 }
 
-TORCH_LIBRARY_FRAGMENT(mambastep, m) {
-  m.def("ssd_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor state) -> Tensor[]");
-}
-
 TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("ssd_scan", &ssd_scan_fused); }

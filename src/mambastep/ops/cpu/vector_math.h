@@ -1,6 +1,6 @@
 // exp, SiLU and softplus in float32, inlined so that the kernels' loops over channels vectorise
 // without a library call per element or per vector. GCC's vector expf (a libmvec call per 8 or
-// 16 lanes) made the Mamba-1 scan 1.4-1.6x slower on an AVX2 CPU, and log1pf has no vector form.
+// 16 lanes) made the Mamba-1 scan markedly slower on an AVX2 CPU, and log1pf has no vector form.
 #pragma once
 
 #include <algorithm>

@@ -1,0 +1,136 @@
+"""The one choice of kernels: a ``Backend``, resolved once per model and device from its
+``EngineSettings``, which every op function reads.
+
+An op takes mambastep's own kernel (a ``mambastep::`` operator, ``ops.library``) where its
+backend turns that kernel on and the call suits it (no gradient wanted, a dtype it reads);
+else PyTorch's operators. The models pass their backend along and never ask which kernel ran.
+
+Adding a device's kernels: register its implementations of the ``mambastep::`` schemas and
+turn them on for that device in ``resolve``.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mambastep.ops.cpu import build
+from mambastep.settings import EngineSettings
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The kernels the ops take on one device.
+
+    device: the device type the backend was resolved for ("cpu", "cuda", ...).
+    sequence_kernels: mambastep's kernels for a prompt's sequence operations (the scans, the
+        causal conv with its SiLU, RMSNorm), for calls that want no gradient (the Mamba-1 scan
+        also with one); else the chunked PyTorch scans and PyTorch's operators.
+    matvec_kernel: mambastep's matvec for products with a few activation rows, and the
+        decode step of a whole stack of layers in one call.
+    onednn_prompts: oneDNN's matmul for wide float32 prompt products (CPU).
+    scan_chunk: tokens per block of the chunked PyTorch scans.
+    """
+
+    device: str = "cpu"
+    sequence_kernels: bool = False
+    matvec_kernel: bool = False
+    onednn_prompts: bool = False
+    scan_chunk: int = 64
+
+    def __str__(self) -> str:
+        kernels = {True: "mambastep", False: "torch"}
+        return (
+            f"{self.device}: scans {kernels[self.sequence_kernels]}, matvec {kernels[self.matvec_kernel]}, "
+            f"prompt matmul {'onednn' if self.onednn_prompts else 'torch'}"
+        )
+
+
+TORCH = Backend()  # PyTorch's operators for everything: the default of every op function
+
+
+def resolve(settings: EngineSettings, device: torch.device | str) -> Backend:
+    """The backend that ``settings`` choose for tensors on ``device``.
+
+    "auto" takes mambastep's kernels where the device has them (on the CPU: where the C++
+    kernels build; a failed build is one logged line). An explicit "cpp" is a promise:
+
+    Raises:
+        RuntimeError: "cpp" was asked for and the C++ kernels do not build here.
+        ValueError: "cpp" was asked for on a device other than the CPU, or "onednn" from a
+            PyTorch built without oneDNN.
+    """
+    device = torch.device(device)
+    return Backend(
+        device=device.type,
+        sequence_kernels=_takes_cpp("scan", settings.scan, device),
+        matvec_kernel=_takes_cpp("matvec", settings.matvec, device),
+        onednn_prompts=device.type == "cpu" and uses_onednn(settings.prompt_matmul),
+        scan_chunk=settings.scan_chunk,
+    )
+
+
+def _takes_cpp(name: str, setting: str, device: torch.device) -> bool:
+    if setting == "torch":
+        return False
+    if device.type != "cpu":
+        if setting == "cpp":
+            raise ValueError(f"{name}='cpp': the C++ kernels run on the CPU, not on {device}; choose 'auto' or 'torch'")
+        return False
+    if setting == "cpp":
+        build.load()
+        return True
+    return build.available()
+
+
+def wants_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an operation on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@cache
+def computes_in(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies and convolves ``dtype`` natively: always for float32 and
+    float64; bfloat16 and float16 through oneDNN's kernels for them, which need AVX-512 (BF16,
+    FP16) or AMX. Elsewhere PyTorch's CPU matmul and conv in those dtypes are slow reference
+    loops, so the ops compute in float32 instead."""
+    if dtype in (torch.float32, torch.float64):
+        return True
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+@cache
+def mkl_tuned_here() -> bool:
+    """Whether PyTorch's float32 matmul (MKL on x86) runs its fastest kernels on this CPU:
+    everywhere but on x86 CPUs not made by Intel, for which MKL picks slower code paths."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # vendor unknown: keep PyTorch's default
+    vendor = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("vendor_id")), "")
+    return vendor in ("", "GenuineIntel")
+
+
+def uses_onednn(prompt_matmul: str) -> bool:
+    """Whether the ``prompt_matmul`` setting ("auto", "onednn" or "torch") picks oneDNN's
+    matmul: "onednn" always, "auto" where MKL is not tuned for this CPU.
+
+    Raises:
+        ValueError: "onednn" from a PyTorch built without oneDNN.
+    """
+    if prompt_matmul == "onednn" and not torch.backends.mkldnn.is_available():
+        raise ValueError("prompt_matmul='onednn': this PyTorch was built without oneDNN")
+    return prompt_matmul == "onednn" or (
+        prompt_matmul == "auto" and torch.backends.mkldnn.is_available() and not mkl_tuned_here()
+    )

@@ -1,0 +1,131 @@
+"""Calls of the ``mambastep::`` operators: each prepares its inputs as the schema takes them
+(float32, rows contiguous) and returns what the op functions return. The op functions
+(``ops.scan``, ``ops.ssd``, ``ops.conv``, ``ops.norm``, ``ops.linear``) call these where their
+backend turns the kernels on; the device's implementation must be loaded (``ops.backend``).
+
+``selective_scan`` is differentiable: when grad mode is on and an input requires grad, its
+forward also saves the state every ``CHECKPOINT_CHUNK`` tokens and the backward recomputes
+each chunk's states from those checkpoints (memory l / CHECKPOINT_CHUNK times the state, never
+(l, e, n)). The other kernels serve inference only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mambastep.ops.backend import wants_grad
+
+CHECKPOINT_CHUNK = 64  # tokens between the states saved for the backward
+
+
+def f32(t: Tensor) -> Tensor:
+    """``t`` as contiguous float32."""
+    return t.to(torch.float32).contiguous()
+
+
+def rows(t: Tensor, dims: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``t`` in ``dtype`` with its last ``dims`` dimensions contiguous, its other strides kept
+    (a copy only where they are not): what the kernels that read strided rows take."""
+    t = t.to(dtype)
+    inner = 1
+    for size, stride in zip(reversed(t.shape[-dims:]), reversed(t.stride()[-dims:])):
+        if stride != inner:
+            return t.clone(memory_format=torch.contiguous_format)
+        inner *= size
+    return t
+
+
+def _empty_or_f32(t: Tensor | None) -> Tensor:
+    return torch.empty(0) if t is None else f32(t)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """The scan with its backward. Inputs as ``selective_scan`` (D may be None)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, state, chunk):
+        args = [f32(t) for t in (x, dt, A, B, C)]
+        D32 = _empty_or_f32(D)
+        y, final, ckpt = torch.ops.mambastep.selective_scan_fwd(*args, D32, f32(state), chunk)
+        ctx.save_for_backward(*args, D32, ckpt)
+        ctx.chunk = chunk
+        ctx.inputs = [(t.dtype, t.shape) if t is not None else None for t in (x, dt, A, B, C, D, state)]
+        return y, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gh):
+        x, dt, A, B, C, D32, ckpt = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD, dstate = torch.ops.mambastep.selective_scan_bwd(
+            x, dt, A, B, C, D32, ckpt, f32(gy), f32(gh), ctx.chunk
+        )
+        # Partials per sequence (dA, dD) and per channel block (dB, dC), summed here.
+        grads = [dx, ddt, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), dstate]
+        out = [
+            g.to(spec[0]).reshape(spec[1]) if spec is not None and needed else None
+            for g, spec, needed in zip(grads, ctx.inputs, ctx.needs_input_grad)
+        ]
+        return (*out, None)
+
+
+def selective_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor,
+    z: Tensor | None, dt_softplus: bool,
+) -> tuple[Tensor, Tensor]:
+    """The Mamba-1 scan in one pass (``ops.selective_scan``'s contract); y and state float32.
+
+    When gradients are wanted it runs the differentiable pair of kernels, with the softplus
+    and the gate as PyTorch operators around it; otherwise the inference kernel, which saves
+    nothing, computes the softplus and the gate inside, and reads x, dt, B, C and z where they
+    lie (rows at any stride, as slices of a projection's output).
+    """
+    if wants_grad(x, dt, A, B, C, D, state, z):
+        dt = F.softplus(dt) if dt_softplus else dt
+        y, state = _SelectiveScan.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
+        return (y if z is None else y * F.silu(z.float())), state
+    z = torch.empty(0) if z is None else rows(z)
+    y, state = torch.ops.mambastep.selective_scan(
+        rows(x), rows(dt), f32(A), rows(B), rows(C), _empty_or_f32(D), z, f32(state), dt_softplus
+    )
+    return y, state
+
+
+def ssd_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor, z: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The Mamba-2 scan in one pass (``ops.ssd_scan``'s contract), inference only; y and state
+    float32. Each state entry is updated token by token, as in ``reference.ssd_scan_ref``, so
+    the result is the same for any split of the sequence. x, B, C and z are read where they
+    lie (rows at any stride, as slices of in_proj's output)."""
+    h, p = x.shape[2], x.shape[3]
+    D = torch.empty(0) if D is None else f32(D.reshape(h, -1).expand(h, p))  # (h, p)
+    z = torch.empty(0) if z is None else rows(z, 2)
+    y, state = torch.ops.mambastep.ssd_scan(rows(x, 2), f32(dt), f32(A), rows(B, 2), rows(C, 2), D, z, f32(state))
+    return y, state
+
+
+def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
+    """SiLU of the causal conv in one pass (``ops.causal_conv_silu``'s contract), inference
+    only: x (b, l, c) float32, bfloat16 or float16, read where it lies (rows at any stride);
+    y (b, l, c) contiguous and the state (b, k-1, c), both in x's dtype."""
+    y, state = torch.ops.mambastep.causal_conv_silu(
+        rows(x, dtype=x.dtype), f32(weight), _empty_or_f32(bias), state.to(x.dtype).contiguous()
+    )
+    return y, state
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, group: int) -> Tensor:
+    """RMSNorm in one pass (``ops.rms_norm``'s contract), float32, inference only."""
+    return torch.ops.mambastep.rms_norm(x, weight, eps, group)
+
+
+def matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T (times ``scale`` per output row for int8 weights) + bias, in float32, reading
+    each weight once: (..., k) -> (..., n). Weights float32, bfloat16 or int8; inference only.
+    Meant for a few rows of x (a decode step: one per sequence)."""
+    flat = f32(x.reshape(-1, x.shape[-1]))  # (m, k)
+    y = torch.ops.mambastep.matvec(flat, weight, scale, None if bias is None else f32(bias))  # (m, n)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,83 @@
+"""Building and loading the C++ CPU kernels: whatever the process imported before, and a
+failed build falls back (auto) or fails clearly (cpp)."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mambastep import ops
+from mambastep.ops.cpu import build
+from mambastep.settings import EngineSettings
+
+# What pip leaves behind: setuptools then refuses to start in this process (an AssertionError
+# from its distutils hack), and a build through PyTorch's extension tools with it.
+POISON = "import pip._internal.locations"
+
+
+def _run(script: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **env})
+
+
+def test_a_process_that_imported_distutils_first_loads_the_kernels(cpp):
+    done = _run(f"""
+        {POISON}
+        from mambastep import ops
+        from mambastep.settings import EngineSettings
+        print(ops.resolve(EngineSettings(), "cpu").sequence_kernels)
+    """)
+    assert done.returncode == 0 and done.stdout.split() == ["True"], done.stderr[-2000:]
+
+
+def test_a_process_that_imported_distutils_first_builds_the_kernels(tmp_path):
+    """The build runs in a fresh process: a small library, built from such a process."""
+    source = tmp_path / "isa.cpp"
+    source.write_text(textwrap.dedent("""
+        #include <torch/library.h>
+        std::string isa() { return "tiny"; }
+        TORCH_LIBRARY_IMPL(mambastep, CompositeExplicitAutograd, m) { m.impl("cpu_kernels_isa", &isa); }
+    """))
+    done = _run(f"""
+        {POISON}
+        from pathlib import Path
+        from mambastep.ops.cpu import build
+        build.SOURCES[:], build.HEADERS[:] = [Path({str(source)!r})], []
+        print(build.load())
+    """, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), MAMBASTEP_CPU_ISA="portable")
+    assert done.returncode == 0 and done.stdout.split() == ["tiny"], done.stderr[-2000:]
+
+
+def test_a_failed_build_falls_back_in_one_line_or_fails_when_asked_for(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("could not build the CPU kernels: no C++ compiler")
+
+    monkeypatch.setattr(build, "_outcome", None)
+    monkeypatch.setattr(build, "_load", no_compiler)
+    build.available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            backend = ops.resolve(EngineSettings(), "cpu")
+            ops.resolve(EngineSettings(), "cpu")  # tried once: the failure is remembered
+        assert not backend.sequence_kernels and not backend.matvec_kernel
+        lines = [r for r in caplog.records if "CPU kernels are unavailable" in r.getMessage()]
+        assert len(lines) == 1 and "no C++ compiler" in lines[0].getMessage()
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            ops.resolve(EngineSettings(scan="cpp"), "cpu")
+    finally:
+        build.available.cache_clear()
+
+
+def test_an_unknown_instruction_set_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MAMBASTEP_CPU_ISA", "avx9000")
+    with pytest.raises(ValueError, match="MAMBASTEP_CPU_ISA='avx9000': choose one of native, avx2, portable"):
+        build.requested_isa()
+
+
+def test_cpp_on_another_device_is_refused():
+    with pytest.raises(ValueError, match="the C\\+\\+ kernels run on the CPU, not on meta"):
+        ops.resolve(EngineSettings(scan="cpp"), "meta")
+    assert not ops.resolve(EngineSettings(), "meta").sequence_kernels  # auto: PyTorch's operators there
