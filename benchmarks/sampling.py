@@ -81,10 +81,19 @@ def main() -> None:
                 ours.append(_ms_per_token(draws["ours"], args.tokens))
                 theirs.append(_ms_per_token(draws["theirs"], args.tokens))
             ms, baseline = statistics.median(ours), statistics.median(theirs)
-            print(json.dumps({
-                "vocab": args.vocab, "row": row, "params": case, "ms_per_token": round(ms, 3),
-                "straightforward_ms_per_token": round(baseline, 3), "speedup": round(baseline / ms, 2),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "vocab": args.vocab,
+                        "row": row,
+                        "params": case,
+                        "ms_per_token": round(ms, 3),
+                        "straightforward_ms_per_token": round(baseline, 3),
+                        "speedup": round(baseline / ms, 2),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

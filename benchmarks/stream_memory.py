@@ -43,12 +43,16 @@ def stream(model, tokens: torch.Tensor, chunk: int, sample_every: int) -> tuple[
         if not torch.isfinite(session.logits).all():
             raise FloatingPointError(f"non-finite logits after {session.position} tokens")
         if since >= sample_every or session.position == len(tokens):
-            samples.append({
-                "tokens": session.position,
-                "rss_mib": round(rss_bytes() / 2**20, 2),
-                "us_per_token": round(1e6 * busy / since, 3),
-                "state_finite": all(torch.isfinite(t).all() for layer in session.state.layers for t in layer.tensors().values()),
-            })
+            samples.append(
+                {
+                    "tokens": session.position,
+                    "rss_mib": round(rss_bytes() / 2**20, 2),
+                    "us_per_token": round(1e6 * busy / since, 3),
+                    "state_finite": all(
+                        torch.isfinite(t).all() for layer in session.state.layers for t in layer.tensors().values()
+                    ),
+                }
+            )
             busy, since = 0.0, 0
     return session, samples, time.perf_counter() - start
 
@@ -105,7 +109,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per feed in the sampled run")
     parser.add_argument("--sample-every", type=int, default=20_000, help="tokens between samples")
     parser.add_argument("--warmup", type=int, default=100_000, help="tokens before RSS growth is counted")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 keeps timings steady on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads (1 keeps timings steady on a shared machine)"
+    )
     parser.add_argument("--scan", choices=SCAN_KERNELS, default="auto", help="Mamba-1 prompt scan (see EngineSettings)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/figures/stream_memory.png"))
@@ -133,29 +139,42 @@ def main() -> None:
 
     name = "the bundled model" if args.model == str(DEFAULT_MODEL) else args.model
     plot(samples, args.plot, f"{args.tokens:,} tokens through {name}, chunks of {args.chunk}, {args.scan} scan")
-    print(json.dumps({
-        "model": args.model,
-        "fingerprint": model.config.fingerprint,
-        "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-        "threads": torch.get_num_threads(),
-        "scan": args.scan,
-        "tokens": args.tokens,
-        "chunk": args.chunk,
-        "state_bytes": session.state_bytes,
-        "session_bytes": session.nbytes,
-        "wall_s": round(wall, 2),
-        "tokens_per_s": round(args.tokens / wall, 1),
-        "us_per_token_after_warmup": {"median": statistics.median(times), "p10": deciles[0], "p90": deciles[-1],
-                                      "max": max(times)},
-        "rss_mib": {"at_warmup": at_warmup, "final": after[-1], "max_after_warmup": max(after),
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "fingerprint": model.config.fingerprint,
+                "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+                "threads": torch.get_num_threads(),
+                "scan": args.scan,
+                "tokens": args.tokens,
+                "chunk": args.chunk,
+                "state_bytes": session.state_bytes,
+                "session_bytes": session.nbytes,
+                "wall_s": round(wall, 2),
+                "tokens_per_s": round(args.tokens / wall, 1),
+                "us_per_token_after_warmup": {
+                    "median": statistics.median(times),
+                    "p10": deciles[0],
+                    "p90": deciles[-1],
+                    "max": max(times),
+                },
+                "rss_mib": {
+                    "at_warmup": at_warmup,
+                    "final": after[-1],
+                    "max_after_warmup": max(after),
                     "growth_after_warmup": round(max(after) - at_warmup, 2),
-                    "final_minus_at_warmup": round(after[-1] - at_warmup, 2)},
-        "finite": all(s["state_finite"] for s in samples),
-        "tolerance": TOLERANCE,
-        "chunking": chunking,
-        "plot": str(args.plot),
-        "samples": samples,
-    }, indent=1))
+                    "final_minus_at_warmup": round(after[-1] - at_warmup, 2),
+                },
+                "finite": all(s["state_finite"] for s in samples),
+                "tolerance": TOLERANCE,
+                "chunking": chunking,
+                "plot": str(args.plot),
+                "samples": samples,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ CPP = ops.resolve(EngineSettings(scan="cpp"), "cpu")
 
 def _scan_inputs(b: int, l: int, e: int, n: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    x, B, C = torch.randn(b, l, e, generator=gen), torch.randn(b, l, n, generator=gen), torch.randn(b, l, n, generator=gen)
+    x, B, C = (
+        torch.randn(b, l, e, generator=gen),
+        torch.randn(b, l, n, generator=gen),
+        torch.randn(b, l, n, generator=gen),
+    )
     dt = torch.nn.functional.softplus(torch.randn(b, l, e, generator=gen) - 2)
     A, D, h = -torch.rand(e, n, generator=gen) - 0.5, torch.randn(e, generator=gen), torch.zeros(b, e, n)
     return [t.requires_grad_() for t in (x, dt, A, B, C, D)] + [h]
@@ -65,10 +69,21 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     for b, l, e, n in [(16, 256, 128, 16), (1, 512, 1536, 16)]:
         inputs = _scan_inputs(b, l, e, n)
-        fused = _median_seconds(lambda: _scan_step(lambda *t: ops.selective_scan(*t, backend=CPP), inputs), args.repeats)
+        fused = _median_seconds(
+            lambda: _scan_step(lambda *t: ops.selective_scan(*t, backend=CPP), inputs), args.repeats
+        )
         plain = _median_seconds(lambda: _scan_step(ops.selective_scan, inputs), args.repeats)
-        print(json.dumps({"case": "scan forward+backward", "shape_blen": [b, l, e, n], "fused_s": round(fused, 5),
-                          "torch_scan_s": round(plain, 5), "speedup": round(plain / fused, 1)}))
+        print(
+            json.dumps(
+                {
+                    "case": "scan forward+backward",
+                    "shape_blen": [b, l, e, n],
+                    "fused_s": round(fused, 5),
+                    "torch_scan_s": round(plain, 5),
+                    "speedup": round(plain / fused, 1),
+                }
+            )
+        )
     heads = task("induction_heads")
     batch = heads.sample(32, 256, torch.Generator().manual_seed(0))
     config = layer_config("s6", heads.vocab_size)
@@ -77,8 +92,16 @@ def main() -> int:
         torch.manual_seed(0)
         model = family_of(config).model(config).configure(EngineSettings(scan=scan)).train()
         seconds[scan] = _median_seconds(lambda: _model_step(model, batch), args.repeats)
-    print(json.dumps({"case": "training step, 2-layer width-64 S6, batch 32 x 256", "fused_s": round(seconds["cpp"], 4),
-                      "torch_scan_s": round(seconds["torch"], 4), "speedup": round(seconds["torch"] / seconds["cpp"], 1)}))
+    print(
+        json.dumps(
+            {
+                "case": "training step, 2-layer width-64 S6, batch 32 x 256",
+                "fused_s": round(seconds["cpp"], 4),
+                "torch_scan_s": round(seconds["torch"], 4),
+                "speedup": round(seconds["torch"] / seconds["cpp"], 1),
+            }
+        )
+    )
     return 0
 
 

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.files.checkpoints import load
+from mambastep.files.tokenizer import load_tokenizer
 from mambastep.ops.products import MATVEC_ROWS
 from mambastep.settings import EngineSettings
-from mambastep.files.tokenizer import load_tokenizer
 
 VARIANTS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.float32, "int8")}
 
@@ -55,7 +55,9 @@ def stepped_logits(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory or hub id (default: the bundled model)")
+    parser.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="checkpoint directory or hub id (default: the bundled model)"
+    )
     parser.add_argument("--length", type=int, default=512, help="tokens per prompt")
     parser.add_argument("--prefill", type=int, default=64, help="tokens prefilled before stepping")
     parser.add_argument("--every", type=int, default=64, help="take every N-th standard-library file")
@@ -78,8 +80,15 @@ def main() -> int:
         return F.cross_entropy(x.flatten(0, 1), targets.flatten()).item() / math.log(2)
 
     ref = logits["float32"]
-    report = {"model": args.model, "prompts": tokens.shape[0], "tokens_per_prompt": args.length, "prefill": args.prefill,
-              "positions": targets.numel(), "float32_bits_per_token": round(bits(ref), 4), "variants": {}}
+    report = {
+        "model": args.model,
+        "prompts": tokens.shape[0],
+        "tokens_per_prompt": args.length,
+        "prefill": args.prefill,
+        "positions": targets.numel(),
+        "float32_bits_per_token": round(bits(ref), 4),
+        "variants": {},
+    }
     for name in ("bfloat16", "int8"):
         err = (logits[name] - ref).abs()
         report["variants"][name] = {

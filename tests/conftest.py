@@ -35,17 +35,33 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 def make_hf_model(family: str = "mamba", seed: int = 0, **config) -> torch.nn.Module:
     """A random `transformers` Mamba, Mamba-2 or GPT-NeoX LM, its weights moved off their initial values."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        MambaConfig,
+        MambaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if family == "mamba":
         defaults = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4)
         model = MambaForCausalLM(MambaConfig(**{**defaults, **config}))
     elif family == "gpt_neox":
-        defaults = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, rotary_pct=0.5)
+        defaults = dict(
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            rotary_pct=0.5,
+        )
         model = GPTNeoXForCausalLM(GPTNeoXConfig(**{**defaults, **config}))
     else:
-        defaults = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4, num_heads=4, head_dim=8, n_groups=1)
+        defaults = dict(
+            vocab_size=97, hidden_size=16, num_hidden_layers=2, state_size=4, num_heads=4, head_dim=8, n_groups=1
+        )
         model = Mamba2ForCausalLM(Mamba2Config(**{**defaults, **config}))
     _perturb(model, seed)
     return model.eval()
@@ -114,17 +130,28 @@ def original_checkpoint(model: torch.nn.Module, out_dir: Path, vocab_size: int |
     else:
         multiple = 8
         assert vocab_size + (-vocab_size % multiple) == c.vocab_size, "the model's vocabulary must be the padded one"
-    ssm_cfg = {"d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand, "conv_bias": c.use_conv_bias,
-               "bias": c.use_bias}
+    ssm_cfg = {
+        "d_state": c.state_size,
+        "d_conv": c.conv_kernel,
+        "expand": c.expand,
+        "conv_bias": c.use_conv_bias,
+        "bias": c.use_bias,
+    }
     if c.model_type == "mamba":
         ssm_cfg["dt_rank"] = c.time_step_rank
     else:
         assert c.model_type == "mamba2", c.model_type
         ssm_cfg.update(layer="Mamba2", headdim=c.head_dim, ngroups=c.n_groups, dt_limit=list(c.time_step_limit))
     config = {
-        "d_model": c.hidden_size, "n_layer": c.num_hidden_layers, "vocab_size": vocab_size, "ssm_cfg": ssm_cfg,
-        "rms_norm": True, "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True,
-        "pad_vocab_size_multiple": multiple, "tie_embeddings": c.tie_word_embeddings,
+        "d_model": c.hidden_size,
+        "n_layer": c.num_hidden_layers,
+        "vocab_size": vocab_size,
+        "ssm_cfg": ssm_cfg,
+        "rms_norm": True,
+        "residual_in_fp32": c.residual_in_fp32,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": multiple,
+        "tie_embeddings": c.tie_word_embeddings,
     }
     # transformers' names are the original ones but for the embedding ("embeddings" there); a tied
     # lm_head.weight is in the state dict as well, as mamba_ssm saves it.

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from mambastep.evidence.bench import BenchSettings, markdown, matmul_flops_per_token, run_bench
-from mambastep.cli import main
 from conftest import make_hf_checkpoint
+from mambastep.cli import main
+from mambastep.evidence.bench import BenchSettings, markdown, matmul_flops_per_token, run_bench
 
 
 @pytest.fixture
@@ -30,7 +30,9 @@ def test_report_schema_and_ratios(report):
         assert r["speedup"] == pytest.approx(theirs / ms, abs=0.006 + r["speedup"] * (0.005 / ms + 0.005 / theirs))
     assert report["machine"]["matmul_peak_gflop_s_float32_decode"] > 0
     (p,) = report["prefill"]
-    assert p["tokens"] == 20 and p["speedup"] == pytest.approx(p["tokens_per_s"] / p["transformers_tokens_per_s"], rel=0.02)
+    assert p["tokens"] == 20 and p["speedup"] == pytest.approx(
+        p["tokens_per_s"] / p["transformers_tokens_per_s"], rel=0.02
+    )
     assert report["context"]["long_context"] == 40
     assert report["weight_bytes"] > 0 and report["state_bytes_per_sequence"] > 0
     assert "| batch |" in markdown(report)
@@ -39,9 +41,35 @@ def test_report_schema_and_ratios(report):
 def test_bench_cli_appends_markdown(tmp_path, capsys):
     path = make_hf_checkpoint(tmp_path / "m")
     out = tmp_path / "BENCH.md"
-    assert main(["bench", "--model", str(path), "--batches", "2", "--prompts", "8", "--decode-steps", "1",
-                 "--repeats", "1", "--long-context", "0", "--no-baseline", "--quantize", "int8", "--matvec", "torch", "--no-huge-pages", "--json",
-                 "--markdown", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(path),
+                "--batches",
+                "2",
+                "--prompts",
+                "8",
+                "--decode-steps",
+                "1",
+                "--repeats",
+                "1",
+                "--long-context",
+                "0",
+                "--no-baseline",
+                "--quantize",
+                "int8",
+                "--matvec",
+                "torch",
+                "--no-huge-pages",
+                "--json",
+                "--markdown",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert "transformers_ms_per_step" not in report["decode"][0] and "context" not in report
     assert report["engine"]["matvec"] == "torch" and report["engine"]["huge_pages"] is False
@@ -65,7 +93,9 @@ def test_weight_bytes_count_what_a_decode_step_reads(tmp_path):
     unique = {t.data_ptr(): t for t in full.state_dict().values()}.values()
     assert weight_bytes(full) == sum(t.numel() * t.element_size() for t in unique)
     table = int8.get_parameter(int8.embedding_weight)
-    assert weight_bytes(int8) == sum(t.numel() * t.element_size() for t in int8.state_dict().values()) - table.numel() * 4
+    assert (
+        weight_bytes(int8) == sum(t.numel() * t.element_size() for t in int8.state_dict().values()) - table.numel() * 4
+    )
 
 
 def test_matmul_peak_shrinks_the_product_where_matmul_is_slow():
@@ -93,8 +123,9 @@ def test_decode_roofline_takes_the_compute_time_of_the_whole_batch(tmp_path, mon
 
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, product: 1e6)  # FLOP/s
     path = make_hf_checkpoint(tmp_path / "m")
-    settings = BenchSettings(model=str(path), batches=(1, 3), prompts=(8,), decode_steps=1, repeats=1,
-                             long_context=0, baseline=False)
+    settings = BenchSettings(
+        model=str(path), batches=(1, 3), prompts=(8,), decode_steps=1, repeats=1, long_context=0, baseline=False
+    )
     report = run_bench(settings)
     flops = matmul_flops_per_token(model_for(str(path), torch.float32), head=True)
     assert flops > matmul_flops_per_token(model_for(str(path), torch.float32))
@@ -116,8 +147,16 @@ def test_prefill_bound_takes_the_peak_of_the_dtype_the_products_compute_in(tmp_p
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, product: peaks.append(dtype) or 1e12)
     monkeypatch.setattr(bench, "computes_in", lambda dtype: native or dtype == torch.float32)
     path = make_hf_checkpoint(tmp_path / "m")
-    settings = BenchSettings(model=str(path), dtype="bfloat16", batches=(1,), prompts=(8,), decode_steps=1, repeats=1,
-                             long_context=0, baseline=False)
+    settings = BenchSettings(
+        model=str(path),
+        dtype="bfloat16",
+        batches=(1,),
+        prompts=(8,),
+        decode_steps=1,
+        repeats=1,
+        long_context=0,
+        baseline=False,
+    )
     report = run_bench(settings)
     want = torch.bfloat16 if native else torch.float32
     assert peaks == ([want, torch.float32] if native else [want])
@@ -135,8 +174,9 @@ def test_prefill_bound_takes_the_peak_of_the_product_prompts_take(tmp_path, monk
     products = []
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, product: products.append(product) or 1e12)
     path = make_hf_checkpoint(tmp_path / "m")
-    settings = BenchSettings(model=str(path), batches=(1,), prompts=(8,), decode_steps=1, repeats=1, long_context=0,
-                             baseline=False)
+    settings = BenchSettings(
+        model=str(path), batches=(1,), prompts=(8,), decode_steps=1, repeats=1, long_context=0, baseline=False
+    )
     report = run_bench(settings, EngineSettings(prompt_matmul=prompt_matmul))
     assert report["machine"]["matmul_peak_by"] == prompt_matmul
     a, b = torch.randn(5, 7), torch.randn(6, 7)

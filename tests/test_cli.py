@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from mambastep.cli import main
 from conftest import make_hf_checkpoint
+from mambastep.cli import main
 
 
 def run(*args):
@@ -32,8 +32,26 @@ def test_generate_json_is_deterministic_with_a_seed(capsys):
 
 def test_greedy_generate_with_a_transformers_checkpoint_and_byte_tokenizer(tmp_path, capsys):
     path = make_hf_checkpoint(tmp_path / "m", vocab_size=256)
-    assert main(["generate", "--model", str(path), "--tokenizer", "bytes", "--prompt", "ab",
-                 "--temperature", "0", "--max-new-tokens", "5", "--ignore-eos", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(path),
+                "--tokenizer",
+                "bytes",
+                "--prompt",
+                "ab",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "5",
+                "--ignore-eos",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert "completion" in json.loads(capsys.readouterr().out)
 
 

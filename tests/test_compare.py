@@ -6,19 +6,38 @@ import math
 import pytest
 import torch
 
-from mambastep.evidence import compare
-from mambastep.cli import main
-from mambastep.evidence.compare import CompareSettings, synthetic_state
-from mambastep.models.config import GPTNeoXConfig, Mamba2Config
-from mambastep.families.presets import random_model
 from conftest import make_hf_checkpoint
+from mambastep.cli import main
+from mambastep.evidence import compare
+from mambastep.evidence.compare import CompareSettings, synthetic_state
+from mambastep.families.presets import random_model
+from mambastep.models.config import GPTNeoXConfig, Mamba2Config
 
 REPORT_KEYS = {"schema", "machine", "settings", "models", "rows", "crossings"}
 ROW_KEYS = {
-    "model", "family", "context", "batch", "ttft_s", "ttft_predicted_s", "decode_ms_per_token", "decode_ms_predicted",
-    "decode_measured_over_predicted", "state_bytes", "peak_rss_extra_bytes", "max_batch_in_budget", "skipped",
+    "model",
+    "family",
+    "context",
+    "batch",
+    "ttft_s",
+    "ttft_predicted_s",
+    "decode_ms_per_token",
+    "decode_ms_predicted",
+    "decode_measured_over_predicted",
+    "state_bytes",
+    "peak_rss_extra_bytes",
+    "max_batch_in_budget",
+    "skipped",
 }
-CROSSING_KEYS = {"transformer", "ssm", "metric", "ratios", "crosses_at_context", "longest_context", "ratio_at_longest_context"}
+CROSSING_KEYS = {
+    "transformer",
+    "ssm",
+    "metric",
+    "ratios",
+    "crosses_at_context",
+    "longest_context",
+    "ratio_at_longest_context",
+}
 
 
 def test_compare_end_to_end_on_tiny_checkpoints(tmp_path, capsys, monkeypatch):
@@ -26,9 +45,31 @@ def test_compare_end_to_end_on_tiny_checkpoints(tmp_path, capsys, monkeypatch):
     # Pretend memory is scarce: the transformer's cache at 4096 tokens (2 MiB) is skipped, the SSM's state is not.
     monkeypatch.setattr(compare, "available_memory", lambda: 2**21)
     out = tmp_path / "out"
-    args = ["compare", "--models", str(ssm), str(transformer), "--contexts", "4", "16", "64", "4096",
-            "--prefill-max", "16", "--repeats", "2", "--decode-steps", "2", "--hardware", "cpu",
-            "--memory-budget-gib", "1", "--scan", "torch", "--out", str(out)]
+    args = [
+        "compare",
+        "--models",
+        str(ssm),
+        str(transformer),
+        "--contexts",
+        "4",
+        "16",
+        "64",
+        "4096",
+        "--prefill-max",
+        "16",
+        "--repeats",
+        "2",
+        "--decode-steps",
+        "2",
+        "--hardware",
+        "cpu",
+        "--memory-budget-gib",
+        "1",
+        "--scan",
+        "torch",
+        "--out",
+        str(out),
+    ]
     assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == REPORT_KEYS and report["schema"] == "mambastep.compare/1"
@@ -48,23 +89,32 @@ def test_compare_end_to_end_on_tiny_checkpoints(tmp_path, capsys, monkeypatch):
     assert kv == 48 * 2 * 2 * 4 * 8 * 4  # tokens x (k, v) x layers x heads x head_dim x float32
     assert rows[(str(ssm), 4)]["state_bytes"] == rows[(str(ssm), 4096)]["state_bytes"]
     assert [c["metric"] for c in report["crossings"]] == [
-        "ttft_s", "decode_ms_per_token", "ttft_predicted_s", "decode_ms_predicted", "state_bytes"]
+        "ttft_s",
+        "decode_ms_per_token",
+        "ttft_predicted_s",
+        "decode_ms_predicted",
+        "state_bytes",
+    ]
     assert all(set(c) == CROSSING_KEYS for c in report["crossings"])
     assert main(args) == 0  # the readable table
     assert "transformer / SSM ratios" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("config", [
-    GPTNeoXConfig(d_model=32, n_layer=2, n_heads=4, vocab_size=97),
-    Mamba2Config(d_model=16, n_layer=2, vocab_size=97, d_state=4, head_dim=8),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPTNeoXConfig(d_model=32, n_layer=2, n_heads=4, vocab_size=97),
+        Mamba2Config(d_model=16, n_layer=2, vocab_size=97, d_state=4, head_dim=8),
+    ],
+)
 def test_a_synthetic_state_has_the_size_of_a_real_one(config):
     model = random_model(config)
     _, real = model.prefill(torch.zeros(2, 30, dtype=torch.long))
     fake = synthetic_state(model, 2, 30, torch.Generator().manual_seed(0))
     assert fake.nbytes == real.nbytes
     assert [t.shape for l in fake.layers for t in l.tensors().values()] == [
-        t.shape for l in real.layers for t in l.tensors().values()]
+        t.shape for l in real.layers for t in l.tensors().values()
+    ]
     model.step(torch.zeros(2, dtype=torch.long), fake)
 
 

@@ -7,25 +7,39 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mambastep.evidence import cost
-from mambastep.cli import main
-from mambastep.models.config import GPTNeoXConfig, Mamba2Config, MambaConfig, MambaLTIConfig
-from mambastep.families.presets import BUILTIN_CONFIGS, random_model
-from mambastep.evidence.hardware import BUILTIN_HARDWARE, Hardware, HardwareError, get_hardware
-from mambastep.settings import EngineSettings
 from conftest import make_hf_checkpoint
+from mambastep.cli import main
+from mambastep.evidence import cost
+from mambastep.evidence.hardware import BUILTIN_HARDWARE, Hardware, HardwareError, get_hardware
+from mambastep.families.presets import BUILTIN_CONFIGS, random_model
+from mambastep.models.config import GPTNeoXConfig, Mamba2Config, MambaConfig, MambaLTIConfig
+from mambastep.settings import EngineSettings
 
 # Small pieces and chunks so that a short prompt has uneven pieces, partial chunks, 1-token chunks and
 # a 1-token piece. The PyTorch scan: FlopCounterMode does not see inside the fused CPU kernel.
 SETTINGS = EngineSettings(scan="torch", matvec="torch", prefill_piece=7, scan_chunk=4)
 CONFIGS = [
     MambaConfig(d_model=16, n_layer=2, vocab_size=97, d_state=4),
-    MambaConfig(d_model=12, n_layer=3, vocab_size=50, d_state=3, expand=3, dt_rank=5, bias=True, conv_bias=False, tie_embeddings=False),
+    MambaConfig(
+        d_model=12,
+        n_layer=3,
+        vocab_size=50,
+        d_state=3,
+        expand=3,
+        dt_rank=5,
+        bias=True,
+        conv_bias=False,
+        tie_embeddings=False,
+    ),
     MambaLTIConfig(d_model=16, n_layer=2, vocab_size=97, d_state=4),
     Mamba2Config(d_model=16, n_layer=2, vocab_size=97, d_state=4, head_dim=8),
-    Mamba2Config(d_model=24, n_layer=2, vocab_size=61, d_state=5, head_dim=6, n_groups=2, d_conv=3, bias=True, D_has_hdim=True),
+    Mamba2Config(
+        d_model=24, n_layer=2, vocab_size=61, d_state=5, head_dim=6, n_groups=2, d_conv=3, bias=True, D_has_hdim=True
+    ),
     GPTNeoXConfig(d_model=32, n_layer=2, n_heads=4, vocab_size=97),
-    GPTNeoXConfig(d_model=24, n_layer=3, n_heads=2, vocab_size=61, parallel_residual=False, attention_bias=False, rotary_pct=1.0),
+    GPTNeoXConfig(
+        d_model=24, n_layer=3, n_heads=2, vocab_size=61, parallel_residual=False, attention_bias=False, rotary_pct=1.0
+    ),
 ]
 IDS = [f"{c.family}-{i}" for i, c in enumerate(CONFIGS)]
 # The time-invariant ablation reads its states out by elementwise products over one-state
@@ -76,9 +90,21 @@ def test_a_decode_step_reads_every_weight_once(config):
 
 
 PUBLISHED_SIZES = {
-    "mamba-130m": 130e6, "mamba-370m": 370e6, "mamba-790m": 790e6, "mamba-1.4b": 1.4e9, "mamba-2.8b": 2.8e9,
-    "mamba2-130m": 130e6, "mamba2-370m": 370e6, "mamba2-780m": 780e6, "mamba2-1.3b": 1.3e9, "mamba2-2.7b": 2.7e9,
-    "pythia-160m": 160e6, "pythia-410m": 410e6, "pythia-1b": 1.0e9, "pythia-1.4b": 1.4e9, "pythia-2.8b": 2.8e9,
+    "mamba-130m": 130e6,
+    "mamba-370m": 370e6,
+    "mamba-790m": 790e6,
+    "mamba-1.4b": 1.4e9,
+    "mamba-2.8b": 2.8e9,
+    "mamba2-130m": 130e6,
+    "mamba2-370m": 370e6,
+    "mamba2-780m": 780e6,
+    "mamba2-1.3b": 1.3e9,
+    "mamba2-2.7b": 2.7e9,
+    "pythia-160m": 160e6,
+    "pythia-410m": 410e6,
+    "pythia-1b": 1.0e9,
+    "pythia-1.4b": 1.4e9,
+    "pythia-2.8b": 2.8e9,
 }
 
 
@@ -134,11 +160,30 @@ def test_hardware_profiles_from_files_are_checked(tmp_path):
 
 COST_KEYS = {"schema", "hardware", "dtype", "settings", "models"}
 MODEL_KEYS = {"model", "family", "config", "parameters", "weight_bytes", "points"}
-POINT_KEYS = {"batch", "context", "state_bytes", "fits_in_memory", "kv_reads_exceed_weight_reads_at", "decode", "prefill"}
+POINT_KEYS = {
+    "batch",
+    "context",
+    "state_bytes",
+    "fits_in_memory",
+    "kv_reads_exceed_weight_reads_at",
+    "decode",
+    "prefill",
+}
 ACCOUNT_KEYS = {
-    "tokens", "flops_per_token", "bytes_per_token", "weight_bytes_per_token", "state_read_bytes_per_token",
-    "state_written_bytes_per_token", "activation_bytes_per_token", "total_flops_per_token", "total_bytes_per_token",
-    "arithmetic_intensity", "seconds_by_primitive", "predicted_s", "predicted_s_per_token", "state_on_chip",
+    "tokens",
+    "flops_per_token",
+    "bytes_per_token",
+    "weight_bytes_per_token",
+    "state_read_bytes_per_token",
+    "state_written_bytes_per_token",
+    "activation_bytes_per_token",
+    "total_flops_per_token",
+    "total_bytes_per_token",
+    "arithmetic_intensity",
+    "seconds_by_primitive",
+    "predicted_s",
+    "predicted_s_per_token",
+    "state_on_chip",
 }
 
 
@@ -161,6 +206,8 @@ def test_cost_command_json_schema(tmp_path, capsys):
 
 def test_cost_command_errors_are_one_line(capsys):
     assert main(["cost", "--model", "mamba-7b"]) == 1
-    assert "no checkpoint directory at mamba-7b; nor is it a built-in configuration (mamba-130m" in capsys.readouterr().err
+    assert (
+        "no checkpoint directory at mamba-7b; nor is it a built-in configuration (mamba-130m" in capsys.readouterr().err
+    )
     assert main(["cost", "--model", "mamba-130m", "--hardware", "tpu9"]) == 1
     assert main(["cost", "--model", "mamba-130m", "--context", "0"]) == 1

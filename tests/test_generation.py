@@ -7,9 +7,9 @@ import torch
 
 import mambastep
 from conftest import hf_reference, make_hf_checkpoint
+from mambastep.files.tokenizer import ByteTokenizer
 from mambastep.runtime.generation import StopFilter, generate, generate_batch, generate_tokens
 from mambastep.runtime.sampling import SamplingParams, _draw, _outside_nucleus, sample
-from mambastep.files.tokenizer import ByteTokenizer
 
 PROMPT_LENGTHS = (1, 5, 17)
 
@@ -54,7 +54,11 @@ def collect(model, prompts, params):
 
 def printable_pair(text, start):
     """The first two printable ASCII characters in a row at or after ``start``."""
-    return next(text[k : k + 2] for k in range(start, len(text) - 1) if text[k : k + 2].isascii() and text[k : k + 2].isprintable())
+    return next(
+        text[k : k + 2]
+        for k in range(start, len(text) - 1)
+        if text[k : k + 2].isascii() and text[k : k + 2].isprintable()
+    )
 
 
 def gens(*seeds):
@@ -67,15 +71,30 @@ def gens(*seeds):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("max_new_tokens", 0), ("max_new_tokens", 2.0), ("max_new_tokens", True),
-        ("temperature", -0.5), ("temperature", math.nan), ("temperature", math.inf), ("temperature", "1"),
-        ("top_k", -1), ("top_k", 1.5),
-        ("top_p", 0.0), ("top_p", 1.5),
-        ("min_p", -0.1), ("min_p", 1.01),
-        ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-        ("seed", -1), ("seed", 2**64), ("seed", 1.0),
-        ("stop", "\n"), ("stop", ("",)), ("stop", ("a", 3)), ("stop", None),
-        ("eos_token_id", -1), ("eos_token_id", "0"),
+        ("max_new_tokens", 0),
+        ("max_new_tokens", 2.0),
+        ("max_new_tokens", True),
+        ("temperature", -0.5),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("temperature", "1"),
+        ("top_k", -1),
+        ("top_k", 1.5),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("min_p", -0.1),
+        ("min_p", 1.01),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("seed", -1),
+        ("seed", 2**64),
+        ("seed", 1.0),
+        ("stop", "\n"),
+        ("stop", ("",)),
+        ("stop", ("a", 3)),
+        ("stop", None),
+        ("eos_token_id", -1),
+        ("eos_token_id", "0"),
         ("ignore_eos", 1),
     ],
 )
@@ -108,7 +127,9 @@ def test_filters_that_keep_one_token_are_greedy(filters):
     assert tokens.tolist() == logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("filters, allowed", [(dict(top_k=2), {0, 1}), (dict(top_p=0.75), {0, 1}), (dict(min_p=0.5), {0, 1})])
+@pytest.mark.parametrize(
+    "filters, allowed", [(dict(top_k=2), {0, 1}), (dict(top_p=0.75), {0, 1}), (dict(min_p=0.5), {0, 1})]
+)
 def test_filters_keep_the_right_tokens(filters, allowed):
     logits = torch.tensor([[0.5, 0.3, 0.2, 1e-3]]).log()
     g = gens(0)
@@ -137,7 +158,10 @@ def test_same_seed_same_tokens():
     assert sample(logits, params, gens(*range(100, 108)), history).tolist() != first.tolist()
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3, temperature=0.7)])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(), SamplingParams(top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3, temperature=0.7)],
+)
 def test_a_row_does_not_depend_on_the_others(params):
     history = [[5, 6], [7, 8, 9], [10]]
     for seed in range(5):
@@ -167,7 +191,9 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
     assert drawn == [{0, 1, 2, 3}, {3, 4}]
 
 
-@pytest.mark.parametrize("params", [SamplingParams(top_k=20), SamplingParams(top_k=20, top_p=0.8, min_p=0.02, temperature=0.7)])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(top_k=20), SamplingParams(top_k=20, top_p=0.8, min_p=0.02, temperature=0.7)]
+)
 def test_top_k_draws_the_token_a_draw_over_the_masked_row_draws(params):
     """Narrowed to its top-k columns (in vocabulary order), a row gives the token that a draw with
     the same generator gives over the whole vocabulary with the other tokens masked."""
@@ -205,7 +231,9 @@ def test_a_draw_at_the_top_of_the_range_stays_on_a_possible_token(monkeypatch):
     assert _draw(probs, gens(0)).tolist() == [2]
 
 
-@pytest.mark.parametrize("vocab, scale, top_p", [(100, 2.0, 0.9), (3000, 1.0, 0.95), (3000, 8.0, 0.9), (3000, 3.0, 0.5)])
+@pytest.mark.parametrize(
+    "vocab, scale, top_p", [(100, 2.0, 0.9), (3000, 1.0, 0.95), (3000, 8.0, 0.9), (3000, 3.0, 0.5)]
+)
 def test_nucleus_equals_a_sort_of_the_whole_row(vocab, scale, top_p):
     """The nucleus found among the most likely tokens (more of them while it lies beyond) is the
     one a sort of the whole row gives: peaked and flat rows, one batch, so that the search
@@ -225,7 +253,9 @@ def test_nucleus_equals_a_sort_of_the_whole_row(vocab, scale, top_p):
 # generate_tokens()
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_new_tokens=12), SamplingParams(seed=7, max_new_tokens=12)])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=0, max_new_tokens=12), SamplingParams(seed=7, max_new_tokens=12)]
+)
 def test_a_prompt_in_a_batch_gives_what_it_gives_alone(model, prompts, params):
     together, order = collect(model, prompts, params)
     alone = [collect(model, [p], params)[0][0] for p in prompts]
@@ -260,7 +290,9 @@ def test_eos_ends_only_its_sequence(model, prompts):
     out, _ = collect(model, prompts, SamplingParams(temperature=0, max_new_tokens=15, eos_token_id=eos))
     assert out[2] == full[2][: at + 1]  # eos is yielded, then the sequence ends
     assert out[:2] == full[:2]
-    ignored, _ = collect(model, prompts, SamplingParams(temperature=0, max_new_tokens=15, eos_token_id=eos, ignore_eos=True))
+    ignored, _ = collect(
+        model, prompts, SamplingParams(temperature=0, max_new_tokens=15, eos_token_id=eos, ignore_eos=True)
+    )
     assert ignored == full
 
 

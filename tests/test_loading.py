@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mambastep
+from conftest import to_original_format
 from mambastep import CheckpointError
-from conftest import make_hf_checkpoint, to_original_format
 
 
 def _edit_config(path, **changes):
@@ -75,13 +75,17 @@ def test_bad_config_values(mamba_dir, change, message):
 
 def test_config_that_contradicts_the_weights(mamba_dir):
     _edit_config(mamba_dir, state_size=5)
-    with pytest.raises(CheckpointError, match=r"tensor backbone.layers.0.mixer.A_log has shape \(32, 4\), the config implies \(32, 5\)"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor backbone.layers.0.mixer.A_log has shape \(32, 4\), the config implies \(32, 5\)"
+    ):
         mambastep.load(mamba_dir)
 
 
 def test_missing_tensor(mamba_dir):
     _edit_weights(mamba_dir, lambda t: t.pop("backbone.layers.1.mixer.D"))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensor\(s\) \['backbone.layers.1.mixer.D'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: missing tensor\(s\) \['backbone.layers.1.mixer.D'\]"
+    ):
         mambastep.load(mamba_dir)
 
 
@@ -94,7 +98,9 @@ def test_unexpected_tensor(mamba_dir):
 def test_truncated_safetensors(mamba_dir):
     path = mamba_dir / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file: corrupt or truncated"):
+    with pytest.raises(
+        CheckpointError, match="model.safetensors: not a readable safetensors file: corrupt or truncated"
+    ):
         mambastep.load(mamba_dir)
 
 

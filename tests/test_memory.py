@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import mambastep
+from conftest import make_hf_checkpoint, random_tokens
 from mambastep import memory
 from mambastep.memory import huge_pages_available, in_huge_pages, place_in_huge_pages
 from mambastep.models.int8 import quantize_int8
 from mambastep.settings import EngineSettings
-from conftest import make_hf_checkpoint, random_tokens
 
 needs_huge_pages = pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages here")
 
@@ -45,7 +45,9 @@ def test_parameters_and_buffers_move_keeping_identity_values_and_ties():
     before = [t.clone() for t in tensors]
     moved = place_in_huge_pages(model, min_bytes=0)
     assert moved >= sum(t.nbytes for t in tensors)
-    assert all(a is b for a, b in zip([*model.parameters(), *model.buffers()], tensors, strict=True))  # the same objects
+    assert all(
+        a is b for a, b in zip([*model.parameters(), *model.buffers()], tensors, strict=True)
+    )  # the same objects
     assert all(in_huge_pages(t) for t in tensors)
     assert all(torch.equal(t, b) for t, b in zip(tensors, before))
     assert model[0].weight is model[2].weight

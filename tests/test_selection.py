@@ -8,15 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from mambastep.cli import main
-from mambastep.models.config import Mamba2Config, MambaConfig, MambaLTIConfig
-from mambastep.files.checkpoints import save
-from mambastep.models import Mamba2LM, MambaLM, MambaLTILM
-from mambastep.evidence.selection import (
-    SelectionTrace, escape_label, plot_selection, selection_summary, token_labels, trace_selection,
-)
-from mambastep.files.tokenizer import ByteTokenizer
 from conftest import make_hf_checkpoint, random_tokens
+from mambastep.cli import main
+from mambastep.evidence.selection import (
+    SelectionTrace,
+    escape_label,
+    plot_selection,
+    selection_summary,
+    token_labels,
+    trace_selection,
+)
+from mambastep.files.checkpoints import save
+from mambastep.files.tokenizer import ByteTokenizer
+from mambastep.models import Mamba2LM, MambaLM, MambaLTILM
+from mambastep.models.config import Mamba2Config, MambaConfig, MambaLTIConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VOCAB = 32
@@ -46,7 +51,9 @@ def full_forward_dt(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Δ of every layer from one full forward pass (the scan path): (l, width) per layer."""
     seen, handles = [], []
     for block in model.backbone.layers:
-        handles.append(block.mixer.dt_probe.register_forward_hook(lambda m, i, out: seen.append(out[0].float().clone())))
+        handles.append(
+            block.mixer.dt_probe.register_forward_hook(lambda m, i, out: seen.append(out[0].float().clone()))
+        )
     try:
         with torch.no_grad():
             model(tokens[None])
@@ -110,11 +117,13 @@ def test_only_the_time_invariant_model_has_the_same_dt_at_every_token():
 
 
 def test_bad_inputs_are_refused_and_hooks_are_always_removed(monkeypatch):
-    from mambastep.models.config import GPTNeoXConfig
     from mambastep.models import TransformerLM
+    from mambastep.models.config import GPTNeoXConfig
 
     transformer = TransformerLM(GPTNeoXConfig(d_model=16, n_layer=1, n_heads=2, vocab_size=VOCAB))
-    with pytest.raises(ValueError, match=r"inspect needs a state space model \(mamba, mamba_lti, mamba2\), got gpt_neox"):
+    with pytest.raises(
+        ValueError, match=r"inspect needs a state space model \(mamba, mamba_lti, mamba2\), got gpt_neox"
+    ):
         trace_selection(transformer, [1, 2])
     model = tiny_model("mamba2")
     probes = [block.mixer.dt_probe for block in model.backbone.layers]
@@ -197,7 +206,9 @@ def test_summary_of_a_hand_made_trace():
     first, second = summary["layers"]
     assert first["mean_dt"] == pytest.approx(4.5) and second["mean_dt"] == pytest.approx(2.0)
     assert first["mean_dt_highlighted"] == pytest.approx(8.0) and first["mean_dt_other"] == pytest.approx(1.0)
-    assert first["highlighted_over_other"] == pytest.approx(8.0) and second["highlighted_over_other"] == pytest.approx(1.0)
+    assert first["highlighted_over_other"] == pytest.approx(8.0) and second["highlighted_over_other"] == pytest.approx(
+        1.0
+    )
     assert first["final_state_norm"] == 4.0 and second["final_state_norm"] == 0.25
     assert summary["mean_dt"] == pytest.approx(3.25) and summary["highlighted_positions"] == 2
     assert summary["mean_dt_highlighted"] == pytest.approx(5.0) and summary["mean_dt_other"] == pytest.approx(1.5)
@@ -215,8 +226,25 @@ def test_summary_of_a_hand_made_trace():
 def test_cli_ids_on_a_tiny_model_without_tokenizer(tmp_path, capsys):
     model_dir = save(tiny_model("mamba_lti"), tmp_path / "lti")
     out = tmp_path / "plots" / "lti.png"
-    assert main(["inspect", "--model", str(model_dir), "--ids", "3,1,4,1,5,9,2,6", "--highlight-ids", "1",
-                 "--groups", "4", "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "--model",
+                str(model_dir),
+                "--ids",
+                "3,1,4,1,5,9,2,6",
+                "--highlight-ids",
+                "1",
+                "--groups",
+                "4",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["png"] == str(out) and read_png(out).shape[0] > 300
     assert summary["family"] == "mamba_lti" and summary["tokens"] == 8 and summary["highlighted_positions"] == 2
@@ -240,7 +268,10 @@ def test_cli_text_on_the_bundled_model(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "GPT", "--ids", "1,2"], "inspect needs a state space model (mamba, mamba_lti, mamba2), got gpt_neox"),
+        (
+            ["--model", "GPT", "--ids", "1,2"],
+            "inspect needs a state space model (mamba, mamba_lti, mamba2), got gpt_neox",
+        ),
         (["--input", ""], "empty input"),
         (["--ids", "1,256"], "token id 256 is outside the model's vocabulary [0, 256)"),
         (["--ids", "1,x"], "--ids takes comma-separated integer token ids"),

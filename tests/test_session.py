@@ -14,9 +14,9 @@ import torch
 
 import mambastep
 from mambastep import SamplingParams, Session, StateError, generate
+from mambastep.files.tokenizer import ByteTokenizer
 from mambastep.memory import rss_bytes
 from mambastep.settings import EngineSettings
-from mambastep.files.tokenizer import ByteTokenizer
 
 # A stream read in other chunks runs the same maths in another order: fp32 rounding differs.
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -85,7 +85,7 @@ def assert_same_point(a: Session, b: Session, exact: bool = False) -> None:
 def test_random_chunks_equal_feeding_at_once(model):
     tokens = ids(5000)
     whole = fed(model, tokens)
-    last, state = model.prefill(tokens[None])
+    last, _ = model.prefill(tokens[None])
     torch.testing.assert_close(whole.logits, last, **TOL)
     gen, sizes = torch.Generator().manual_seed(1), [1, 2, 3, 7, 255, 256, 257, 2047, 2049]
     chunked, at, kinds = Session(model), 0, [torch.Tensor, np.ndarray, list]
@@ -330,7 +330,9 @@ def test_save_in_one_process_continue_in_another(byte_model, tmp_path):
     session.save(tmp_path / "s.session")
     result = subprocess.run(
         [sys.executable, "-c", CHILD_CONTINUE, str(model_dir), str(tmp_path / "s.session")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     child = json.loads(result.stdout)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import mambastep
-from mambastep.models.state import ModelState, StateError
 from conftest import make_hf_checkpoint
+from mambastep.models.state import ModelState, StateError
 
 
 @pytest.fixture(params=["mamba", "mamba2"])
@@ -94,14 +94,19 @@ def test_state_saved_with_other_weights_is_refused_unless_asked_for(model, tmp_p
     assert variant.weights_digest() != model.weights_digest()
     _, state = _prefilled(variant)
     state.save(tmp_path / "v.state")
-    with pytest.raises(StateError, match=f"saved with weights {variant.weights_digest()}, but this model's weights are {model.weights_digest()}"):
+    with pytest.raises(
+        StateError,
+        match=f"saved with weights {variant.weights_digest()}, but this model's weights are {model.weights_digest()}",
+    ):
         mambastep.load_state(tmp_path / "v.state", model)
     loaded = ModelState.load(tmp_path / "v.state", model, other_weights=True)
     assert all(torch.equal(a.ssm, b.ssm) for a, b in zip(loaded.layers, state.layers))
     again = mambastep.load(path)  # the same checkpoint, loaded again: the same digest
     assert again.weights_digest() == variant.weights_digest()
-    assert torch.equal(again.step(torch.tensor([1, 2]), ModelState.load(tmp_path / "v.state", again))[0],
-                       variant.step(torch.tensor([1, 2]), state)[0])
+    assert torch.equal(
+        again.step(torch.tensor([1, 2]), ModelState.load(tmp_path / "v.state", again))[0],
+        variant.step(torch.tensor([1, 2]), state)[0],
+    )
 
 
 def test_the_weights_digest_follows_the_weights(model):
@@ -119,8 +124,8 @@ def test_the_weights_digest_follows_the_weights(model):
 
 def test_a_state_file_without_a_weights_digest_loads_with_a_warning(model, tmp_path, caplog):
     """Files of format version 1 record the architecture only."""
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     _, state = _prefilled(model)
     state.save(tmp_path / "s.state")

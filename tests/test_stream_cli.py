@@ -28,7 +28,9 @@ def model():
 def stream(*args, data: bytes, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mambastep.cli", "stream", "--threads", "1", *args],
-        input=data, capture_output=True, timeout=timeout,
+        input=data,
+        capture_output=True,
+        timeout=timeout,
     )
 
 
@@ -83,9 +85,21 @@ def test_token_ids(model, tmp_path):
 def test_ctrl_c_saves_the_state(model, tmp_path):
     path = tmp_path / "s.session"
     child = subprocess.Popen(
-        [sys.executable, "-m", "mambastep.cli", "stream", "--threads", "1", "--save-state", str(path), "--json",
-         "--report-every", "0"],
-        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "mambastep.cli",
+            "stream",
+            "--threads",
+            "1",
+            "--save-state",
+            str(path),
+            "--json",
+            "--report-every",
+            "0",
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         child.stdin.write(TEXT[:700])

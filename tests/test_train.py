@@ -18,10 +18,22 @@ from mambastep.training.data import is_heldout
 from mambastep.training.optim import build_optimizer, lr_factor
 
 TINY = {
-    "mamba2": {"d_model": 16, "n_layer": 2, "vocab_size": 256, "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8}},
+    "mamba2": {
+        "d_model": 16,
+        "n_layer": 2,
+        "vocab_size": 256,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8},
+    },
     "mamba": {"d_model": 16, "n_layer": 2, "vocab_size": 256, "ssm_cfg": {"d_state": 4}},
-    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-                 "vocab_size": 256, "intermediate_size": 32, "rotary_pct": 0.5},
+    "gpt_neox": {
+        "model_type": "gpt_neox",
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": 256,
+        "intermediate_size": 32,
+        "rotary_pct": 0.5,
+    },
 }
 
 
@@ -47,8 +59,15 @@ def settings(corpus: Path, out: Path, config: str, **overrides) -> TrainSettings
     base = dict(
         data=DataSettings(paths=(str(corpus),), holdout=0.2, seq_len=16),
         optim=OptimSettings(lr=1e-2, warmup_steps=2),
-        out=str(out), config=config, steps=6, batch_size=4, eval_every=3, eval_tokens=64,
-        checkpoint_every=0, log_every=1, progress=False,
+        out=str(out),
+        config=config,
+        steps=6,
+        batch_size=4,
+        eval_every=3,
+        eval_tokens=64,
+        checkpoint_every=0,
+        log_every=1,
+        progress=False,
     )
     return TrainSettings(**{**base, **overrides})
 
@@ -57,10 +76,13 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("family, precision", [("mamba2", "fp32"), ("mamba", "fp32"), ("gpt_neox", "fp32"), ("mamba2", "bf16")])
+@pytest.mark.parametrize(
+    "family, precision", [("mamba2", "fp32"), ("mamba", "fp32"), ("gpt_neox", "fp32"), ("mamba2", "bf16")]
+)
 def test_a_few_steps_reduce_the_loss(corpus, tmp_path, family, precision):
-    record = train(settings(corpus, tmp_path / "out", tiny_config(tmp_path, family), steps=12, eval_every=0,
-                            precision=precision))
+    record = train(
+        settings(corpus, tmp_path / "out", tiny_config(tmp_path, family), steps=12, eval_every=0, precision=precision)
+    )
     losses = [e["loss"] for e in record["train"]]
     assert losses[-1] < losses[0] - 0.5
     final = record["eval"][-1]
@@ -90,10 +112,39 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     config = tiny_config(tmp_path)
     train(settings(corpus, tmp_path / "one", config, steps=3, eval_every=0))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "mambastep.cli", "train", str(corpus), "--config", config, "--out", str(tmp_path / "two"),
-        "--holdout", "0.2", "--seq-len", "16", "--lr", "1e-2", "--warmup-steps", "2", "--steps", "3",
-        "--batch-size", "4", "--eval-every", "0", "--checkpoint-every", "0", "--log-every", "1", "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mambastep.cli",
+        "train",
+        str(corpus),
+        "--config",
+        config,
+        "--out",
+        str(tmp_path / "two"),
+        "--holdout",
+        "0.2",
+        "--seq-len",
+        "16",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "2",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--log-every",
+        "1",
+        "--no-progress",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,19 +175,49 @@ def heldout_loss(model, tokenizer, corpus: Path) -> float:
 def test_checkpoint_loads_and_generates(corpus, tmp_path):
     config = tiny_config(tmp_path)
     out = tmp_path / "out"
-    assert main(["train", str(corpus), "--config", config, "--out", str(out), "--holdout", "0.2", "--seq-len", "16",
-                 "--steps", "12", "--lr", "1e-2", "--warmup-steps", "2", "--batch-size", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(corpus),
+                "--config",
+                config,
+                "--out",
+                str(out),
+                "--holdout",
+                "0.2",
+                "--seq-len",
+                "16",
+                "--steps",
+                "12",
+                "--lr",
+                "1e-2",
+                "--warmup-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     model = mambastep.load(out / "model")
     tokenizer = mambastep.load_tokenizer(out / "model")
     assert isinstance(tokenizer, mambastep.ByteTokenizer)
     # The untrained model: the same run's initial weights (one step at learning rate 0), written the same way.
-    train(settings(corpus, tmp_path / "untrained", config, steps=1, optim=OptimSettings(lr=0.0, warmup_steps=0), eval_every=0))
+    train(
+        settings(
+            corpus, tmp_path / "untrained", config, steps=1, optim=OptimSettings(lr=0.0, warmup_steps=0), eval_every=0
+        )
+    )
     untrained = mambastep.load(tmp_path / "untrained" / "model")
     # Measured: 4.05 trained, 5.52 untrained (log 256 = 5.55 is uniform); 1 nat asks for most of that gap.
     trained_loss, untrained_loss = heldout_loss(model, tokenizer, corpus), heldout_loss(untrained, tokenizer, corpus)
     assert trained_loss < untrained_loss - 1.0, (trained_loss, untrained_loss)
     # Greedy text is made of the corpus's characters (the untrained model's is bytes of any value).
-    text = "".join(mambastep.generate(model, tokenizer, "def ", mambastep.SamplingParams(max_new_tokens=8, temperature=0)))
+    text = "".join(
+        mambastep.generate(model, tokenizer, "def ", mambastep.SamplingParams(max_new_tokens=8, temperature=0))
+    )
     alphabet = {ch for p in corpus.rglob("*.py") for ch in p.read_text()}
     assert len(text) == 8 and set(text) <= alphabet, repr(text)
     # Fine-tuning starts from the checkpoint's weights and tokenizer.
@@ -145,8 +226,8 @@ def test_checkpoint_loads_and_generates(corpus, tmp_path):
 
 
 def test_weight_decay_only_on_matrices(tmp_path):
-    from mambastep.training.loop import model_config
     from mambastep.families import family_of
+    from mambastep.training.loop import model_config
 
     for family in ("mamba", "mamba2"):
         config = model_config(tiny_config(tmp_path, family))

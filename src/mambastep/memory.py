@@ -132,7 +132,9 @@ def place_in_huge_pages(module: nn.Module, min_bytes: int = 4 * _HUGE_PAGE_BYTES
         else:
             storages.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     fresh = [  # tensors alone in a storage of their own size
-        t for t, *others in storages.values() if not others and t.is_contiguous() and t.nbytes == t.untyped_storage().nbytes()
+        t
+        for t, *others in storages.values()
+        if not others and t.is_contiguous() and t.nbytes == t.untyped_storage().nbytes()
     ]
     if not fresh and all(used == _arenas[arena][1] for arena, used in placed.items()):
         return 0

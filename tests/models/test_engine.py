@@ -1,16 +1,23 @@
 """Engine settings: each fast path gives what the plain path gives."""
 
 import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import mambastep
-from mambastep.models.linear import Linear
-from mambastep.ops.products import CONVERTED_ROWS, MATVEC_ROWS, ONEDNN_MIN_FEATURES, WIDE_MATVEC_ROWS, matvec_rows, takes_matvec
-from mambastep.ops.stack_step import takes_stack_step
-from mambastep.settings import EngineSettings
 from conftest import make_hf_checkpoint
+from mambastep.models.linear import Linear
+from mambastep.ops.products import (
+    CONVERTED_ROWS,
+    MATVEC_ROWS,
+    ONEDNN_MIN_FEATURES,
+    WIDE_MATVEC_ROWS,
+    matvec_rows,
+    takes_matvec,
+)
+from mambastep.settings import EngineSettings
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
@@ -34,7 +41,10 @@ def test_compiled_decode_equals_eager(tmp_path, family):
             assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("family, config", [("mamba", dict(hidden_size=24)), ("mamba2", dict(hidden_size=24, num_heads=6, n_groups=2, head_dim=8))])
+@pytest.mark.parametrize(
+    "family, config",
+    [("mamba", dict(hidden_size=24)), ("mamba2", dict(hidden_size=24, num_heads=6, n_groups=2, head_dim=8))],
+)
 def test_fused_and_torch_scans_give_the_same_prefill(tmp_path, family, config):
     path = make_hf_checkpoint(tmp_path / "m", family=family, **config)
     fused = mambastep.load(path, settings=EngineSettings(scan="cpp"))
@@ -68,11 +78,13 @@ def test_fused_and_torch_scans_give_the_same_gradients(tmp_path, family):
     """Training through the fused kernel's backward equals training through the PyTorch scan
     (Mamba-2's fused scan is inference only: with gradients it takes the PyTorch scan)."""
     if family in ("mamba", "mamba2"):
-        path = make_hf_checkpoint(tmp_path / "m", family=family, hidden_size=24, **({"num_heads": 6} if family == "mamba2" else {}))
+        path = make_hf_checkpoint(
+            tmp_path / "m", family=family, hidden_size=24, **({"num_heads": 6} if family == "mamba2" else {})
+        )
     else:
-        from mambastep.models.config import MambaLTIConfig
         from mambastep.files.checkpoints import save
         from mambastep.models import MambaLTILM
+        from mambastep.models.config import MambaLTIConfig
 
         torch.manual_seed(0)
         path = save(MambaLTILM(MambaLTIConfig(d_model=24, n_layer=2, vocab_size=97, d_state=4)), tmp_path / "m")
@@ -132,7 +144,9 @@ def test_fused_matvec_stays_out_of_training(cpp):
     layer(x, cpp).sum().backward()
     assert layer.weight.grad is not None
     with torch.no_grad():
-        assert takes_matvec(x, layer.weight, cpp) and not takes_matvec(torch.randn(MATVEC_ROWS + 1, 12), layer.weight, cpp)
+        assert takes_matvec(x, layer.weight, cpp) and not takes_matvec(
+            torch.randn(MATVEC_ROWS + 1, 12), layer.weight, cpp
+        )
         torch.testing.assert_close(layer(x, cpp), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
@@ -157,8 +171,18 @@ def test_matvec_rows_follow_what_pytorch_multiplies_natively(monkeypatch, tmp_pa
     torch.testing.assert_close(half.step(tokens[:, 0], a)[0], plain.step(tokens[:, 0], b)[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(scan="fast"), dict(matvec="blas"), dict(prompt_matmul="mkl"), dict(decode="jit"), dict(scan_chunk=0), dict(threads=0),
-                                 dict(huge_pages="yes")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(scan="fast"),
+        dict(matvec="blas"),
+        dict(prompt_matmul="mkl"),
+        dict(decode="jit"),
+        dict(scan_chunk=0),
+        dict(threads=0),
+        dict(huge_pages="yes"),
+    ],
+)
 def test_bad_settings(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineSettings(**bad)
@@ -185,8 +209,8 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
     """The fused CPU step of a stack of layers (one call per step) against the blocks' own steps
     on the same weights, over a few tokens from a random state: awkward widths, groups, dt
     limits, with and without biases, at 3 sequences and at a batch wider than any matvec limit."""
-    from mambastep.models.config import Mamba2Config, MambaConfig
     from mambastep.models import Mamba2LM, MambaLM
+    from mambastep.models.config import Mamba2Config, MambaConfig
     from mambastep.models.int8 import quantize_int8
 
     torch.manual_seed(0)
@@ -222,21 +246,35 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
         model.backbone.layers[1].mixer.dt_probe = watched  # a probe put in after the mixers were looked up
         assert not model._takes_stack_step(residual)
         model.backbone.layers[1].mixer.dt_probe = unwatched
-        assert not model._takes_stack_step(residual.to(torch.bfloat16)) and not model._takes_stack_step(residual.expand(3, 2, -1))
+        assert not model._takes_stack_step(residual.to(torch.bfloat16)) and not model._takes_stack_step(
+            residual.expand(3, 2, -1)
+        )
     # a few sequences (row groups in the products), then a batch of blocks and the widest rows
     for batch in (3, WIDE_MATVEC_ROWS + 6):
         random = model.new_state(batch)
-        fused = type(random)(tuple(type(s)(conv=torch.randn_like(s.conv), ssm=torch.randn_like(s.ssm)) for s in random.layers), random.fingerprint)
+        fused = type(random)(
+            tuple(type(s)(conv=torch.randn_like(s.conv), ssm=torch.randn_like(s.ssm)) for s in random.layers),
+            random.fingerprint,
+        )
         plain = type(fused)(tuple(type(s)(conv=s.conv.float(), ssm=s.ssm) for s in fused.layers), fused.fingerprint)
         for _ in range(3):
             residual = torch.randn(batch, 1, shape["d_model"])
             with torch.no_grad():
                 assert model._takes_stack_step(residual)
                 fused_layers, plain_layers = list(fused.layers), list(plain.layers)
-                r_fused, r_plain = model._stack_step(residual, fused_layers, logits=False)[:, None], reference._blocks(residual, plain_layers)
+                r_fused, r_plain = (
+                    model._stack_step(residual, fused_layers, logits=False)[:, None],
+                    reference._blocks(residual, plain_layers),
+                )
                 fused, plain = (type(fused)(tuple(s), fused.fingerprint) for s in (fused_layers, plain_layers))
-            assert r_fused.dtype == torch.float32 and fused.layers[0].conv.dtype == model.dtype and fused.layers[0].ssm.dtype == torch.float32
-            pairs = [(r_fused, r_plain)] + [(a, b) for fl, pl in zip(fused.layers, plain.layers) for a, b in ((fl.conv, pl.conv), (fl.ssm, pl.ssm))]
+            assert (
+                r_fused.dtype == torch.float32
+                and fused.layers[0].conv.dtype == model.dtype
+                and fused.layers[0].ssm.dtype == torch.float32
+            )
+            pairs = [(r_fused, r_plain)] + [
+                (a, b) for fl, pl in zip(fused.layers, plain.layers) for a, b in ((fl.conv, pl.conv), (fl.ssm, pl.ssm))
+            ]
             for got, want in pairs:
                 assert_close_to_scale(got.float(), want.float())
         # A whole decode step: the embedding, the fused layers, then the final norm and the head in the same call.
@@ -249,11 +287,13 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
 
 def _tiny_ssm(family: str, n_layer: int = 2):
     """A random Mamba or Mamba-2 model of width 16, its products through the fused kernel."""
-    from mambastep.models.config import Mamba2Config, MambaConfig
     from mambastep.models import Mamba2LM, MambaLM
+    from mambastep.models.config import Mamba2Config, MambaConfig
 
-    config = MambaConfig(n_layer=n_layer, vocab_size=11, d_model=16, d_state=4) if family == "mamba" else Mamba2Config(
-        n_layer=n_layer, vocab_size=11, d_model=16, d_state=4, head_dim=8
+    config = (
+        MambaConfig(n_layer=n_layer, vocab_size=11, d_model=16, d_state=4)
+        if family == "mamba"
+        else Mamba2Config(n_layer=n_layer, vocab_size=11, d_model=16, d_state=4, head_dim=8)
     )
     return (MambaLM if family == "mamba" else Mamba2LM)(config).configure(EngineSettings(matvec="cpp"))
 
@@ -354,18 +394,32 @@ def test_fused_layers_step_checks_its_arguments(cpp):
 
     e, n, k, d, r = 8, 4, 4, 6, 2
     lin = lambda rows, cols: (torch.randn(rows, cols), None, None)  # noqa: E731
-    layer = MambaLayerWeights(norm=torch.ones(d), in_proj=lin(2 * e, d), conv_weight=torch.randn(e, 1, k), conv_bias=None,
-                              x_proj=lin(r + 2 * n, e), dt_proj=(torch.randn(e, r), None, torch.randn(e)), A_log=torch.randn(e, n),
-                              D=None, out_proj=lin(d, e))
+    layer = MambaLayerWeights(
+        norm=torch.ones(d),
+        in_proj=lin(2 * e, d),
+        conv_weight=torch.randn(e, 1, k),
+        conv_bias=None,
+        x_proj=lin(r + 2 * n, e),
+        dt_proj=(torch.randn(e, r), None, torch.randn(e)),
+        A_log=torch.randn(e, n),
+        D=None,
+        out_proj=lin(d, e),
+    )
     conv, ssm = [torch.randn(1, k - 1, e)] * 2, [torch.randn(1, e, n)] * 2
     residual, convs, ssms = mamba_layers_step(torch.randn(1, d), [layer, layer], conv, ssm, 1e-5)
-    assert residual.shape == (1, d) and [c.shape for c in convs] == [(1, k - 1, e)] * 2 and [s.shape for s in ssms] == [(1, e, n)] * 2
+    assert (
+        residual.shape == (1, d)
+        and [c.shape for c in convs] == [(1, k - 1, e)] * 2
+        and [s.shape for s in ssms] == [(1, e, n)] * 2
+    )
     with pytest.raises(RuntimeError, match=r"SSM state \(b, e, n\) must have shape"):
         mamba_layers_step(torch.randn(1, d), [layer], conv[:1], [torch.randn(1, e, n + 1)], 1e-5)
     with pytest.raises(RuntimeError, match="do not fit"):
         mamba_layers_step(torch.randn(1, d), [layer._replace(x_proj=lin(r + 2 * n + 1, e))], conv[:1], ssm[:1], 1e-5)
     with pytest.raises(RuntimeError, match="has no dt_proj bias"):
-        mamba_layers_step(torch.randn(1, d), [layer._replace(dt_proj=(torch.randn(e, r), None, None))], conv[:1], ssm[:1], 1e-5)
+        mamba_layers_step(
+            torch.randn(1, d), [layer._replace(dt_proj=(torch.randn(e, r), None, None))], conv[:1], ssm[:1], 1e-5
+        )
     with pytest.raises(RuntimeError, match="two states per layer"):
         mamba_layers_step(torch.randn(1, d), [layer], conv, ssm[:1], 1e-5)
     # With the head: the final norm and the output layer after the last layer, logits instead of the residual.
@@ -378,7 +432,9 @@ def test_fused_layers_step_checks_its_arguments(cpp):
     with pytest.raises(ValueError, match="prepared with a head"):
         mamba_layers_step(x, [layer], conv[:1], ssm[:1], 1e-5, logits=True)
     with pytest.raises(RuntimeError, match=r"final norm weight \(d,\) must have shape"):
-        mamba_layers_step(x, PreparedStack([layer], head._replace(norm=torch.ones(d + 1))), conv[:1], ssm[:1], 1e-5, logits=True)
+        mamba_layers_step(
+            x, PreparedStack([layer], head._replace(norm=torch.ones(d + 1))), conv[:1], ssm[:1], 1e-5, logits=True
+        )
 
 
 def test_fused_mamba2_layers_step_checks_its_arguments(cpp):
@@ -387,16 +443,26 @@ def test_fused_mamba2_layers_step_checks_its_arguments(cpp):
 
     d, e, h, p, n, g, k = 6, 8, 2, 4, 3, 1, 4
     c = e + 2 * g * n
-    layer = Mamba2LayerWeights(norm=torch.ones(d), in_proj=(torch.randn(e + c + h, d), None, None), conv_weight=torch.randn(c, 1, k),
-                               conv_bias=None, dt_bias=torch.zeros(h), A_log=torch.zeros(h), D=torch.ones(h), gate_norm=torch.ones(e),
-                               out_proj=(torch.randn(d, e), None, None))
+    layer = Mamba2LayerWeights(
+        norm=torch.ones(d),
+        in_proj=(torch.randn(e + c + h, d), None, None),
+        conv_weight=torch.randn(c, 1, k),
+        conv_bias=None,
+        dt_bias=torch.zeros(h),
+        A_log=torch.zeros(h),
+        D=torch.ones(h),
+        gate_norm=torch.ones(e),
+        out_proj=(torch.randn(d, e), None, None),
+    )
     conv, ssm = [torch.randn(1, k - 1, c)], [torch.randn(1, h, p, n)]
     residual, convs, ssms = mamba2_layers_step(torch.randn(1, d), [layer], conv, ssm, 1e-5, g, (0.0, float("inf")))
     assert residual.shape == (1, d) and convs[0].shape == (1, k - 1, c) and ssms[0].shape == (1, h, p, n)
     with pytest.raises(RuntimeError, match="do not fit"):  # two groups need 2gn more conv channels
         mamba2_layers_step(torch.randn(1, d), [layer], conv, ssm, 1e-5, 2, (0.0, float("inf")))
     with pytest.raises(RuntimeError, match=r"D \(h,\) or \(e,\) must have shape"):
-        mamba2_layers_step(torch.randn(1, d), [layer._replace(D=torch.ones(3))], conv, ssm, 1e-5, g, (0.0, float("inf")))
+        mamba2_layers_step(
+            torch.randn(1, d), [layer._replace(D=torch.ones(3))], conv, ssm, 1e-5, g, (0.0, float("inf"))
+        )
     with pytest.raises(RuntimeError, match="the residual must be float32"):
         mamba2_layers_step(torch.randn(1, d, dtype=torch.float64), [layer], conv, ssm, 1e-5, g, (0.0, float("inf")))
 
@@ -456,7 +522,7 @@ def test_onednn_prompt_products_equal_pytorch_linear(bias):
 
 @needs_onednn
 def test_prompt_matmul_setting(monkeypatch, tmp_path):
-    """"auto" takes oneDNN only where MKL is not tuned for the CPU; a model prefilled with
+    """ "auto" takes oneDNN only where MKL is not tuned for the CPU; a model prefilled with
     oneDNN's products is as close to the float64 model as one prefilled with PyTorch's."""
     from mambastep.ops import backend
 
@@ -492,9 +558,17 @@ def test_the_stack_steps_parameter_lists_are_checked_by_name(cpp):
 
     e, n, k, d, r = 8, 4, 4, 6, 2
     lin = lambda rows, cols: (torch.randn(rows, cols), None, None)  # noqa: E731
-    weights = dict(norm=torch.ones(d), in_proj=lin(2 * e, d), conv_weight=torch.randn(e, 1, k), conv_bias=None,
-                   x_proj=lin(r + 2 * n, e), dt_proj=(torch.randn(e, r), None, torch.randn(e)), A_log=torch.randn(e, n),
-                   D=torch.ones(e), out_proj=lin(d, e))
+    weights = dict(
+        norm=torch.ones(d),
+        in_proj=lin(2 * e, d),
+        conv_weight=torch.randn(e, 1, k),
+        conv_bias=None,
+        x_proj=lin(r + 2 * n, e),
+        dt_proj=(torch.randn(e, r), None, torch.randn(e)),
+        A_log=torch.randn(e, n),
+        D=torch.ones(e),
+        out_proj=lin(d, e),
+    )
     assert len(PreparedStack([MambaLayerWeights(**weights)]).params) == 16
     with pytest.raises(RuntimeError, match=r"the mamba layers step reads \('norm', .* but was given"):
         PreparedStack([Swapped(**weights)])

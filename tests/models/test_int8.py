@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import mambastep
+from conftest import TORCH, make_hf_checkpoint
 from mambastep.models.int8 import Int8Linear
 from mambastep.ops.products import CONVERTED_ROWS
-from conftest import TORCH, make_hf_checkpoint
 
 
 @pytest.mark.parametrize("out_features", [36, 2 * CONVERTED_ROWS + 17])  # one block; two and a part
@@ -23,8 +23,11 @@ def test_int8_linear_equals_its_dequantized_weight(out_features):
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
 def test_int8_model_stays_close_to_float(tmp_path, family):
-    path = make_hf_checkpoint(tmp_path / family, family=family, hidden_size=32, num_heads=8) if family == "mamba2" \
+    path = (
+        make_hf_checkpoint(tmp_path / family, family=family, hidden_size=32, num_heads=8)
+        if family == "mamba2"
         else make_hf_checkpoint(tmp_path / family, hidden_size=32)
+    )
     full, int8 = mambastep.load(path), mambastep.load(path, quantize="int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.modules())
     tokens = torch.randint(0, 97, (4, 30), generator=torch.Generator().manual_seed(0))

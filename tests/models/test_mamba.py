@@ -7,11 +7,17 @@ import pytest
 import torch
 
 import mambastep
-from mambastep.settings import EngineSettings
 from conftest import (
-    assert_greedy_equals_transformers, assert_prefill_then_steps_equal_forward, hf_reference, make_hf_checkpoint, make_hf_model,
-    original_checkpoint, random_tokens, to_original_format,
+    assert_greedy_equals_transformers,
+    assert_prefill_then_steps_equal_forward,
+    hf_reference,
+    make_hf_checkpoint,
+    make_hf_model,
+    original_checkpoint,
+    random_tokens,
+    to_original_format,
 )
+from mambastep.settings import EngineSettings
 
 MAMBA_CONFIGS = [
     dict(),
@@ -44,7 +50,7 @@ def test_forward_equals_transformers(checkpoint):
     model, ref = mambastep.load(checkpoint), hf_reference(checkpoint)
     for b, l in [(1, 1), (2, 3), (3, 41)]:
         tokens = _tokens(model, b, l)
-        logits, state = model(tokens)
+        logits, _ = model(tokens)
         with torch.no_grad():
             expected = ref(tokens).logits
         assert logits.shape == (b, l, model.config.vocab_size)

@@ -2,12 +2,12 @@
 
 import torch
 
+from conftest import assert_prefill_then_steps_equal_forward, random_tokens
 from mambastep import load
 from mambastep.families import config_from_dict, config_to_dict
-from mambastep.models.config import MambaConfig, MambaLTIConfig
 from mambastep.files.checkpoints import save
 from mambastep.models import MambaLM, MambaLTILM
-from conftest import assert_prefill_then_steps_equal_forward, random_tokens
+from mambastep.models.config import MambaConfig, MambaLTIConfig
 from mambastep.ops import TORCH, Backend
 
 CONFIG = MambaLTIConfig(d_model=12, n_layer=2, vocab_size=19, d_state=5, d_conv=3)
@@ -91,7 +91,9 @@ def test_config_and_checkpoint_round_trip(tmp_path):
     loaded = load(tmp_path / "lti")
     assert isinstance(loaded, MambaLTILM)
     tokens = random_tokens(CONFIG.vocab_size, 1, 8)
-    torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], atol=1e-5, rtol=1e-5)  # fused kernel vs PyTorch scan
+    torch.testing.assert_close(
+        loaded(tokens)[0], model(tokens)[0], atol=1e-5, rtol=1e-5
+    )  # fused kernel vs PyTorch scan
 
 
 def test_trains_every_ssm_parameter():

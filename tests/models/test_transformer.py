@@ -7,10 +7,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mambastep
+from conftest import (
+    assert_greedy_equals_transformers,
+    assert_prefill_then_steps_equal_forward,
+    hf_reference,
+    make_hf_checkpoint,
+)
 from mambastep.cli import main
-from mambastep.settings import EngineSettings
 from mambastep.models.state import KVLayerState, ModelState, StateError
-from conftest import assert_greedy_equals_transformers, assert_prefill_then_steps_equal_forward, hf_reference, make_hf_checkpoint
+from mambastep.settings import EngineSettings
 
 CONFIGS = [
     dict(),
@@ -162,7 +167,10 @@ def test_old_checkpoint_buffers_are_dropped_and_old_config_keys_read(tmp_path):
         (dict(sliding_window=16), "unknown config key(s) ['sliding_window']"),
         (dict(hidden_act="relu"), "hidden_act = 'relu' is not supported"),
         (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling is not supported"),
-        (dict(intermediate_size=48), "gpt_neox.layers.0.mlp.dense_h_to_4h.weight has shape (64, 32), the config implies (48, 32)"),
+        (
+            dict(intermediate_size=48),
+            "gpt_neox.layers.0.mlp.dense_h_to_4h.weight has shape (64, 32), the config implies (48, 32)",
+        ),
     ],
 )
 def test_bad_config_is_refused_with_the_key_named(tmp_path, change, message):
@@ -186,8 +194,26 @@ def test_save_then_load_and_transformers_reads_it(model, tmp_path):
 
 def test_generate_and_info_commands_run_on_the_transformer(tmp_path, capsys):
     path = make_hf_checkpoint(tmp_path / "neox", family="gpt_neox", vocab_size=256)
-    assert main(["generate", "--model", str(path), "--tokenizer", "bytes", "--prompt", "ab",
-                 "--temperature", "0", "--max-new-tokens", "4", "--ignore-eos", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(path),
+                "--tokenizer",
+                "bytes",
+                "--prompt",
+                "ab",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "4",
+                "--ignore-eos",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert "completion" in json.loads(capsys.readouterr().out)
     assert main(["info", "--model", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

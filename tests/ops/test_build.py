@@ -19,8 +19,13 @@ POISON = "import pip._internal.locations"
 
 
 def _run(script: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **env},
+    )
 
 
 def test_a_process_that_imported_distutils_first_loads_the_kernels(cpp):
@@ -36,18 +41,24 @@ def test_a_process_that_imported_distutils_first_loads_the_kernels(cpp):
 def test_a_process_that_imported_distutils_first_builds_the_kernels(tmp_path):
     """The build runs in a fresh process: a small library, built from such a process."""
     source = tmp_path / "isa.cpp"
-    source.write_text(textwrap.dedent("""
+    source.write_text(
+        textwrap.dedent("""
         #include <torch/library.h>
         std::string isa() { return "tiny"; }
         TORCH_LIBRARY_IMPL(mambastep, CompositeExplicitAutograd, m) { m.impl("cpu_kernels_isa", &isa); }
-    """))
-    done = _run(f"""
+    """)
+    )
+    done = _run(
+        f"""
         {POISON}
         from pathlib import Path
         from mambastep.ops.cpu import build
         build.SOURCES[:], build.HEADERS[:] = [Path({str(source)!r})], []
         print(build.load())
-    """, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), MAMBASTEP_CPU_ISA="portable")
+    """,
+        TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"),
+        MAMBASTEP_CPU_ISA="portable",
+    )
     assert done.returncode == 0 and done.stdout.split() == ["tiny"], done.stderr[-2000:]
 
 

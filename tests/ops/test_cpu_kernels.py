@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("cpp")  # the kernels, built and loaded
 def selective_scan_fused(x, dt, A, B, C, D, state, z=None, dt_softplus=False):
     return kernels.selective_scan(x, dt, A, B, C, D, state, z, dt_softplus)
 
+
 # -ffast-math and a vectorised expf: float32 rounding, a little more than the eager op's.
 FUSED_TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -39,7 +40,9 @@ def test_fused_scan_matches_reference(b, l, e, n, with_D):
     x, dt, A, B, C, D, state = _inputs(b, l, e, n)
     D = D if with_D else None
     y, final = selective_scan_fused(x, dt, A, B, C, D, state)
-    y_ref, final_ref = selective_scan_ref(*(t.double() for t in (x, dt, A, B, C)), None if D is None else D.double(), state.double())
+    y_ref, final_ref = selective_scan_ref(
+        *(t.double() for t in (x, dt, A, B, C)), None if D is None else D.double(), state.double()
+    )
     torch.testing.assert_close(y.double(), y_ref, **FUSED_TOL)
     torch.testing.assert_close(final.double(), final_ref, **FUSED_TOL)
 
@@ -49,7 +52,15 @@ def test_fused_scan_leaves_its_inputs_alone_and_takes_bf16():
     before = state.clone()
     y, _ = selective_scan_fused(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D, state)
     assert torch.equal(state, before) and y.dtype == torch.float32
-    y_ref, _ = selective_scan_ref(x.bfloat16().double(), dt.double(), A.double(), B.bfloat16().double(), C.bfloat16().double(), D.double(), state.double())
+    y_ref, _ = selective_scan_ref(
+        x.bfloat16().double(),
+        dt.double(),
+        A.double(),
+        B.bfloat16().double(),
+        C.bfloat16().double(),
+        D.double(),
+        state.double(),
+    )
     torch.testing.assert_close(y.double(), y_ref, **FUSED_TOL)
 
 
@@ -121,7 +132,10 @@ def _grads(scan, inputs, seed=1):
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
     y, final = scan(*leaves)
     g = torch.Generator().manual_seed(seed)
-    wy, ws = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(final.shape, generator=g, dtype=torch.float64)
+    wy, ws = (
+        torch.randn(y.shape, generator=g, dtype=torch.float64),
+        torch.randn(final.shape, generator=g, dtype=torch.float64),
+    )
     ((y.double() * wy).sum() + (final.double() * ws).sum()).backward()
     return [None if t is None else t.grad for t in leaves]
 
@@ -137,7 +151,9 @@ def _assert_grads_close(grads, ref_grads, rel=GRAD_REL):
             continue
         assert g is not None and torch.isfinite(g).all(), name
         scale = ref.abs().max().item()
-        torch.testing.assert_close(g.double(), ref, atol=rel * scale + GRAD_FLOOR, rtol=rel, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(
+            g.double(), ref, atol=rel * scale + GRAD_FLOOR, rtol=rel, msg=lambda m: f"d{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("b,l,e,n", [(1, 1, 5, 1), (3, 2, 17, 4), (2, 64, 16, 16), (3, 130, 37, 16), (3, 130, 5, 1)])
@@ -235,8 +251,18 @@ def _matvec_inputs(m, k, n, dtype, seed=0):
 @pytest.mark.parametrize(
     "m,k,n",
     [
-        (1, 1, 1), (1, 15, 3), (3, 17, 5), (8, 48, 80), (11, 100, 33), (2, 768, 64),
-        (16, 15, 7), (19, 17, 5), (18, 768, 65), (64, 100, 34), (17, 40, 9), (21, 33, 8),
+        (1, 1, 1),
+        (1, 15, 3),
+        (3, 17, 5),
+        (8, 48, 80),
+        (11, 100, 33),
+        (2, 768, 64),
+        (16, 15, 7),
+        (19, 17, 5),
+        (18, 768, 65),
+        (64, 100, 34),
+        (17, 40, 9),
+        (21, 33, 8),
     ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -300,10 +326,17 @@ def _cpu_flags() -> str:
         return ""
 
 
-KERNEL_TESTS = ["tests/ops/test_cpu_kernels.py", "tests/ops/test_ssd.py", "tests/ops/test_conv.py", "tests/models/test_engine.py"]
+KERNEL_TESTS = [
+    "tests/ops/test_cpu_kernels.py",
+    "tests/ops/test_ssd.py",
+    "tests/ops/test_conv.py",
+    "tests/models/test_engine.py",
+]
 
 
-@pytest.mark.skipif(os.environ.get("MAMBASTEP_CPU_ISA", "native") != "native", reason="run from the native build's tests")
+@pytest.mark.skipif(
+    os.environ.get("MAMBASTEP_CPU_ISA", "native") != "native", reason="run from the native build's tests"
+)
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_every_kernel_test_passes_in_a_narrower_build(isa):
     """The kernels' tests again, in a process whose kernels are built for a narrower instruction
@@ -333,7 +366,9 @@ def test_rms_norm_kernel_matches_pytorch(shape, group):
         norm.weight.copy_(torch.randn(shape[-1], generator=g))
     x = torch.randn(*shape, generator=g) * 3
     want = norm.double()(x.double())
-    y = kernels.rms_norm(x.transpose(0, -2).contiguous().transpose(0, -2) if x.dim() == 3 else x, norm.weight.float(), 1e-5, group)
+    y = kernels.rms_norm(
+        x.transpose(0, -2).contiguous().transpose(0, -2) if x.dim() == 3 else x, norm.weight.float(), 1e-5, group
+    )
     assert y.shape == x.shape and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
 
@@ -344,7 +379,9 @@ def test_rms_norm_op_takes_the_kernel_for_float32_inference_only(cpp):
     weight = torch.nn.Parameter(torch.randn(16))
     x = torch.randn(3, 16)
     with torch.no_grad():
-        torch.testing.assert_close(rms_norm(x, weight, 1e-5, 8, backend=cpp), rms_norm(x, weight, 1e-5, 8), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            rms_norm(x, weight, 1e-5, 8, backend=cpp), rms_norm(x, weight, 1e-5, 8), atol=1e-6, rtol=1e-5
+        )
     y = rms_norm(x, weight, 1e-5, 8, backend=cpp)  # the weight requires grad: PyTorch's path, differentiable
     y.sum().backward()
     assert weight.grad is not None

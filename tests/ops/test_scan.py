@@ -1,11 +1,10 @@
 import pytest
 import torch
 
+from conftest import TOL
 from mambastep.ops import selective_scan_chunked as selective_scan
 from mambastep.ops import selective_step
 from mambastep.ops.reference import selective_scan_ref
-
-from conftest import TOL
 
 
 def _inputs(b, l, e, n, dtype=torch.float64, seed=0, dt_scale=1.0):
@@ -31,8 +30,15 @@ def test_scan_matches_reference(b, l, e, n, chunk, dtype):
     x, dt, A, B, C, D, state = _inputs(b, l, e, n, dtype)
     y, final = selective_scan(x, dt, A.to(dtype), B, C, D, state.float() if dtype != torch.float64 else state, chunk)
     # The reference sees exactly the same (rounded) values, in float64.
-    y_ref, final_ref = selective_scan_ref(x.double(), dt.double(), A.to(dtype).double(), B.double(), C.double(), D,
-                                          state.float().double() if dtype != torch.float64 else state)
+    y_ref, final_ref = selective_scan_ref(
+        x.double(),
+        dt.double(),
+        A.to(dtype).double(),
+        B.double(),
+        C.double(),
+        D,
+        state.float().double() if dtype != torch.float64 else state,
+    )
     tol = TOL[dtype]
     torch.testing.assert_close(y.double(), y_ref, **tol)
     torch.testing.assert_close(final.double(), final_ref, **tol)
@@ -67,7 +73,9 @@ def test_scan_stable_for_very_negative_dt_A():
     A = torch.full_like(A, -4.0)  # dt * A = -100
     y, final = selective_scan(x, dt, A, B, C, D, state.float())
     assert torch.isfinite(y).all() and torch.isfinite(final).all()
-    y_ref, final_ref = selective_scan_ref(x[:, :300].double(), dt[:, :300].double(), A.double(), B[:, :300].double(), C[:, :300].double(), D, state)
+    y_ref, _ = selective_scan_ref(
+        x[:, :300].double(), dt[:, :300].double(), A.double(), B[:, :300].double(), C[:, :300].double(), D, state
+    )
     torch.testing.assert_close(y[:, :300].double(), y_ref, **TOL[torch.float32])
 
 
@@ -83,7 +91,16 @@ def test_scan_long_sequence_stays_exact():
     # float64 reference, carried through the whole sequence in large pieces.
     for start in range(0, l, 50_000):
         piece = slice(start, start + 50_000)
-        y_ref, s = selective_scan(x[:, piece].double(), dt[:, piece].double(), A, B[:, piece].double(), C[:, piece].double(), D, s, chunk_size=4096)
+        y_ref, s = selective_scan(
+            x[:, piece].double(),
+            dt[:, piece].double(),
+            A,
+            B[:, piece].double(),
+            C[:, piece].double(),
+            D,
+            s,
+            chunk_size=4096,
+        )
         y_tail = y_ref[:, -tail:]
     torch.testing.assert_close(final.double(), s, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(y[:, -tail:].double(), y_tail, atol=1e-4, rtol=1e-4)

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TORCH
 from mambastep.ops import kernels
 from mambastep.ops.reference import ssd_scan_ref
 from mambastep.ops.ssd import ssd_scan_chunked as ssd_scan
 from mambastep.ops.step import ssd_step
-
-from conftest import TORCH
 
 pytestmark = pytest.mark.usefixtures("cpp")  # the C++ kernels, built and loaded
 
 
 def ssd_scan_fused(x, dt, A, B, C, D, state, z=None):
     return kernels.ssd_scan(x, dt, A, B, C, D, state, z)
+
 
 # float64 in, float64 out: only rounding of a few hundred terms (seen: < 1e-14).
 FP64 = dict(atol=1e-10, rtol=1e-10)
@@ -159,7 +159,9 @@ def strong_decays(b, l, h, gen):
     return dt, A
 
 
-@pytest.mark.parametrize("scan, dtype", [(chunked, torch.float64), (chunked, torch.float32), (ssd_scan_fused, torch.float32)])
+@pytest.mark.parametrize(
+    "scan, dtype", [(chunked, torch.float64), (chunked, torch.float32), (ssd_scan_fused, torch.float32)]
+)
 def test_very_negative_decay_long_sequence(scan, dtype):
     gen = torch.Generator().manual_seed(1)
     b, l, h, g, p, n = 2, 4096, 4, 2, 3, 4

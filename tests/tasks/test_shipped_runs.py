@@ -68,13 +68,17 @@ def accuracy(model, task, length: int, count: int, rows: int = 64) -> float:
 def check_documented_accuracy(model, task, length: int, count: int, documented: float, margin: float) -> None:
     measured = accuracy(model, task, length, count)
     assert abs(measured - documented) <= margin, (
-        f"accuracy {measured:.4f} at length {length} over {count} sequences; docs/tasks.md reports {documented} (margin {margin:.4f})"
+        f"accuracy {measured:.4f} at length {length} over {count} sequences; "
+        f"docs/tasks.md reports {documented} (margin {margin:.4f})"
     )
 
 
 def test_every_documented_run_ships():
     assert {run.name for name in ("selective_copying", "induction_heads") for run in shipped_runs(name)} == {
-        "selective_copying-s6", "selective_copying-s4d", "induction_heads-s6", "induction_heads-attention",
+        "selective_copying-s6",
+        "selective_copying-s4d",
+        "induction_heads-s6",
+        "induction_heads-attention",
     }
 
 
@@ -88,6 +92,8 @@ def test_shipped_run_reaches_the_documented_accuracy(name, length, count, docume
 def test_a_random_model_of_the_same_config_fails_the_check(name, length, count, documented, margin, tmp_path):
     task, shipped = shipped_run(name)
     torch.manual_seed(0)
-    random = mambastep.load(mambastep.save(type(shipped)(shipped.config), tmp_path / "random"))  # loaded as the shipped one
+    random = mambastep.load(
+        mambastep.save(type(shipped)(shipped.config), tmp_path / "random")
+    )  # loaded as the shipped one
     with pytest.raises(AssertionError, match="docs/tasks.md reports"):
         check_documented_accuracy(random, task, length, count, documented, margin)

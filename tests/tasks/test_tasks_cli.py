@@ -14,8 +14,28 @@ from mambastep.evidence.tasks.train import shipped_runs
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "copy-s6"
-    args = ["tasks", "train", "selective_copying", "--layer", "s6", "--out", str(out), "--length", "24", "--n-memorize", "3",
-            "--steps", "30", "--batch-size", "8", "--eval-every", "10", "--eval-count", "16", "--json"]
+    args = [
+        "tasks",
+        "train",
+        "selective_copying",
+        "--layer",
+        "s6",
+        "--out",
+        str(out),
+        "--length",
+        "24",
+        "--n-memorize",
+        "3",
+        "--steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "10",
+        "--eval-count",
+        "16",
+        "--json",
+    ]
     assert main(args) == 0
     return out
 
@@ -28,8 +48,24 @@ def test_train_writes_a_loadable_run(run_dir, capsys):
 
 def test_eval_prints_a_table_and_writes_its_files(run_dir, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["tasks", "eval", "selective_copying", "--model", str(run_dir), "--lengths", "24,96", "--count", "4",
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "tasks",
+                "eval",
+                "selective_copying",
+                "--model",
+                str(run_dir),
+                "--lengths",
+                "24,96",
+                "--count",
+                "4",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| s6 (trained at 24) |" in out and "| 24 | 96 |" in out
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
@@ -65,7 +101,17 @@ def inspect_ratios(capsys, tmp_path, *model_args) -> list[float]:
     ratios = []
     for seed in SEEDS:
         capsys.readouterr()
-        args = ["inspect", "--task", "selective_copying", *model_args, "--seed", str(seed), "--out", str(tmp_path / f"{seed}.png"), "--json"]
+        args = [
+            "inspect",
+            "--task",
+            "selective_copying",
+            *model_args,
+            "--seed",
+            str(seed),
+            "--out",
+            str(tmp_path / f"{seed}.png"),
+            "--json",
+        ]
         assert main(args) == 0
         summary = json.loads(capsys.readouterr().out)
         assert summary["tokens"] == 128 and summary["highlighted_positions"] == 16
@@ -75,7 +121,9 @@ def inspect_ratios(capsys, tmp_path, *model_args) -> list[float]:
 
 def check_data_tokens_get_larger_steps(ratios: list[float]) -> None:
     mean = sum(ratios) / len(ratios)
-    assert mean >= S6_MEAN_RATIO_THRESHOLD, f"Δ at data tokens / Δ elsewhere: mean {mean:.3f} of {[round(r, 3) for r in ratios]}"
+    assert mean >= S6_MEAN_RATIO_THRESHOLD, (
+        f"Δ at data tokens / Δ elsewhere: mean {mean:.3f} of {[round(r, 3) for r in ratios]}"
+    )
 
 
 def test_inspect_task_the_shipped_s6_run_takes_larger_steps_at_the_data_tokens(tmp_path, capsys):
@@ -100,7 +148,10 @@ def test_inspect_task_a_random_s6_model_fails_the_check(tmp_path, capsys):
 
 
 def test_eval_refuses_a_run_of_another_task(run_dir, tmp_path, capsys):
-    assert main(["tasks", "eval", "induction_heads", "--model", str(run_dir), "--lengths", "64", "--out", str(tmp_path)]) == 1
+    assert (
+        main(["tasks", "eval", "induction_heads", "--model", str(run_dir), "--lengths", "64", "--out", str(tmp_path)])
+        == 1
+    )
     assert "was trained on 'selective_copying'" in capsys.readouterr().err
 
 

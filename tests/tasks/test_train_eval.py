@@ -5,16 +5,23 @@ import json
 import pytest
 import torch
 
-from mambastep.models.config import GPTNeoXConfig, MambaConfig
-from mambastep.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
-from mambastep.models import MambaLM, TransformerLM
 from mambastep.evidence.tasks import task
-from mambastep.training.settings import OptimSettings
 from mambastep.evidence.tasks.evaluate import (
-    MEASURED, OUT_OF_MEMORY, OUT_OF_TIME, EvalSettings, evaluate, evaluate_model, markdown_table, parse_lengths, score,
+    MEASURED,
+    OUT_OF_MEMORY,
+    OUT_OF_TIME,
+    EvalSettings,
+    evaluate,
+    evaluate_model,
+    markdown_table,
+    parse_lengths,
+    score,
 )
 from mambastep.evidence.tasks.layers import LAYERS, layer_config, layer_name
 from mambastep.evidence.tasks.train import TaskTrainSettings, correct, train_task
+from mambastep.models import MambaLM, TransformerLM
+from mambastep.models.config import GPTNeoXConfig, MambaConfig
+from mambastep.training.settings import OptimSettings
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -26,8 +33,17 @@ def test_every_layer_has_the_papers_shell(layer):
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_every_layer_trains_and_its_run_loads(layer, tmp_path):
-    settings = TaskTrainSettings(task="induction_heads", task_settings={"train_length": 16}, layer=layer,
-                                 out=str(tmp_path / layer), steps=3, batch_size=4, eval_every=3, eval_count=8, progress=False)
+    settings = TaskTrainSettings(
+        task="induction_heads",
+        task_settings={"train_length": 16},
+        layer=layer,
+        out=str(tmp_path / layer),
+        steps=3,
+        batch_size=4,
+        eval_every=3,
+        eval_count=8,
+        progress=False,
+    )
     record = train_task(settings)
     assert record["steps"] == 3 and record["layer"] == layer and len(record["curve"]) == 1
     report = evaluate("induction_heads", [tmp_path / layer], EvalSettings(lengths=(16,), count=8, progress=False))
@@ -35,21 +51,42 @@ def test_every_layer_trains_and_its_run_loads(layer, tmp_path):
 
 
 def test_a_run_continues_from_another_of_the_same_task_and_layer(tmp_path):
-    common = dict(task="induction_heads", task_settings={"train_length": 16}, layer="s6", batch_size=4, eval_every=2,
-                  eval_count=8, progress=False)
+    common = dict(
+        task="induction_heads",
+        task_settings={"train_length": 16},
+        layer="s6",
+        batch_size=4,
+        eval_every=2,
+        eval_count=8,
+        progress=False,
+    )
     train_task(TaskTrainSettings(out=str(tmp_path / "first"), steps=3, **common))
     record = train_task(TaskTrainSettings(out=str(tmp_path / "more"), steps=2, init=str(tmp_path / "first"), **common))
     assert record["steps"] == 5
     with pytest.raises(ValueError, match="cannot continue"):
-        train_task(TaskTrainSettings(**{**common, "task_settings": {"train_length": 32}}, out=str(tmp_path / "other"),
-                                     steps=2, init=str(tmp_path / "first")))
+        train_task(
+            TaskTrainSettings(
+                **{**common, "task_settings": {"train_length": 32}},
+                out=str(tmp_path / "other"),
+                steps=2,
+                init=str(tmp_path / "first"),
+            )
+        )
 
 
 def test_a_short_run_beats_chance(tmp_path):
     """Selective copying at a small scale: 4 tokens to copy from 32 positions, learnt within seconds."""
     settings = TaskTrainSettings(
-        task="selective_copying", task_settings={"n_memorize": 4, "train_length": 32}, layer="s6", out=str(tmp_path / "run"),
-        steps=300, batch_size=32, optim=OptimSettings(lr=3e-3, weight_decay=0.0), eval_every=100, eval_count=256, progress=False,
+        task="selective_copying",
+        task_settings={"n_memorize": 4, "train_length": 32},
+        layer="s6",
+        out=str(tmp_path / "run"),
+        steps=300,
+        batch_size=32,
+        optim=OptimSettings(lr=3e-3, weight_decay=0.0),
+        eval_every=100,
+        eval_count=256,
+        progress=False,
     )
     record = train_task(settings)
     chance = 1 / task("selective_copying").n_answers
@@ -88,18 +125,26 @@ def test_attention_reports_what_does_not_fit():
     torch.manual_seed(0)
     model = TransformerLM(GPTNeoXConfig(d_model=16, n_layer=2, n_heads=2, vocab_size=16, rotary_pct=1.0)).eval()
     heads = task("induction_heads")
-    out_of_memory = evaluate_model(model, heads, EvalSettings(lengths=(64, 2**20), count=1, memory_budget=2**20, progress=False), "attention")
+    out_of_memory = evaluate_model(
+        model, heads, EvalSettings(lengths=(64, 2**20), count=1, memory_budget=2**20, progress=False), "attention"
+    )
     assert [r["status"] for r in out_of_memory] == [MEASURED, OUT_OF_MEMORY]
-    out_of_time = evaluate_model(model, heads, EvalSettings(lengths=(64, 2**20), count=1, time_budget_s=1.0, progress=False), "attention")
+    out_of_time = evaluate_model(
+        model, heads, EvalSettings(lengths=(64, 2**20), count=1, time_budget_s=1.0, progress=False), "attention"
+    )
     assert [r["status"] for r in out_of_time] == [MEASURED, OUT_OF_TIME]
     assert out_of_time[1]["predicted_s"] > 1.0
 
 
 def test_markdown_table_marks_skipped_lengths():
-    report = {"lengths": [64, 2**20], "models": [{"name": "attention"}], "rows": [
-        {"model": "attention", "length": 64, "status": MEASURED, "accuracy": 0.5},
-        {"model": "attention", "length": 2**20, "status": OUT_OF_MEMORY},
-    ]}
+    report = {
+        "lengths": [64, 2**20],
+        "models": [{"name": "attention"}],
+        "rows": [
+            {"model": "attention", "length": 64, "status": MEASURED, "accuracy": 0.5},
+            {"model": "attention", "length": 2**20, "status": OUT_OF_MEMORY},
+        ],
+    }
     table = markdown_table(report)
     assert "| attention | 50.0 | OOM |" in table and "2^20" in table
 
@@ -123,7 +168,9 @@ def test_bad_training_settings(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         train_task(TaskTrainSettings(task="copying", layer="s6", out=str(tmp_path)))
     with pytest.raises(ValueError, match="too short"):
-        train_task(TaskTrainSettings(task="induction_heads", task_settings={"train_length": 2}, layer="s6", out=str(tmp_path)))
+        train_task(
+            TaskTrainSettings(task="induction_heads", task_settings={"train_length": 2}, layer="s6", out=str(tmp_path))
+        )
 
 
 def test_memory_the_system_cannot_tell_is_no_limit(monkeypatch):
@@ -135,5 +182,7 @@ def test_memory_the_system_cannot_tell_is_no_limit(monkeypatch):
 
     monkeypatch.setattr(memory.psutil, "virtual_memory", unknown)
     assert memory.available_memory() is None
-    rows = evaluate_model(_random_model(), task("induction_heads"), EvalSettings(lengths=(64,), count=1, progress=False), "s6")
+    rows = evaluate_model(
+        _random_model(), task("induction_heads"), EvalSettings(lengths=(64,), count=1, progress=False), "s6"
+    )
     assert [r["status"] for r in rows] == [MEASURED]

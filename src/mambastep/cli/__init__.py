@@ -18,7 +18,9 @@ COMMANDS = (generate, info, train, cost, compare, stream, bench, inspect, tasks)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mambastep", description="Constant-memory, real-time inference for selective state space models.")
+    parser = argparse.ArgumentParser(
+        prog="mambastep", description="Constant-memory, real-time inference for selective state space models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)

@@ -13,9 +13,15 @@ from mambastep.evidence.bench import BenchSettings, markdown, run_bench
 
 def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(
-        model=args.model, dtype=args.dtype, quantize=args.quantize, batches=tuple(args.batches),
-        prompts=tuple(args.prompts), decode_steps=args.decode_steps, repeats=args.repeats,
-        long_context=args.long_context, baseline=not args.no_baseline,
+        model=args.model,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        batches=tuple(args.batches),
+        prompts=tuple(args.prompts),
+        decode_steps=args.decode_steps,
+        repeats=args.repeats,
+        long_context=args.long_context,
+        baseline=not args.no_baseline,
     )
     engine = engine_settings(args)
     if args.threads:
@@ -26,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
             f.write("\n" + markdown(report))
     print(json.dumps(report) if args.json else markdown(report))
     return 0
-
 
 
 def add_parser(sub) -> None:
@@ -45,4 +50,3 @@ def add_parser(sub) -> None:
     b.add_argument("--markdown", default=None, help="append the Markdown table to this file (e.g. BENCHMARKS.md)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=run)
-

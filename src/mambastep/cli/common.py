@@ -23,27 +23,56 @@ USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, StateError, ValueEr
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(DEFAULT_MODEL),
-                        help="checkpoint directory or Hugging Face Hub id (default: the bundled model)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)")
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="checkpoint directory or Hugging Face Hub id (default: the bundled model)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     add_engine_args(parser)
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers (CPU, float32)")
+    parser.add_argument(
+        "--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers (CPU, float32)"
+    )
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     engine = EngineSettings()
-    parser.add_argument("--scan", type=_not_renamed, choices=SCAN_KERNELS, default=engine.scan,
-                        help="prompt scans, conv and norms: cpp (the C++ CPU kernels), torch, or auto")
-    parser.add_argument("--matvec", type=_not_renamed, choices=MATVEC_KERNELS, default=engine.matvec,
-                        help="decode-step products: cpp (the C++ CPU kernel, float32/bfloat16/int8 weights), torch, or auto")
-    parser.add_argument("--prompt-matmul", choices=PROMPT_MATMULS, default=engine.prompt_matmul,
-                        help="float32 prompt products: oneDNN, PyTorch (MKL on x86), or auto (oneDNN on non-Intel x86)")
-    parser.add_argument("--decode", choices=DECODE_BACKENDS, default=engine.decode,
-                        help="compiled: torch.compile the decode step (a one-time compile, cached); eager: start at once")
+    parser.add_argument(
+        "--scan",
+        type=_not_renamed,
+        choices=SCAN_KERNELS,
+        default=engine.scan,
+        help="prompt scans, conv and norms: cpp (the C++ CPU kernels), torch, or auto",
+    )
+    parser.add_argument(
+        "--matvec",
+        type=_not_renamed,
+        choices=MATVEC_KERNELS,
+        default=engine.matvec,
+        help="decode-step products: cpp (the C++ CPU kernel, float32/bfloat16/int8 weights), torch, or auto",
+    )
+    parser.add_argument(
+        "--prompt-matmul",
+        choices=PROMPT_MATMULS,
+        default=engine.prompt_matmul,
+        help="float32 prompt products: oneDNN, PyTorch (MKL on x86), or auto (oneDNN on non-Intel x86)",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=DECODE_BACKENDS,
+        default=engine.decode,
+        help="compiled: torch.compile the decode step (a one-time compile, cached); eager: start at once",
+    )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
-    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
-                        help="keep the weights in ordinary 4 KiB pages (default: moved into transparent huge pages)")
+    parser.add_argument(
+        "--no-huge-pages",
+        dest="huge_pages",
+        action="store_false",
+        help="keep the weights in ordinary 4 KiB pages (default: moved into transparent huge pages)",
+    )
 
 
 def _not_renamed(value: str) -> str:
@@ -53,8 +82,14 @@ def _not_renamed(value: str) -> str:
 
 
 def engine_settings(args: argparse.Namespace) -> EngineSettings:
-    return EngineSettings(scan=args.scan, matvec=args.matvec, prompt_matmul=args.prompt_matmul,
-                          decode=args.decode, threads=args.threads, huge_pages=args.huge_pages)
+    return EngineSettings(
+        scan=args.scan,
+        matvec=args.matvec,
+        prompt_matmul=args.prompt_matmul,
+        decode=args.decode,
+        threads=args.threads,
+        huge_pages=args.huge_pages,
+    )
 
 
 def load_model(args: argparse.Namespace):
@@ -92,9 +127,12 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def add_hardware_args(parser: argparse.ArgumentParser, default: str | None) -> None:
-    parser.add_argument("--hardware", default=default,
-                        help=f"profile for the roofline: {', '.join(BUILTIN_HARDWARE)}, or a JSON file "
-                             f"(default: {default or 'calibrate this machine'})")
+    parser.add_argument(
+        "--hardware",
+        default=default,
+        help=f"profile for the roofline: {', '.join(BUILTIN_HARDWARE)}, or a JSON file "
+        f"(default: {default or 'calibrate this machine'})",
+    )
     parser.add_argument("--calibrate", action="store_true", help="measure this machine's bandwidth and peaks instead")
     parser.add_argument("--save-hardware", type=Path, default=None, help="write the profile used to this JSON file")
 
@@ -106,4 +144,3 @@ def hardware(args: argparse.Namespace):
     if args.save_hardware:
         args.save_hardware.write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
     return profile
-

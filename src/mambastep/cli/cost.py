@@ -23,16 +23,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_parser(sub) -> None:
-    co = sub.add_parser("cost", help="analytic FLOPs, bytes and roofline time of a decode step and a prefill, by primitive")
-    co.add_argument("--model", "--models", nargs="+", default=list(DEFAULT_MODELS),
-                    help=f"built-in configurations ({', '.join(BUILTIN_CONFIGS)}) or checkpoints (only config.json is read)")
+    co = sub.add_parser(
+        "cost", help="analytic FLOPs, bytes and roofline time of a decode step and a prefill, by primitive"
+    )
+    co.add_argument(
+        "--model",
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        help=f"built-in configurations ({', '.join(BUILTIN_CONFIGS)}) or checkpoints (only config.json is read)",
+    )
     add_hardware_args(co, "h100")
-    co.add_argument("--context", "--contexts", type=int, nargs="+", default=[2048],
-                    help="tokens before the decode step; prompt length")
+    co.add_argument(
+        "--context",
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[2048],
+        help="tokens before the decode step; prompt length",
+    )
     co.add_argument("--batch", type=int, nargs="+", default=[1])
     co.add_argument("--terms", action="store_true", help="add every operation to the JSON")
     co.add_argument("--json", action="store_true")
     co.set_defaults(func=run)
-

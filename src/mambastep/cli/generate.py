@@ -26,25 +26,32 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     end = time.perf_counter()
     if args.json:
-        print(json.dumps({
-            "model": args.model,
-            "prompt": args.prompt,
-            "completion": "".join(pieces),
-            "params": asdict(params),
-            "time_to_first_piece_s": round((first or end) - start, 4),
-            "total_s": round(end - start, 4),
-        }))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "prompt": args.prompt,
+                    "completion": "".join(pieces),
+                    "params": asdict(params),
+                    "time_to_first_piece_s": round((first or end) - start, 4),
+                    "total_s": round(end - start, 4),
+                }
+            )
+        )
     else:
         sys.stdout.write("\n")
     return 0
-
 
 
 def add_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     add_model_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)")
+    gen.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)",
+    )
     add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(func=run)

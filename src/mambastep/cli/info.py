@@ -20,7 +20,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_parser(sub) -> None:
     info = sub.add_parser("info", help="config, parameter count, weight and state bytes")
     add_model_args(info)

@@ -57,9 +57,14 @@ def run(args: argparse.Namespace) -> int:
     name = Path(args.model).name if Path(args.model).exists() else args.model
     if args.task is not None and name == "model":  # the model of a `tasks train` run: name the run
         name = Path(args.model).parent.name
-    plot_selection(trace, args.out, labels=labels, highlight=highlight,
-                   title=f"what {name} ({trace.family}) selects over {trace.length} tokens: log Δ per token, "
-                         f"state norm below" + ("" if highlight is None else f"; red: {int(highlight.sum())} highlighted"))
+    plot_selection(
+        trace,
+        args.out,
+        labels=labels,
+        highlight=highlight,
+        title=f"what {name} ({trace.family}) selects over {trace.length} tokens: log Δ per token, "
+        f"state norm below" + ("" if highlight is None else f"; red: {int(highlight.sum())} highlighted"),
+    )
     summary = selection_summary(trace, highlight)
     if args.json:
         print(json.dumps({"png": str(args.out), "model": args.model, **summary}))
@@ -75,25 +80,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_parser(sub) -> None:
-    ins = sub.add_parser("inspect", help="PNG of what an SSM selects: Δ per token and channel group, and the state norm")
+    ins = sub.add_parser(
+        "inspect", help="PNG of what an SSM selects: Δ per token and channel group, and the state norm"
+    )
     add_model_args(ins)
-    ins.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)")
+    ins.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)",
+    )
     source = ins.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", default=None, help="text to trace")
     source.add_argument("--input-file", type=Path, default=None, metavar="PATH", help="UTF-8 text file to trace")
     source.add_argument("--ids", default=None, help="comma-separated token ids, e.g. 3,1,4")
-    source.add_argument("--task", default=None, choices=sorted(TASKS),
-                        help="a validation sequence of this synthetic task, its key tokens highlighted "
-                             "(--model: a run of `mambastep tasks train`; default: the shipped S6 run)")
-    ins.add_argument("--length", type=int, default=None, help="with --task: the sequence length (default: the training length)")
+    source.add_argument(
+        "--task",
+        default=None,
+        choices=sorted(TASKS),
+        help="a validation sequence of this synthetic task, its key tokens highlighted "
+        "(--model: a run of `mambastep tasks train`; default: the shipped S6 run)",
+    )
+    ins.add_argument(
+        "--length", type=int, default=None, help="with --task: the sequence length (default: the training length)"
+    )
     ins.add_argument("--seed", type=int, default=0, help="with --task: which validation sequence")
-    ins.add_argument("--highlight-ids", default=None, metavar="IDS",
-                     help="comma-separated token ids: mark the positions that hold them (e.g. data tokens)")
-    ins.add_argument("--groups", type=int, default=16,
-                     help="channel groups per layer for Mamba-1 (Δ averaged within each); Mamba-2 shows every head")
+    ins.add_argument(
+        "--highlight-ids",
+        default=None,
+        metavar="IDS",
+        help="comma-separated token ids: mark the positions that hold them (e.g. data tokens)",
+    )
+    ins.add_argument(
+        "--groups",
+        type=int,
+        default=16,
+        help="channel groups per layer for Mamba-1 (Δ averaged within each); Mamba-2 shows every head",
+    )
     ins.add_argument("--out", type=Path, default=Path("selection.png"), help="PNG to write (default: selection.png)")
     ins.add_argument("--json", action="store_true", help="print the summary (mean Δ per layer...) as JSON")
     ins.set_defaults(func=run)
-

@@ -16,8 +16,13 @@ def run(args: argparse.Namespace) -> int:
     requested = "bytes" if args.bytes else "ids" if args.ids else None
     needs_tokenizer = requested is None or args.generate_every or args.tokenizer
     settings = StreamSettings(  # validate before the slow part
-        save_state=args.save_state, resume=args.resume, other_weights=args.other_weights, generate_every=args.generate_every,
-        params=sampling_params(args), report_every=args.report_every, json=args.json,
+        save_state=args.save_state,
+        resume=args.resume,
+        other_weights=args.other_weights,
+        generate_every=args.generate_every,
+        params=sampling_params(args),
+        report_every=args.report_every,
+        json=args.json,
     )
     model = load_model(args)
     tokenizer = load_tokenizer(args.model, tokenizer=args.tokenizer) if needs_tokenizer else None
@@ -25,23 +30,44 @@ def run(args: argparse.Namespace) -> int:
     return run_stream(settings, model, tokenizer, sys.stdin.buffer, sys.stdout, sys.stderr)
 
 
-
 def add_parser(sub) -> None:
     st = sub.add_parser("stream", help="feed standard input to a model as it arrives, with live reports on stderr")
     add_model_args(st)
-    st.add_argument("--tokenizer", default=None, help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)")
+    st.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory, tokenizer.json, hub id or 'bytes' (default: the model's)",
+    )
     kind = st.add_mutually_exclusive_group()
-    kind.add_argument("--bytes", action="store_true",
-                      help="each input byte is a token id (the default for byte-level models; else text, a line at a time)")
+    kind.add_argument(
+        "--bytes",
+        action="store_true",
+        help="each input byte is a token id (the default for byte-level models; else text, a line at a time)",
+    )
     kind.add_argument("--ids", action="store_true", help="the input is whitespace-separated token ids")
-    st.add_argument("--save-state", type=Path, default=None, metavar="FILE", help="session file written at end of input and on Ctrl-C")
-    st.add_argument("--resume", type=Path, default=None, metavar="FILE", help="session file to continue (from --save-state)")
-    st.add_argument("--other-weights", action="store_true",
-                    help="resume a session saved with other weights of the same architecture (another dtype, int8, a fine-tune)")
-    st.add_argument("--generate-every", type=int, default=0, metavar="N",
-                    help="every N tokens, write a continuation to stdout (from a copy: the stream is unchanged)")
+    st.add_argument(
+        "--save-state",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="session file written at end of input and on Ctrl-C",
+    )
+    st.add_argument(
+        "--resume", type=Path, default=None, metavar="FILE", help="session file to continue (from --save-state)"
+    )
+    st.add_argument(
+        "--other-weights",
+        action="store_true",
+        help="resume a session saved with other weights of the same architecture (another dtype, int8, a fine-tune)",
+    )
+    st.add_argument(
+        "--generate-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N tokens, write a continuation to stdout (from a copy: the stream is unchanged)",
+    )
     add_sampling_args(st)
     st.add_argument("--report-every", type=float, default=1.0, metavar="SECONDS", help="0: after every chunk")
     st.add_argument("--json", action="store_true", help="reports and continuations as JSON lines")
     st.set_defaults(func=run)
-

@@ -12,29 +12,55 @@ from mambastep.training.settings import PRECISIONS
 def run(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         data=DataSettings(
-            paths=tuple(args.data), include=tuple(args.include or ["*"]), exclude=tuple(args.exclude),
-            skip_binary=args.skip_binary, tokenizer=args.tokenizer, holdout=args.holdout, seed=args.seed,
+            paths=tuple(args.data),
+            include=tuple(args.include or ["*"]),
+            exclude=tuple(args.exclude),
+            skip_binary=args.skip_binary,
+            tokenizer=args.tokenizer,
+            holdout=args.holdout,
+            seed=args.seed,
             seq_len=args.seq_len,
         ),
         optim=OptimSettings(
-            lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+            lr=args.lr,
+            min_lr_ratio=args.min_lr_ratio,
+            warmup_steps=args.warmup_steps,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
         ),
-        out=args.out, config=args.config, init=args.init, steps=args.steps, batch_size=args.batch_size,
-        precision=args.precision, device=args.device, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
-        stop_after=args.stop_after, threads=args.threads, progress=not args.no_progress,
+        out=args.out,
+        config=args.config,
+        init=args.init,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        threads=args.threads,
+        progress=not args.no_progress,
     )
     record = train(settings)
     final = [e for e in record.get("eval", []) if e["full"]]
     if record and args.json:
-        print(json.dumps({"out": args.out, "wall_s": record["wall_s"], "final_eval": final[-1] if final else None,
-                          "baselines": record["baselines"]}))
+        print(
+            json.dumps(
+                {
+                    "out": args.out,
+                    "wall_s": record["wall_s"],
+                    "final_eval": final[-1] if final else None,
+                    "baselines": record["baselines"],
+                }
+            )
+        )
     elif final:
         baselines = ", ".join(f"{name} {value:.3f}" for name, value in record["baselines"].items())
         print(f"held-out: {final[-1]['bits_per_byte']:.3f} bits per byte ({baselines}); model in {args.out}/model")
     return 0
-
 
 
 def add_parser(sub) -> None:
@@ -44,13 +70,21 @@ def add_parser(sub) -> None:
     tr.add_argument("data", nargs="+", help="text files and folders (searched recursively)")
     tr.add_argument("--out", required=True, help="folder for model/, train_state.pt, log.json and curve.png")
     source = tr.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="built-in config name, or a config.json file (Hugging Face or state-spaces format)")
+    source.add_argument(
+        "--config", help="built-in config name, or a config.json file (Hugging Face or state-spaces format)"
+    )
     source.add_argument("--init", help="checkpoint to fine-tune")
-    tr.add_argument("--tokenizer", default=None, help="'bytes', tokenizer.json or checkpoint (default: --init's, else bytes)")
-    tr.add_argument("--include", action="append", default=[], help="glob on paths relative to a folder, e.g. '*.py' (repeatable)")
+    tr.add_argument(
+        "--tokenizer", default=None, help="'bytes', tokenizer.json or checkpoint (default: --init's, else bytes)"
+    )
+    tr.add_argument(
+        "--include", action="append", default=[], help="glob on paths relative to a folder, e.g. '*.py' (repeatable)"
+    )
     tr.add_argument("--exclude", action="append", default=[], help="glob of files to leave out (repeatable)")
     tr.add_argument("--skip-binary", action="store_true", help="skip files that are not UTF-8 text instead of failing")
-    tr.add_argument("--holdout", type=float, default=data.holdout, help="share of files held out (by a hash of their path)")
+    tr.add_argument(
+        "--holdout", type=float, default=data.holdout, help="share of files held out (by a hash of their path)"
+    )
     tr.add_argument("--seed", type=int, default=data.seed)
     tr.add_argument("--seq-len", type=int, default=data.seq_len)
     tr.add_argument("--steps", type=int, default=defaults.steps)
@@ -60,10 +94,14 @@ def add_parser(sub) -> None:
     tr.add_argument("--warmup-steps", type=int, default=optim.warmup_steps)
     tr.add_argument("--weight-decay", type=float, default=optim.weight_decay)
     tr.add_argument("--grad-clip", type=float, default=optim.grad_clip, help="0 for off")
-    tr.add_argument("--precision", choices=PRECISIONS, default=defaults.precision, help="bf16: autocast the forward pass")
+    tr.add_argument(
+        "--precision", choices=PRECISIONS, default=defaults.precision, help="bf16: autocast the forward pass"
+    )
     tr.add_argument("--device", default=defaults.device, help="cpu or cuda (under torchrun: one GPU per process)")
     tr.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    tr.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="held-out tokens per periodic evaluation")
+    tr.add_argument(
+        "--eval-tokens", type=int, default=defaults.eval_tokens, help="held-out tokens per periodic evaluation"
+    )
     tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     tr.add_argument("--log-every", type=int, default=defaults.log_every)
     tr.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -72,4 +110,3 @@ def add_parser(sub) -> None:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     tr.set_defaults(func=run)
-

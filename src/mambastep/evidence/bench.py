@@ -22,8 +22,8 @@ import gc
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -135,8 +135,14 @@ def _theirs_decode(ref, prompt: torch.Tensor, steps: int) -> float:
             return scores
 
     with torch.no_grad():
-        ref.generate(prompt, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
-                     pad_token_id=0, logits_processor=LogitsProcessorList([Tick()]))
+        ref.generate(
+            prompt,
+            max_new_tokens=steps + 1,
+            min_new_tokens=steps + 1,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=LogitsProcessorList([Tick()]),
+        )
     if len(clock) != steps + 1:
         raise RuntimeError(f"transformers chose {len(clock)} tokens, not {steps + 1}")
     return (clock[-1] - clock[0]) / steps
@@ -180,8 +186,12 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
         "settings": asdict(s),
         "engine": asdict(ours.settings),
         "threads": torch.get_num_threads(),
-        "machine": {"bandwidth_gb_s": round(bandwidth / 1e9, 1), f"matmul_peak_gflop_s_{str(compute_dtype).removeprefix('torch.')}": round(peak / 1e9, 1),
-                    "matmul_peak_by": peak_by, "matmul_peak_gflop_s_float32_decode": round(decode_peak / 1e9, 1)},
+        "machine": {
+            "bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            f"matmul_peak_gflop_s_{str(compute_dtype).removeprefix('torch.')}": round(peak / 1e9, 1),
+            "matmul_peak_by": peak_by,
+            "matmul_peak_gflop_s_float32_decode": round(decode_peak / 1e9, 1),
+        },
         "weight_bytes": w_bytes,
         "state_bytes_per_sequence": ours.new_state(1).nbytes,
         "decode": [],
@@ -202,9 +212,15 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
         memory_ms = 1000 * (w_bytes + 2 * state.nbytes) / bandwidth
         compute_ms = 1000 * batch * decode_flops / decode_peak
         roofline_ms = max(memory_ms, compute_ms)
-        row = {"batch": batch, "ms_per_step": round(ms, 2), "tokens_per_s": round(1000 * batch / ms, 1),
-               "memory_ms": round(memory_ms, 2), "compute_ms": round(compute_ms, 2),
-               "roofline_ms": round(roofline_ms, 2), "roofline_fraction": round(roofline_ms / ms, 2)}
+        row = {
+            "batch": batch,
+            "ms_per_step": round(ms, 2),
+            "tokens_per_s": round(1000 * batch / ms, 1),
+            "memory_ms": round(memory_ms, 2),
+            "compute_ms": round(compute_ms, 2),
+            "roofline_ms": round(roofline_ms, 2),
+            "roofline_fraction": round(roofline_ms / ms, 2),
+        }
         if theirs:
             their_ms = 1000 * statistics.median(theirs)
             row.update(transformers_ms_per_step=round(their_ms, 2), speedup=round(their_ms / ms, 2))
@@ -225,9 +241,13 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
                     theirs.append(_seconds(lambda: ref(prompt, use_cache=False)))
         tps = length / statistics.median(mine)
         bound = peak / flops
-        row = {"tokens": length, "tokens_per_s": round(tps, 1), "compute_bound_tokens_per_s": round(bound, 1),
-               "compute_fraction": round(tps / bound, 2),
-               "peak_rss_added_mb": round(max(extra) / 2**20, 1) if extra else None}
+        row = {
+            "tokens": length,
+            "tokens_per_s": round(tps, 1),
+            "compute_bound_tokens_per_s": round(bound, 1),
+            "compute_fraction": round(tps / bound, 2),
+            "peak_rss_added_mb": round(max(extra) / 2**20, 1) if extra else None,
+        }
         if theirs:
             their_tps = length / statistics.median(theirs)
             row.update(transformers_tokens_per_s=round(their_tps, 1), speedup=round(tps / their_tps, 2))
@@ -236,10 +256,18 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
     if s.long_context:
         short = ours.prefill(torch.randint(0, vocab, (1, 16), generator=gen))[1]
         long = ours.prefill(torch.randint(0, vocab, (1, s.long_context), generator=gen))[1]
-        pairs = [(_ours_decode(ours, short, s.decode_steps), _ours_decode(ours, long, s.decode_steps)) for _ in range(s.repeats)]
+        pairs = [
+            (_ours_decode(ours, short, s.decode_steps), _ours_decode(ours, long, s.decode_steps))
+            for _ in range(s.repeats)
+        ]
         short_ms, long_ms = (1000 * statistics.median(p[i] for p in pairs) for i in (0, 1))
-        report["context"] = {"short_context": 16, "long_context": s.long_context, "short_ms": round(short_ms, 2),
-                             "long_ms": round(long_ms, 2), "long_over_short": round(long_ms / short_ms, 3)}
+        report["context"] = {
+            "short_context": 16,
+            "long_context": s.long_context,
+            "short_ms": round(short_ms, 2),
+            "long_ms": round(long_ms, 2),
+            "long_over_short": round(long_ms / short_ms, 3),
+        }
         progress.update()
     progress.close()
     return report
@@ -249,25 +277,42 @@ def markdown(report: dict) -> str:
     """The report as a Markdown section for BENCHMARKS.md."""
     s = report["settings"]
     engine = report["engine"]
-    title = (f"{s['model']}, {s['dtype']}{', int8 weights' if s['quantize'] else ''}, {report['threads']} threads, "
-             f"decode {engine['decode']}, matvec {engine['matvec']}, prompt matmul {engine['prompt_matmul']}"
-             f"{'' if engine['huge_pages'] else ', 4 KiB pages'}")
-    lines = [f"### {title}", "",
-             f"Machine: {report['machine']}; weights {report['weight_bytes'] / 2**20:.0f} MiB; "
-             f"state {report['state_bytes_per_sequence'] / 2**20:.2f} MiB per sequence.", "",
-             "| batch | ms/step | tokens/s | roofline ms | bound by | of roofline | transformers ms | speedup |",
-             "|---:|---:|---:|---:|---|---:|---:|---:|"]
+    title = (
+        f"{s['model']}, {s['dtype']}{', int8 weights' if s['quantize'] else ''}, {report['threads']} threads, "
+        f"decode {engine['decode']}, matvec {engine['matvec']}, prompt matmul {engine['prompt_matmul']}"
+        f"{'' if engine['huge_pages'] else ', 4 KiB pages'}"
+    )
+    lines = [
+        f"### {title}",
+        "",
+        f"Machine: {report['machine']}; weights {report['weight_bytes'] / 2**20:.0f} MiB; "
+        f"state {report['state_bytes_per_sequence'] / 2**20:.2f} MiB per sequence.",
+        "",
+        "| batch | ms/step | tokens/s | roofline ms | bound by | of roofline | transformers ms | speedup |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for r in report["decode"]:
         bound_by = "compute" if r["compute_ms"] > r["memory_ms"] else "memory"
-        lines.append(f"| {r['batch']} | {r['ms_per_step']} | {r['tokens_per_s']} | {r['roofline_ms']} | {bound_by} | "
-                     f"{r['roofline_fraction']:.0%} | {r.get('transformers_ms_per_step', '-')} | {r.get('speedup', '-')} |")
-    lines += ["", "| prompt | tokens/s | compute bound | of bound | peak RSS added MB | transformers tokens/s | speedup |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['batch']} | {r['ms_per_step']} | {r['tokens_per_s']} | {r['roofline_ms']} | {bound_by} | "
+            f"{r['roofline_fraction']:.0%} | {r.get('transformers_ms_per_step', '-')} | {r.get('speedup', '-')} |"
+        )
+    lines += [
+        "",
+        "| prompt | tokens/s | compute bound | of bound | peak RSS added MB | transformers tokens/s | speedup |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["prefill"]:
-        lines.append(f"| {r['tokens']} | {r['tokens_per_s']} | {r['compute_bound_tokens_per_s']} | {r['compute_fraction']:.0%} | "
-                     f"{r['peak_rss_added_mb']} | {r.get('transformers_tokens_per_s', '-')} | {r.get('speedup', '-')} |")
+        lines.append(
+            f"| {r['tokens']} | {r['tokens_per_s']} | {r['compute_bound_tokens_per_s']} "
+            f"| {r['compute_fraction']:.0%} | "
+            f"{r['peak_rss_added_mb']} | {r.get('transformers_tokens_per_s', '-')} | {r.get('speedup', '-')} |"
+        )
     if "context" in report:
         c = report["context"]
-        lines += ["", f"Decode after {c['long_context']} tokens of context: {c['long_ms']} ms against {c['short_ms']} ms "
-                      f"after {c['short_context']} ({c['long_over_short']}x)."]
+        lines += [
+            "",
+            f"Decode after {c['long_context']} tokens of context: {c['long_ms']} ms against {c['short_ms']} ms "
+            f"after {c['short_context']} ({c['long_over_short']}x).",
+        ]
     return "\n".join(lines) + "\n"

@@ -87,9 +87,13 @@ def synthetic_state(model: LanguageModel, batch: int, context: int, generator: t
             one = torch.randn(batch, 1, *layer.k.shape[2:], generator=generator).to(layer.k.dtype)
             layer = layer.append(one.expand(-1, context, -1, -1), one.expand(-1, context, -1, -1))
         else:
-            layer = replace(layer, **{
-                name: (0.1 * torch.randn(t.shape, generator=generator)).to(t.dtype) for name, t in layer.tensors().items()
-            })
+            layer = replace(
+                layer,
+                **{
+                    name: (0.1 * torch.randn(t.shape, generator=generator)).to(t.dtype)
+                    for name, t in layer.tensors().items()
+                },
+            )
         layers.append(layer)
     return model.state_of(layers)
 
@@ -101,7 +105,9 @@ class _Samples:
     peak_extra: list[int]
 
 
-def _measure(model: LanguageModel, s: CompareSettings, context: int, gen: torch.Generator) -> tuple[float | None, float, int | None]:
+def _measure(
+    model: LanguageModel, s: CompareSettings, context: int, gen: torch.Generator
+) -> tuple[float | None, float, int | None]:
     """(time to first token or None, seconds per decode step, extra peak RSS or None) at one context."""
     before = rss_bytes()
     tracked = reset_peak_rss()
@@ -142,8 +148,12 @@ def run_compare(s: CompareSettings, hardware: Hardware, engine: EngineSettings |
     room = math.inf if available is None else MEASURABLE_SHARE * available  # unknown: no limit
     samples = {(n, c): _Samples([], [], []) for n in models for c in s.contexts}
     skipped = {
-        (n, c): f"state of {cost.state_bytes(m.config, c, s.batch, dtype) / 2**30:.1f} GiB exceeds half the available memory"
-        for n, m in models.items() for c in s.contexts
+        (
+            n,
+            c,
+        ): f"state of {cost.state_bytes(m.config, c, s.batch, dtype) / 2**30:.1f} GiB exceeds half the available memory"
+        for n, m in models.items()
+        for c in s.contexts
         if 1.25 * cost.state_bytes(m.config, c, s.batch, dtype) > room
     }
     todo = [(c, r, n) for c in s.contexts for r in range(s.repeats) for n in models if (n, c) not in skipped]
@@ -157,9 +167,18 @@ def run_compare(s: CompareSettings, hardware: Hardware, engine: EngineSettings |
             got.peak_extra.append(peak)
     entries = [_model_entry(name, model) for name, model in models.items()]
     rows = [
-        _row(entry, models[entry["model"]].config, context, s, hardware, dtype,
-             samples[(entry["model"], context)], skipped.get((entry["model"], context)))
-        for entry in entries for context in s.contexts
+        _row(
+            entry,
+            models[entry["model"]].config,
+            context,
+            s,
+            hardware,
+            dtype,
+            samples[(entry["model"], context)],
+            skipped.get((entry["model"], context)),
+        )
+        for entry in entries
+        for context in s.contexts
     ]
     return {
         "schema": SCHEMA,
@@ -186,8 +205,16 @@ def _median(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _row(entry: dict, config: ModelConfig, context: int, s: CompareSettings, hardware: Hardware,
-         dtype: torch.dtype, got: _Samples, skipped: str | None) -> dict:
+def _row(
+    entry: dict,
+    config: ModelConfig,
+    context: int,
+    s: CompareSettings,
+    hardware: Hardware,
+    dtype: torch.dtype,
+    got: _Samples,
+    skipped: str | None,
+) -> dict:
     state = cost.state_bytes(config, context, s.batch, dtype)
     per_sequence = cost.state_bytes(config, context, 1, dtype)
     decode_pred = cost.account(config, "decode", context, s.batch, hardware, dtype)["predicted_s"]
@@ -230,22 +257,34 @@ def crossings(rows: list[dict], configs: dict[str, ModelConfig], batch: int, dty
     for t in transformers:
         for m in ssms:
             for metric in ("ttft_s", "decode_ms_per_token", "ttft_predicted_s", "decode_ms_predicted"):
-                points = [(c, by[(t, c)][metric] / by[(m, c)][metric]) for c in contexts
-                          if by[(t, c)][metric] is not None and by[(m, c)][metric] is not None]
-                out.append({
-                    "transformer": t, "ssm": m, "metric": metric,
-                    "ratios": {str(c): r for c, r in points},
-                    "crosses_at_context": _crossing(points),
-                    "longest_context": points[-1][0] if points else None,
-                    "ratio_at_longest_context": points[-1][1] if points else None,
-                })
+                points = [
+                    (c, by[(t, c)][metric] / by[(m, c)][metric])
+                    for c in contexts
+                    if by[(t, c)][metric] is not None and by[(m, c)][metric] is not None
+                ]
+                out.append(
+                    {
+                        "transformer": t,
+                        "ssm": m,
+                        "metric": metric,
+                        "ratios": {str(c): r for c, r in points},
+                        "crosses_at_context": _crossing(points),
+                        "longest_context": points[-1][0] if points else None,
+                        "ratio_at_longest_context": points[-1][1] if points else None,
+                    }
+                )
             kv_per_token = cost.state_bytes(configs[t], 1, batch, dtype)
-            out.append({
-                "transformer": t, "ssm": m, "metric": "state_bytes",
-                "ratios": {str(c): by[(t, c)]["state_bytes"] / by[(m, c)]["state_bytes"] for c in contexts},
-                # the first context at which the KV cache holds more bytes than the SSM state
-                "crosses_at_context": cost.state_bytes(configs[m], 0, batch, dtype) // kv_per_token + 1,
-                "longest_context": contexts[-1],
-                "ratio_at_longest_context": by[(t, contexts[-1])]["state_bytes"] / by[(m, contexts[-1])]["state_bytes"],
-            })
+            out.append(
+                {
+                    "transformer": t,
+                    "ssm": m,
+                    "metric": "state_bytes",
+                    "ratios": {str(c): by[(t, c)]["state_bytes"] / by[(m, c)]["state_bytes"] for c in contexts},
+                    # the first context at which the KV cache holds more bytes than the SSM state
+                    "crosses_at_context": cost.state_bytes(configs[m], 0, batch, dtype) // kv_per_token + 1,
+                    "longest_context": contexts[-1],
+                    "ratio_at_longest_context": by[(t, contexts[-1])]["state_bytes"]
+                    / by[(m, contexts[-1])]["state_bytes"],
+                }
+            )
     return out

@@ -15,8 +15,9 @@ time is the sum over its terms.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -67,7 +68,12 @@ def terms(
         layer = Terms(size, size)
         family.layer_terms(layer, config, batch, start, q, settings)
         edges = Terms(size, size)
-        edges.add("embedding lookup", "copy", weight_bytes=rows * config.d_model * size, act_bytes=rows * config.d_model * size)
+        edges.add(
+            "embedding lookup",
+            "copy",
+            weight_bytes=rows * config.d_model * size,
+            act_bytes=rows * config.d_model * size,
+        )
         family.edge_terms(edges, config, rows, q)
         if i == len(calls) - 1:  # logits of the last position only
             edges.linear("lm head", batch, config.d_model, config.vocab_size, False)
@@ -120,7 +126,9 @@ def validate_flops(model: LanguageModel, phase: Phase, context: int, batch: int 
         },
         "contractions": {
             "counted": counted.get("bmm", 0) + counted.get("convolution", 0),
-            "predicted": sum(t.flops for t in items if not t.weight_matmul and t.primitive in ("matmul", "matvec", "dot")),
+            "predicted": sum(
+                t.flops for t in items if not t.weight_matmul and t.primitive in ("matmul", "matvec", "dot")
+            ),
         },
     }
 
@@ -169,8 +177,14 @@ def account(
     }
     if with_terms:
         out["terms"] = [
-            {"name": t.name, "primitive": t.primitive, "flops": t.flops, "bytes": t.bytes(on_chip),
-             "seconds": t.seconds(hardware, on_chip)} for t in _merged(items)
+            {
+                "name": t.name,
+                "primitive": t.primitive,
+                "flops": t.flops,
+                "bytes": t.bytes(on_chip),
+                "seconds": t.seconds(hardware, on_chip),
+            }
+            for t in _merged(items)
         ]
     return out
 
@@ -208,17 +222,25 @@ def cost_report(
                 "state_bytes": state_bytes(config, context, batch, dtype),
                 # weights + state within the part's memory; None where the profile does not say
                 "fits_in_memory": params * size + state_bytes(config, context, batch, dtype) <= hardware.memory_bytes
-                if hardware.memory_bytes else None,
+                if hardware.memory_bytes
+                else None,
                 "kv_reads_exceed_weight_reads_at": kv_reads_exceed_weights_at(config, batch, dtype),
                 "decode": account(config, "decode", context, batch, hardware, dtype, settings, with_terms),
                 "prefill": account(config, "prefill", context, batch, hardware, dtype, settings, with_terms),
             }
-            for batch in batches for context in contexts
+            for batch in batches
+            for context in contexts
         ]
-        models.append({
-            "model": name, "family": config.family, "config": asdict(config), "parameters": params,
-            "weight_bytes": params * size, "points": points,
-        })
+        models.append(
+            {
+                "model": name,
+                "family": config.family,
+                "config": asdict(config),
+                "parameters": params,
+                "weight_bytes": params * size,
+                "points": points,
+            }
+        )
     return {
         "schema": SCHEMA,
         "hardware": hardware.to_dict(),

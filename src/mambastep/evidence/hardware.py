@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -55,7 +55,9 @@ class Hardware:
         if self.dtype not in DTYPES:
             raise HardwareError(f"{where}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if not isinstance(self.peak, dict) or set(self.peak) != set(COMPUTE_PRIMITIVES):
-            raise HardwareError(f"{where}: peak must give FLOP/s for exactly {list(COMPUTE_PRIMITIVES)}, got {self.peak!r}")
+            raise HardwareError(
+                f"{where}: peak must give FLOP/s for exactly {list(COMPUTE_PRIMITIVES)}, got {self.peak!r}"
+            )
         for name, value in [("bandwidth", self.bandwidth), *((f"peak.{k}", v) for k, v in self.peak.items())]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise HardwareError(f"{where}: {name} must be a positive number, got {value!r}")
@@ -72,17 +74,19 @@ class Hardware:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict, where: str) -> "Hardware":
+    def from_dict(cls, raw: dict, where: str) -> Hardware:
         if not isinstance(raw, dict):
             raise HardwareError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         names = {f.name for f in fields(cls)}
         unknown, missing = sorted(set(raw) - names), sorted({"name", "dtype", "bandwidth", "peak"} - set(raw))
         if unknown or missing:
-            raise HardwareError(f"{where}: unknown key(s) {unknown}, missing key(s) {missing}; keys are {sorted(names)}")
+            raise HardwareError(
+                f"{where}: unknown key(s) {unknown}, missing key(s) {missing}; keys are {sorted(names)}"
+            )
         return cls(**raw)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Hardware":
+    def from_file(cls, path: str | Path) -> Hardware:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -100,15 +104,40 @@ def _gpu(name: str, tensor: float, fp32: float, sfu: float, bandwidth: float, me
 
 
 BUILTIN_HARDWARE: dict[str, Hardware] = {
-    "a100": _gpu("a100", 312e12, 19.5e12, 108 * 16 * 1.41e9, 2.039e12, 80e9,
-                 "NVIDIA A100 SXM4 80GB datasheet: dense bf16 tensor, fp32, HBM2e; SFU: 108 SMs x 16/clk x 1.41 GHz"),
-    "h100": _gpu("h100", 989e12, 66.9e12, 132 * 16 * 1.98e9, 3.35e12, 80e9,
-                 "NVIDIA H100 SXM5 datasheet: dense bf16 tensor, fp32, HBM3; SFU: 132 SMs x 16/clk x 1.98 GHz"),
-    "h200": _gpu("h200", 989e12, 66.9e12, 132 * 16 * 1.98e9, 4.8e12, 141e9,
-                 "NVIDIA H200 SXM datasheet: H100 compute, HBM3e; SFU: 132 SMs x 16/clk x 1.98 GHz"),
+    "a100": _gpu(
+        "a100",
+        312e12,
+        19.5e12,
+        108 * 16 * 1.41e9,
+        2.039e12,
+        80e9,
+        "NVIDIA A100 SXM4 80GB datasheet: dense bf16 tensor, fp32, HBM2e; SFU: 108 SMs x 16/clk x 1.41 GHz",
+    ),
+    "h100": _gpu(
+        "h100",
+        989e12,
+        66.9e12,
+        132 * 16 * 1.98e9,
+        3.35e12,
+        80e9,
+        "NVIDIA H100 SXM5 datasheet: dense bf16 tensor, fp32, HBM3; SFU: 132 SMs x 16/clk x 1.98 GHz",
+    ),
+    "h200": _gpu(
+        "h200",
+        989e12,
+        66.9e12,
+        132 * 16 * 1.98e9,
+        4.8e12,
+        141e9,
+        "NVIDIA H200 SXM datasheet: H100 compute, HBM3e; SFU: 132 SMs x 16/clk x 1.98 GHz",
+    ),
     "cpu": Hardware(
-        "cpu", "float32", 89.6e9,
-        dict(matmul=896e9, matvec=896e9, dot=448e9, elementwise=448e9, nonlinear=60e9, norm=448e9), 0, int(64e9),
+        "cpu",
+        "float32",
+        89.6e9,
+        dict(matmul=896e9, matvec=896e9, dot=448e9, elementwise=448e9, nonlinear=60e9, norm=448e9),
+        0,
+        int(64e9),
         "a nominal 8-core AVX2 desktop at 3.5 GHz (2 FMA x 8 fp32 lanes per core), dual-channel DDR5-5600; "
         "exp/softplus/SiLU take ~15 instructions per value. Use --calibrate for this machine.",
     ),
@@ -200,9 +229,16 @@ def calibrate(repeats: int = 5) -> Hardware:
     nonlinear = x.numel() / _best_seconds(lambda: torch.exp(x, out=out), 4 * repeats)
     steps.update()
     steps.close()
-    peak = dict(matmul=matmul, matvec=matmul, dot=elementwise, elementwise=elementwise, nonlinear=nonlinear, norm=elementwise)
+    peak = dict(
+        matmul=matmul, matvec=matmul, dot=elementwise, elementwise=elementwise, nonlinear=nonlinear, norm=elementwise
+    )
     return Hardware(
-        "calibrated", "float32", bandwidth, peak, 0, total_memory_bytes(),
+        "calibrated",
+        "float32",
+        bandwidth,
+        peak,
+        0,
+        total_memory_bytes(),
         f"measured on this machine with {torch.get_num_threads()} threads: GEMV read bandwidth, "
         "2048^2 matmul, addcmul and exp over 1M floats",
     )

@@ -14,7 +14,7 @@ def _panel(ax, report: dict, measured: str, predicted: str | None, ylabel: str, 
     """Measured values as solid lines with markers, predictions as dashed lines in the same colour."""
     for model in [m["model"] for m in report["models"]]:
         x, y = _series(report, model, measured)
-        line, = ax.plot(x, [v * scale for v in y], marker="o", label=model)
+        (line,) = ax.plot(x, [v * scale for v in y], marker="o", label=model)
         if predicted:
             px, py = _series(report, model, predicted)
             ax.plot(px, [v * scale for v in py], linestyle="--", color=line.get_color(), alpha=0.6)
@@ -50,9 +50,16 @@ def plot_compare(report: dict, out: Path) -> list[Path]:
     for line, model in zip(state.get_lines(), [m["model"] for m in report["models"]]):
         # Below a MiB the allocator's reuse of freed pages hides what a measurement added.
         points = [(c, v) for c, v in zip(*_series(report, model, "peak_rss_extra_bytes")) if v >= 2**20]
-        state.plot([c for c, _ in points], [v * 2**-20 for _, v in points], linestyle=":", marker="x", color=line.get_color())
-    _panel(batch, report, "max_batch_in_budget", None,
-           f"largest batch in {report['settings']['memory_budget'] / 2**30:.0f} GiB (weights + states)")
+        state.plot(
+            [c for c, _ in points], [v * 2**-20 for _, v in points], linestyle=":", marker="x", color=line.get_color()
+        )
+    _panel(
+        batch,
+        report,
+        "max_batch_in_budget",
+        None,
+        f"largest batch in {report['settings']['memory_budget'] / 2**30:.0f} GiB (weights + states)",
+    )
     state.legend()
     fig.suptitle(f"memory against context ({where})")
     fig.tight_layout()

@@ -17,9 +17,9 @@ groups; Mamba-2 has one Δ per head, and every head is its own group.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -140,8 +140,13 @@ def trace_selection(model, tokens: Tensor | Sequence[int], groups: int = 16, pro
         state = model.new_state(1)
         device = model.device
         norms = []
-        for token in tqdm(tokens.tolist(), desc="inspect", unit="tok", leave=False,
-                          disable=not progress or len(tokens) <= PROGRESS_ABOVE):
+        for token in tqdm(
+            tokens.tolist(),
+            desc="inspect",
+            unit="tok",
+            leave=False,
+            disable=not progress or len(tokens) <= PROGRESS_ABOVE,
+        ):
             # One token through forward takes each mixer's recurrent step, always eagerly: hooks run.
             _, state = model(torch.tensor([[token]], device=device), state)
             norms.append(torch.stack([layer.ssm[0].float().norm() for layer in state.layers]))  # (layers,)
@@ -152,7 +157,11 @@ def trace_selection(model, tokens: Tensor | Sequence[int], groups: int = 16, pro
     if any(d.shape[0] != len(tokens) for d in dt):
         raise RuntimeError("dt_probe did not run once per layer per token")  # a model change broke the probe
     return SelectionTrace(
-        tokens=tokens.cpu(), dt=dt, state_norm=torch.stack(norms, dim=1).cpu(), family=model.config.family, group_bounds=bounds,
+        tokens=tokens.cpu(),
+        dt=dt,
+        state_norm=torch.stack(norms, dim=1).cpu(),
+        family=model.config.family,
+        group_bounds=bounds,
     )
 
 
@@ -177,7 +186,9 @@ def labelled_input(
     the positions that hold one of ``highlight_ids`` ((l,) bool; None: none highlighted)."""
     tokens = as_token_ids(torch.tensor(list(tokens), dtype=torch.int64), vocab_size)
     labels = None if tokenizer is None else token_labels(tokenizer, tokens)
-    highlight = None if highlight_ids is None else torch.isin(tokens, torch.tensor(list(highlight_ids), dtype=torch.int64))
+    highlight = (
+        None if highlight_ids is None else torch.isin(tokens, torch.tensor(list(highlight_ids), dtype=torch.int64))
+    )
     return tokens, labels, highlight
 
 
@@ -212,7 +223,9 @@ def token_labels(tokenizer, tokens: Sequence[int] | Tensor) -> list[str]:
             labels.append(f"#{token}")
             continue
         if "\ufffd" in text:  # part of a character (one byte of a UTF-8 sequence)
-            labels.append(f"\\x{token:02x}" if 0 <= token < 256 and getattr(tokenizer, "vocab_size", None) == 256 else f"#{token}")
+            labels.append(
+                f"\\x{token:02x}" if 0 <= token < 256 and getattr(tokenizer, "vocab_size", None) == 256 else f"#{token}"
+            )
         else:
             labels.append(escape_label(text))
     return labels
@@ -310,7 +323,11 @@ def _mark(ax, runs: list[tuple[int, int]], outline: bool) -> None:
     if not runs:
         return
     boxes = [[(a - 0.5, 0), (a - 0.5, 1), (b - 0.5, 1), (b - 0.5, 0)] for a, b in runs]
-    style = dict(facecolor="none", edgecolor="red", linewidth=0.8) if outline else dict(facecolor="red", alpha=0.15, linewidth=0)
+    style = (
+        dict(facecolor="none", edgecolor="red", linewidth=0.8)
+        if outline
+        else dict(facecolor="red", alpha=0.15, linewidth=0)
+    )
     ax.add_collection(PolyCollection(boxes, transform=ax.get_xaxis_transform(), **style), autolim=False)
 
 
@@ -367,16 +384,30 @@ def plot_selection(
     for i, (ax, values) in enumerate(zip(heat_axes, log_dt)):
         groups = values.shape[1]
         image = ax.imshow(
-            values.T.numpy(), aspect="auto", interpolation="nearest", origin="lower", cmap="viridis",
-            vmin=vmin, vmax=vmax, extent=(-0.5, length - 0.5, -0.5, groups - 0.5),
+            values.T.numpy(),
+            aspect="auto",
+            interpolation="nearest",
+            origin="lower",
+            cmap="viridis",
+            vmin=vmin,
+            vmax=vmax,
+            extent=(-0.5, length - 0.5, -0.5, groups - 0.5),
         )
         ax.set_ylabel(f"layer {i}\n{unit}", fontsize=8 if row >= 0.8 else 6)
         ax.set_yticks(sorted({0, groups - 1}))
         ax.tick_params(axis="both", labelsize=7, labelbottom=False)
         if _is_constant_over_tokens(trace.dt[i]):
-            ax.text(0.995, 0.96, "time-invariant: Δ is the same at every token", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8, color="white",
-                    bbox=dict(facecolor="black", alpha=0.55, edgecolor="none", pad=2))
+            ax.text(
+                0.995,
+                0.96,
+                "time-invariant: Δ is the same at every token",
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+                fontsize=8,
+                color="white",
+                bbox=dict(facecolor="black", alpha=0.55, edgecolor="none", pad=2),
+            )
         _mark(ax, runs, outline=True)
     colorbar = fig.colorbar(image, cax=fig.add_subplot(grid[:n_layers, 1]))
     colorbar.set_label("log10 Δ   (high: take the token in; low: keep the state)", fontsize=8)
@@ -384,8 +415,14 @@ def plot_selection(
 
     positions = range(length)
     for i in range(n_layers):
-        norm_ax.plot(positions, trace.state_norm[i].numpy(), linewidth=1.0,
-                     marker="." if length <= LABELLED_UP_TO else None, markersize=3, label=f"layer {i}")
+        norm_ax.plot(
+            positions,
+            trace.state_norm[i].numpy(),
+            linewidth=1.0,
+            marker="." if length <= LABELLED_UP_TO else None,
+            markersize=3,
+            label=f"layer {i}",
+        )
     _mark(norm_ax, runs, outline=False)
     norm_ax.set_xlim(-0.5, length - 0.5)
     norm_ax.set_ylabel("SSM state norm\n(Frobenius)", fontsize=8)
@@ -410,12 +447,16 @@ def plot_selection(
 
     count = 0 if mask is None else int(mask.sum())
     marked = "" if mask is None else f"; red: {count} highlighted position{'s' * (count != 1)}"
-    fig.suptitle(title or f"selection of a {trace.family} model over {length} tokens: Δ per token and {unit}, "
-                          f"and the state norm{marked}", fontsize=10)
+    fig.suptitle(
+        title
+        or f"selection of a {trace.family} model over {length} tokens: Δ per token and {unit}, "
+        f"and the state norm{marked}",
+        fontsize=10,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
-__all__ = ["SelectionTrace", "trace_selection", "plot_selection", "selection_summary", "token_labels", "escape_label"]
+__all__ = ["SelectionTrace", "escape_label", "plot_selection", "selection_summary", "token_labels", "trace_selection"]

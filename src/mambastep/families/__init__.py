@@ -91,7 +91,9 @@ def _original(raw: dict, where: str) -> ModelConfig:
     ssm_cfg = keys.get("ssm_cfg", {}, dict)
     layer = ssm_cfg.get("layer", "Mamba1")
     if layer not in _BY_ORIGINAL_LAYER:
-        raise ConfigError(f"{where}: ssm_cfg.layer {layer!r} is not supported (only {', '.join(map(repr, _BY_ORIGINAL_LAYER))})")
+        raise ConfigError(
+            f"{where}: ssm_cfg.layer {layer!r} is not supported (only {', '.join(map(repr, _BY_ORIGINAL_LAYER))})"
+        )
     ssm = Keys(ssm_cfg, f"{where} (ssm_cfg)", IGNORED_SSM_CFG_KEYS)
     config = _BY_ORIGINAL_LAYER[layer].read_original(keys, ssm, read_original_common(keys, ssm))
     ssm.finish()

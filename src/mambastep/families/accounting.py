@@ -82,24 +82,54 @@ class Terms:
 
     def linear(self, name: str, rows: int, d_in: int, d_out: int, bias: bool) -> None:
         primitive = "matmul" if rows > 1 else "matvec"
-        self.items.append(Term(name, primitive, 2 * rows * d_in * d_out, weight_bytes=d_in * d_out * self.w,
-                               act_bytes=rows * (d_in + d_out) * self.a, weight_matmul=True))
+        self.items.append(
+            Term(
+                name,
+                primitive,
+                2 * rows * d_in * d_out,
+                weight_bytes=d_in * d_out * self.w,
+                act_bytes=rows * (d_in + d_out) * self.a,
+                weight_matmul=True,
+            )
+        )
         if bias:
-            self.add(f"{name} bias", "elementwise", rows * d_out, weight_bytes=d_out * self.w,
-                     act_bytes=2 * rows * d_out * self.a)
+            self.add(
+                f"{name} bias",
+                "elementwise",
+                rows * d_out,
+                weight_bytes=d_out * self.w,
+                act_bytes=2 * rows * d_out * self.a,
+            )
 
     def norm(self, name: str, rows: int, width: int, flops_per_element: int, params: int) -> None:
-        self.add(name, "norm", flops_per_element * rows * width, weight_bytes=params * width * self.w,
-                 act_bytes=2 * rows * width * self.a)
+        self.add(
+            name,
+            "norm",
+            flops_per_element * rows * width,
+            weight_bytes=params * width * self.w,
+            act_bytes=2 * rows * width * self.a,
+        )
 
     def conv(self, batch: int, rows: int, channels: int, k: int, bias: bool) -> None:
         """The causal depthwise conv: a dot product of length k per channel, and its (k-1)-input window."""
         window = batch * (k - 1) * channels * self.a
-        self.add("conv", "dot", 2 * rows * channels * k, weight_bytes=channels * k * self.w, state_read=window,
-                 state_written=window, act_bytes=2 * rows * channels * self.a)
+        self.add(
+            "conv",
+            "dot",
+            2 * rows * channels * k,
+            weight_bytes=channels * k * self.w,
+            state_read=window,
+            state_written=window,
+            act_bytes=2 * rows * channels * self.a,
+        )
         if bias:
-            self.add("conv bias", "elementwise", rows * channels, weight_bytes=channels * self.w,
-                     act_bytes=2 * rows * channels * self.a)
+            self.add(
+                "conv bias",
+                "elementwise",
+                rows * channels,
+                weight_bytes=channels * self.w,
+                act_bytes=2 * rows * channels * self.a,
+            )
 
 
 def ssm_state_bytes(config, conv_channels: int, batch: int, act_bytes: int) -> int:

@@ -19,8 +19,12 @@ def read_hf(keys: Keys) -> GPTNeoXConfig:
     # Training only (dropout), or not enforced: rotary positions have no learned table, so
     # max_position_embeddings is only the length the model was trained at.
     keys.ignore(
-        "attention_dropout", "hidden_dropout", "classifier_dropout", "attention_probs_dropout_prob",
-        "hidden_dropout_prob", "max_position_embeddings",
+        "attention_dropout",
+        "hidden_dropout",
+        "classifier_dropout",
+        "attention_probs_dropout_prob",
+        "hidden_dropout_prob",
+        "max_position_embeddings",
     )
     keys.require("hidden_act", "gelu", "gelu")
     rotary_pct, rotary_base = _rotary(keys)
@@ -47,7 +51,10 @@ def _rotary(keys: Keys) -> tuple[float, float]:
     rope = Keys(keys.get("rope_parameters", None, (dict, type(None))) or {}, f"{keys.where} (rope_parameters)", set())
     rope.require("rope_type", "default", "default")
     values = []
-    for old, new, default in (("rotary_pct", "partial_rotary_factor", 0.25), ("rotary_emb_base", "rope_theta", 10000.0)):
+    for old, new, default in (
+        ("rotary_pct", "partial_rotary_factor", 0.25),
+        ("rotary_emb_base", "rope_theta", 10000.0),
+    ):
         legacy, current = keys.get(old, None, (int, float)), rope.get(new, None, (int, float))
         if legacy is not None and current is not None and legacy != current:
             raise ConfigError(f"{keys.where}: {old} = {legacy} and rope_parameters.{new} = {current} disagree")
@@ -65,7 +72,11 @@ def write_hf(config: GPTNeoXConfig) -> dict:
         "vocab_size": config.vocab_size,
         "intermediate_size": config.d_ff,
         "hidden_act": "gelu",
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base, "partial_rotary_factor": config.rotary_pct},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": config.rotary_base,
+            "partial_rotary_factor": config.rotary_pct,
+        },
         "use_parallel_residual": config.parallel_residual,
         "attention_bias": config.attention_bias,
         "layer_norm_eps": config.norm_eps,
@@ -128,8 +139,13 @@ GPT_NEOX = Family(
     train_floats=train_floats,
     task_layer="attention",
     task_config=lambda vocab, d_model, n_layer: GPTNeoXConfig(
-        d_model=d_model, n_layer=n_layer, n_heads=TASK_HEADS, vocab_size=vocab,
-        rotary_pct=1.0, parallel_residual=False, tie_embeddings=True,
+        d_model=d_model,
+        n_layer=n_layer,
+        n_heads=TASK_HEADS,
+        vocab_size=vocab,
+        rotary_pct=1.0,
+        parallel_residual=False,
+        tie_embeddings=True,
     ),
     delta=None,
     kv_bytes_per_token=kv_bytes_per_token,

@@ -38,7 +38,9 @@ def state_bytes(config: MambaConfig, context: int, batch: int, dtype: torch.dtyp
     return ssm_state_bytes(config, config.d_inner, batch, torch.empty(0, dtype=dtype).element_size())
 
 
-def layer_terms(t: Terms, c: MambaConfig, batch: int, start: int, q: int, settings: EngineSettings, selective: bool = True) -> None:
+def layer_terms(
+    t: Terms, c: MambaConfig, batch: int, start: int, q: int, settings: EngineSettings, selective: bool = True
+) -> None:
     """One Mamba-1 layer over a call of q tokens per sequence (the step and the scan do the
     same work); ``selective=False``: the time-invariant SSM, whose Δ, B and C are parameters."""
     d, e, n, r, rows = c.d_model, c.d_inner, c.d_state, c.dt_rank, batch * q
@@ -87,7 +89,9 @@ MAMBA = Family(
     edge_terms=final_norm_terms,
     train_floats=train_floats,
     task_layer="s6",
-    task_config=lambda vocab, d_model, n_layer: MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=TASK_D_STATE),
+    task_config=lambda vocab, d_model, n_layer: MambaConfig(
+        d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=TASK_D_STATE
+    ),
     delta="channel",
     original_layer="Mamba1",
     read_original=read_original,

@@ -34,7 +34,13 @@ from mambastep.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json"]
+CHECKPOINT_FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "tokenizer.json",
+]
 # The original format names the embedding "embedding"; transformers names it "embeddings".
 _RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 
@@ -94,7 +100,9 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 def read_weights(directory: Path) -> tuple[dict[str, Tensor], str]:
     """All tensors of the checkpoint, and a description of the files read."""
-    single, index, pickled = (directory / name for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    single, index, pickled = (
+        directory / name for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    )
     if single.is_file():
         return _read_safetensors(single), str(single)
     if index.is_file():
@@ -128,9 +136,7 @@ def read_weights(directory: Path) -> tuple[dict[str, Tensor], str]:
 
 def _match(model: LanguageModel, tensors: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """Rename, drop derived buffers, then check names and shapes against the model's parameters."""
-    tensors = {
-        _RENAMES.get(name, name): t for name, t in tensors.items() if not name.endswith(model.derived_buffers)
-    }
+    tensors = {_RENAMES.get(name, name): t for name, t in tensors.items() if not name.endswith(model.derived_buffers)}
     expected = dict(model.state_dict())
     if model.config.tie_embeddings:
         del expected[model.head_weight]
@@ -230,7 +236,9 @@ def resolve_config(name_or_path: str) -> ModelConfig:
 
 
 def model_for(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     settings: EngineSettings | None = None,
 ) -> LanguageModel:
     """A random-weight model of a built-in configuration, else the checkpoint at ``name_or_path``."""

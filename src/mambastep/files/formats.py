@@ -67,7 +67,9 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
         os.close(directory)
 
 
-def read_safetensors(path: str | Path, error: type[ValueError] = StateError, kind: str = "state") -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_safetensors(
+    path: str | Path, error: type[ValueError] = StateError, kind: str = "state"
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file.
 
     Raises:
@@ -95,7 +97,10 @@ def state_tensors(state: ModelState, prefix: str = "") -> tuple[dict[str, Tensor
         for i, layer in enumerate(state.layers)
         for name, t in layer.tensors().items()
     }
-    metadata = {"fingerprint": state.fingerprint, "layer_types": json.dumps([type(layer).__name__ for layer in state.layers])}
+    metadata = {
+        "fingerprint": state.fingerprint,
+        "layer_types": json.dumps([type(layer).__name__ for layer in state.layers]),
+    }
     return tensors, metadata
 
 
@@ -137,7 +142,8 @@ def _check_header(metadata: dict[str, str], format: str, kind: str, path: str | 
         raise StateError(f"{path}: not a mambastep {kind} file (format {metadata.get('format')!r})")
     if metadata.get("version") not in READ_VERSIONS:
         raise StateError(
-            f"{path}: {kind} format version {metadata.get('version')!r}, this mambastep reads {', '.join(READ_VERSIONS)}"
+            f"{path}: {kind} format version {metadata.get('version')!r}, "
+            f"this mambastep reads {', '.join(READ_VERSIONS)}"
         )
 
 
@@ -240,7 +246,10 @@ def save_session(record: SessionRecord, path: str | Path, weights_digest: str) -
         "version": str(VERSION),
         **metadata,
         **_weights_metadata(weights_digest),
-        **{name: str(getattr(record, name)) for name in ("position", "base_position", "max_rollback", "checkpoint_every")},
+        **{
+            name: str(getattr(record, name))
+            for name in ("position", "base_position", "max_rollback", "checkpoint_every")
+        },
     }
     metadata["checksum"] = _checksum(tensors, metadata)
     write_safetensors(path, tensors, metadata)
@@ -265,7 +274,8 @@ def load_session(path: str | Path, model: LanguageModel, other_weights: bool = F
     _check_weights(metadata, model, other_weights, path)
     base_state = state_from_tensors(tensors, metadata, model, path, prefix="base.")
     position, base_position, max_rollback, checkpoint_every = (
-        _metadata_int(metadata, name, path) for name in ("position", "base_position", "max_rollback", "checkpoint_every")
+        _metadata_int(metadata, name, path)
+        for name in ("position", "base_position", "max_rollback", "checkpoint_every")
     )
     if checkpoint_every < 1:
         raise StateError(f"{path}: checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -273,7 +283,7 @@ def load_session(path: str | Path, model: LanguageModel, other_weights: bool = F
     if history is None or history.dim() != 1 or history.dtype != torch.int32:
         raise StateError(f"{path}: the token history must be a 1-D int32 tensor")
     vocab = model.config.vocab_size
-    if len(history) and not (0 <= int(history.min()) and int(history.max()) < vocab):
+    if len(history) and not (int(history.min()) >= 0 and int(history.max()) < vocab):
         raise StateError(f"{path}: the token history holds ids outside the vocabulary [0, {vocab})")
     capacity = max_rollback + checkpoint_every
     if len(history) > capacity or not 0 <= position - len(history) <= base_position <= position:
@@ -314,7 +324,9 @@ def _metadata_int(metadata: dict[str, str], name: str, path: str | Path) -> int:
     return value
 
 
-def _logits_from(tensors: dict[str, Tensor], name: str, position: int, model: LanguageModel, path: str | Path) -> Tensor | None:
+def _logits_from(
+    tensors: dict[str, Tensor], name: str, position: int, model: LanguageModel, path: str | Path
+) -> Tensor | None:
     """The stored logits ``name``: (1, vocab) float32 if ``position`` > 0, absent at position 0."""
     logits = tensors.get(name)
     if position == 0:

@@ -11,8 +11,9 @@ back bytes until they form whole UTF-8 characters.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import tokenizers
 
@@ -73,7 +74,7 @@ class HFTokenizer:
         self.eos_token_id = eos_token_id if eos_token_id is not None else _find_eos(tokenizer)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "HFTokenizer":
+    def from_file(cls, path: str | Path) -> HFTokenizer:
         """Read a tokenizer.json.
 
         Raises:
@@ -151,7 +152,7 @@ def _from_directory(directory: Path) -> Tokenizer:
     if named is not None:
         raise TokenizerError(f"{config_path}: tokenizer {named!r} is not understood (only {BYTES!r})")
     raise TokenizerError(
-        f"{directory}: no tokenizer.json (nor a config.json saying \"tokenizer\": \"bytes\"). The original "
+        f'{directory}: no tokenizer.json (nor a config.json saying "tokenizer": "bytes"). The original '
         "state-spaces checkpoints ship without one; pass a tokenizer explicitly, e.g. "
         f"--tokenizer {SUGGESTED_TOKENIZER} (load_tokenizer(path, tokenizer={SUGGESTED_TOKENIZER!r}))."
     )

@@ -7,4 +7,4 @@ from mambastep.models.mamba2 import Mamba2LM
 from mambastep.models.mamba_lti import MambaLTILM
 from mambastep.models.transformer import TransformerLM
 
-__all__ = ["LanguageModel", "MambaLM", "Mamba2LM", "MambaLTILM", "TransformerLM"]
+__all__ = ["LanguageModel", "Mamba2LM", "MambaLM", "MambaLTILM", "TransformerLM"]

@@ -126,7 +126,12 @@ class LanguageModel(nn.Module, ABC):
         # Compiled at the first step (cached on disk); dynamic shapes, so a new batch size compiles at most once more.
         self._compiled_step = torch.compile(self._step_logits, dynamic=True) if settings.decode == "compiled" else None
         moved = place_in_huge_pages(self) if settings.huge_pages else 0
-        log.info("engine: %s (%s)%s", settings, self._backend, f"; {moved / 2**20:.0f} MiB of weights moved into huge pages" if moved else "")
+        log.info(
+            "engine: %s (%s)%s",
+            settings,
+            self._backend,
+            f"; {moved / 2**20:.0f} MiB of weights moved into huge pages" if moved else "",
+        )
         return self
 
     def _apply(self, fn, recurse=True):

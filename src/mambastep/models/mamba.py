@@ -45,7 +45,7 @@ class MambaMixer(nn.Module):
         dt log-uniform in [dt_min, dt_max] through the dt_proj bias."""
         self.A_log.copy_(s4d_real_log_A(*self.A_log.shape))
         self.D.fill_(1.0)
-        nn.init.uniform_(self.dt_proj.weight, -self.config.dt_rank**-0.5, self.config.dt_rank**-0.5)
+        nn.init.uniform_(self.dt_proj.weight, -(self.config.dt_rank**-0.5), self.config.dt_rank**-0.5)
         self.dt_proj.bias.copy_(dt_bias_init(self.config.d_inner, dt_min, dt_max))
 
     def new_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> SSMLayerState:
@@ -77,8 +77,15 @@ class MambaMixer(nn.Module):
     def step_weights(self, norm: Tensor) -> MambaLayerWeights:
         """This mixer, after the pre-norm of weight ``norm``, as ``stack_step`` takes it."""
         return MambaLayerWeights(
-            norm, self.in_proj.operands(), self.conv1d.weight, self.conv1d.bias, self.x_proj.operands(),
-            self.dt_proj.operands(), self.A_log, self.D, self.out_proj.operands(),
+            norm,
+            self.in_proj.operands(),
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.x_proj.operands(),
+            self.dt_proj.operands(),
+            self.A_log,
+            self.D,
+            self.out_proj.operands(),
         )
 
     def stack_step(

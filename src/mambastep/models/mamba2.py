@@ -24,7 +24,9 @@ class Mamba2Mixer(nn.Module):
         c = config
         self.config = c
         self.in_proj = Linear(c.d_model, c.d_inner + c.conv_dim + c.n_heads, bias=c.bias)
-        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, padding=c.d_conv - 1, bias=c.conv_bias)
+        self.conv1d = nn.Conv1d(
+            c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, padding=c.d_conv - 1, bias=c.conv_bias
+        )
         self.dt_bias = nn.Parameter(torch.empty(c.n_heads))
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
         self.D = nn.Parameter(torch.empty(c.d_inner if c.D_has_hdim else c.n_heads))
@@ -68,8 +70,15 @@ class Mamba2Mixer(nn.Module):
     def step_weights(self, norm: Tensor) -> Mamba2LayerWeights:
         """This mixer, after the pre-norm of weight ``norm``, as ``stack_step`` takes it."""
         return Mamba2LayerWeights(
-            norm, self.in_proj.operands(), self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
-            self.norm.weight, self.out_proj.operands(),
+            norm,
+            self.in_proj.operands(),
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.dt_bias,
+            self.A_log,
+            self.D,
+            self.norm.weight,
+            self.out_proj.operands(),
         )
 
     def stack_step(

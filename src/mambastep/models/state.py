@@ -8,9 +8,10 @@ batch-first, so ``select`` and ``cat`` work on dimension 0.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Sequence, Union
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ class _BatchTensors:
     # The dimension that grows with every token (a KV cache), or None for a constant-size state.
     seq_dim: ClassVar[int | None] = None
 
-    def _map(self, fn) -> "_BatchTensors":
+    def _map(self, fn) -> _BatchTensors:
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     def tensors(self) -> dict[str, Tensor]:
@@ -81,7 +82,7 @@ class SSMLayerState(_BatchTensors):
         conv_dtype: torch.dtype,
         ssm_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-    ) -> "SSMLayerState":
+    ) -> SSMLayerState:
         return cls(
             conv=torch.zeros(batch_size, *conv_shape, dtype=conv_dtype, device=device),
             ssm=torch.zeros(batch_size, *ssm_shape, dtype=ssm_dtype, device=device),
@@ -141,7 +142,7 @@ class KVLayerState(_BatchTensors):
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         length: int = 0,
-    ) -> "KVLayerState":
+    ) -> KVLayerState:
         shape = (batch_size, length, n_heads, head_dim)
         return cls(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device))
 
@@ -150,7 +151,7 @@ class KVLayerState(_BatchTensors):
         """Tokens held."""
         return self.k.shape[1]
 
-    def append(self, k: Tensor, v: Tensor) -> "KVLayerState":
+    def append(self, k: Tensor, v: Tensor) -> KVLayerState:
         """This cache followed by ``k``, ``v`` (b, l', h, p); ``self`` is left as it was.
 
         Writes in place into spare room after the cache when this state is the
@@ -169,7 +170,7 @@ class KVLayerState(_BatchTensors):
         return state
 
     @classmethod
-    def cat(cls, states: Sequence["KVLayerState"]) -> "KVLayerState":
+    def cat(cls, states: Sequence[KVLayerState]) -> KVLayerState:
         """Join caches of the same length along the batch."""
         lengths = sorted({s.length for s in states})
         if len(lengths) > 1:
@@ -177,7 +178,7 @@ class KVLayerState(_BatchTensors):
         return super().cat(states)
 
 
-LayerState = Union[SSMLayerState, KVLayerState]
+LayerState = SSMLayerState | KVLayerState
 
 
 @dataclass(frozen=True)
@@ -211,21 +212,21 @@ class ModelState:
         """Bytes held by the state tensors (all layers, whole batch)."""
         return sum(layer.nbytes for layer in self.layers)
 
-    def _map(self, fn) -> "ModelState":
+    def _map(self, fn) -> ModelState:
         return self.with_layers([fn(layer) for layer in self.layers])
 
-    def clone(self) -> "ModelState":
+    def clone(self) -> ModelState:
         return self._map(lambda s: s.clone())
 
-    def select(self, indices: Sequence[int] | Tensor) -> "ModelState":
+    def select(self, indices: Sequence[int] | Tensor) -> ModelState:
         """Keep the sequences at ``indices`` (in that order)."""
         return self._map(lambda s: s.select(indices))
 
-    def to(self, device: torch.device | str) -> "ModelState":
+    def to(self, device: torch.device | str) -> ModelState:
         return self._map(lambda s: s.to(device))
 
     @staticmethod
-    def cat(states: Sequence["ModelState"]) -> "ModelState":
+    def cat(states: Sequence[ModelState]) -> ModelState:
         """Join states of the same model along the batch."""
         if not states:
             raise StateError("cat needs at least one state")

@@ -52,7 +52,9 @@ class Attention(nn.Module):
         self.query_key_value = Linear(config.d_model, 3 * config.d_model, bias=config.attention_bias)
         self.dense = Linear(config.d_model, config.d_model, bias=config.attention_bias)
 
-    def forward(self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor, backend: Backend) -> tuple[Tensor, KVLayerState]:
+    def forward(
+        self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor, backend: Backend
+    ) -> tuple[Tensor, KVLayerState]:
         """Args: x (b, l, d), state with the cache of the tokens before, cos/sin (l, r), backend.
         Returns: (b, l, d) and the cache extended by these l tokens."""
         c = self.config
@@ -95,7 +97,9 @@ class Layer(nn.Module):
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor, backend: Backend) -> tuple[Tensor, KVLayerState]:
+    def forward(
+        self, x: Tensor, state: KVLayerState, cos: Tensor, sin: Tensor, backend: Backend
+    ) -> tuple[Tensor, KVLayerState]:
         attn, state = self.attention(self.input_layernorm(x), state, cos, sin, backend)
         if self.parallel:
             return self.mlp(self.post_attention_layernorm(x), backend) + attn + x, state
@@ -131,7 +135,9 @@ class TransformerLM(LanguageModel):
         """An empty KV cache (length 0) per layer for ``batch_size`` sequences."""
         device = self.device if device is None else torch.device(device)
         c = self.config
-        return self.state_of([KVLayerState.zeros(batch_size, c.n_heads, c.head_dim, self.dtype, device) for _ in range(c.n_layer)])
+        return self.state_of(
+            [KVLayerState.zeros(batch_size, c.n_heads, c.head_dim, self.dtype, device) for _ in range(c.n_layer)]
+        )
 
     def _hidden(self, tokens: Tensor, layers: list[KVLayerState]) -> Tensor:
         """Final-normed hidden states (b, l, d); each layer's cache replaced with one l tokens longer."""

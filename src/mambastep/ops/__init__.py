@@ -47,8 +47,8 @@ Modules:
 
 from mambastep.ops.backend import TORCH, Backend, resolve
 from mambastep.ops.conv import causal_conv, causal_conv_silu, causal_conv_step
-from mambastep.ops.products import linear
 from mambastep.ops.norm import rms_norm
+from mambastep.ops.products import linear
 from mambastep.ops.scan import selective_scan, selective_scan_chunked
 from mambastep.ops.ssd import ssd_scan, ssd_scan_chunked
 from mambastep.ops.step import gate, selective_step, ssd_step

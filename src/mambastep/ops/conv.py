@@ -29,7 +29,7 @@ def causal_conv(
         y: (b, l, c) in the dtype of ``x``; state: (b, k-1, c) the last k-1 inputs. On a CPU
         without native kernels for the dtype of ``x`` the conv runs in float32 and rounds back.
     """
-    b, l, c = x.shape
+    b, _, c = x.shape
     k = weight.shape[1]
     if state is None:
         state = x.new_zeros(b, k - 1, c)
@@ -68,9 +68,7 @@ def causal_conv_silu(
     return F.silu(y), state
 
 
-def causal_conv_step(
-    x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor
-) -> tuple[Tensor, Tensor]:
+def causal_conv_step(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
     """One token of the causal conv: roll the window, dot product with the kernel.
 
     Args:

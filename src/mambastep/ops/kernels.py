@@ -72,8 +72,15 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def selective_scan(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor,
-    z: Tensor | None, dt_softplus: bool,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    state: Tensor,
+    z: Tensor | None,
+    dt_softplus: bool,
 ) -> tuple[Tensor, Tensor]:
     """The Mamba-1 scan in one pass (``ops.selective_scan``'s contract); y and state float32.
 

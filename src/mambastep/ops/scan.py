@@ -66,7 +66,6 @@ def selective_scan(
     return gate(y, z), state
 
 
-
 def selective_scan_chunked(
     x: Tensor,
     dt: Tensor,

@@ -71,10 +71,17 @@ class MambaLayerWeights(NamedTuple):
         x_w, x_s, _ = self.x_proj
         dt_w, dt_s, dt_b = self.dt_proj
         return [
-            ("norm", f(self.norm)), *_prepared(prepare, "in_proj", self.in_proj),
-            ("conv.weight", f(self.conv_weight)), ("conv.bias", f(self.conv_bias)),
-            ("x_proj.weight", x_w), ("x_proj.scale", x_s), ("dt_proj.weight", dt_w), ("dt_proj.scale", dt_s),
-            ("dt_proj.bias", f(dt_b)), ("A", prepare.decay_rates(self.A_log)), ("D", f(self.D)),
+            ("norm", f(self.norm)),
+            *_prepared(prepare, "in_proj", self.in_proj),
+            ("conv.weight", f(self.conv_weight)),
+            ("conv.bias", f(self.conv_bias)),
+            ("x_proj.weight", x_w),
+            ("x_proj.scale", x_s),
+            ("dt_proj.weight", dt_w),
+            ("dt_proj.scale", dt_s),
+            ("dt_proj.bias", f(dt_b)),
+            ("A", prepare.decay_rates(self.A_log)),
+            ("D", f(self.D)),
             *_prepared(prepare, "out_proj", self.out_proj),
         ]
 
@@ -98,9 +105,14 @@ class Mamba2LayerWeights(NamedTuple):
         """The layer's named entries in the kernel's order, small tensors made by ``prepare``."""
         f = prepare.float32
         return [
-            ("norm", f(self.norm)), *_prepared(prepare, "in_proj", self.in_proj),
-            ("conv.weight", f(self.conv_weight)), ("conv.bias", f(self.conv_bias)), ("dt_bias", f(self.dt_bias)),
-            ("A", prepare.decay_rates(self.A_log)), ("D", f(self.D)), ("gate_norm", f(self.gate_norm)),
+            ("norm", f(self.norm)),
+            *_prepared(prepare, "in_proj", self.in_proj),
+            ("conv.weight", f(self.conv_weight)),
+            ("conv.bias", f(self.conv_bias)),
+            ("dt_bias", f(self.dt_bias)),
+            ("A", prepare.decay_rates(self.A_log)),
+            ("D", f(self.D)),
+            ("gate_norm", f(self.gate_norm)),
             *_prepared(prepare, "out_proj", self.out_proj),
         ]
 
@@ -173,13 +185,17 @@ class PreparedStack:
     has not been modified in place.
     """
 
-    def __init__(self, layers: Sequence[MambaLayerWeights] | Sequence[Mamba2LayerWeights], head: HeadWeights | None = None):
+    def __init__(
+        self, layers: Sequence[MambaLayerWeights] | Sequence[Mamba2LayerWeights], head: HeadWeights | None = None
+    ):
         self._sources: list[tuple[Tensor, int, int]] = []  # (tensor, data_ptr, version) of what was derived from
         self._tracked = True  # False once a source is an inference tensor, which keeps no version
         self._registrations = module_assignments()
         self.count = len(layers)
         self.params = [t for layer in layers for t in _checked(layer.entries(self), layer.kind)]
-        self.head = [] if head is None else _checked(head.entries(self), head.kind)  # empty: the step returns the residual
+        self.head = (
+            [] if head is None else _checked(head.entries(self), head.kind)
+        )  # empty: the step returns the residual
 
     def float32(self, t: Tensor | None) -> Tensor | None:
         """``t`` as contiguous float32: itself when it already is, else a copy derived from it."""
@@ -208,19 +224,33 @@ class PreparedStack:
         )
 
 
-def _stack_step(op, residual, stack, conv_states, ssm_states, *args, logits: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def _stack_step(
+    op, residual, stack, conv_states, ssm_states, *args, logits: bool
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     if not isinstance(stack, PreparedStack):
         stack = PreparedStack(stack)
     if logits and not stack.head:
         raise ValueError("logits=True needs a stack prepared with a head (PreparedStack(..., head=HeadWeights(...)))")
-    out = op(residual, stack.params, stack.head if logits else [], list(conv_states), list(ssm_states), *args, STATE_REUSE_BYTES)
+    out = op(
+        residual,
+        stack.params,
+        stack.head if logits else [],
+        list(conv_states),
+        list(ssm_states),
+        *args,
+        STATE_REUSE_BYTES,
+    )
     n = stack.count
     return out[0], out[1 : 1 + n], out[1 + n :]
 
 
 def mamba_stack_step(
-    residual: Tensor, stack: PreparedStack | Sequence[MambaLayerWeights], conv_states: Sequence[Tensor],
-    ssm_states: Sequence[Tensor], eps: float, logits: bool = False,
+    residual: Tensor,
+    stack: PreparedStack | Sequence[MambaLayerWeights],
+    conv_states: Sequence[Tensor],
+    ssm_states: Sequence[Tensor],
+    eps: float,
+    logits: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One decode step through a stack of Mamba-1 layers in one call.
 
@@ -239,12 +269,20 @@ def mamba_stack_step(
         (b, vocab) float32; the next conv states and SSM states, each in the dtype of the state
         it replaces. The states given are left as they were.
     """
-    return _stack_step(torch.ops.mambastep.mamba_layers_step, residual, stack, conv_states, ssm_states, eps, logits=logits)
+    return _stack_step(
+        torch.ops.mambastep.mamba_layers_step, residual, stack, conv_states, ssm_states, eps, logits=logits
+    )
 
 
 def mamba2_stack_step(
-    residual: Tensor, stack: PreparedStack | Sequence[Mamba2LayerWeights], conv_states: Sequence[Tensor],
-    ssm_states: Sequence[Tensor], eps: float, n_groups: int, dt_limit: tuple[float, float], logits: bool = False,
+    residual: Tensor,
+    stack: PreparedStack | Sequence[Mamba2LayerWeights],
+    conv_states: Sequence[Tensor],
+    ssm_states: Sequence[Tensor],
+    eps: float,
+    n_groups: int,
+    dt_limit: tuple[float, float],
+    logits: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One decode step through a stack of Mamba-2 layers in one call.
 

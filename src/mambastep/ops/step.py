@@ -19,8 +19,16 @@ def gate(y: Tensor, z: Tensor | None) -> Tensor:
 
 
 def selective_step(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor,
-    *, z: Tensor | None = None, dt_softplus: bool = False,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    state: Tensor,
+    *,
+    z: Tensor | None = None,
+    dt_softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One token of the Mamba-1 selective scan.
 
@@ -47,8 +55,15 @@ def selective_step(
 
 
 def ssd_step(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor,
-    *, z: Tensor | None = None,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    state: Tensor,
+    *,
+    z: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token of the Mamba-2 recurrence (scalar decay per head).
 

@@ -12,9 +12,10 @@ state (its last logits and state), which is how a ``Session`` continues a stream
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields, replace
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -194,7 +195,11 @@ def generate_from_state(
         )
     _check_eos(model, params)
     pieces = _text_pieces(
-        model, tokenizer, lambda: (logits, state), _seen([history], params), params,
+        model,
+        tokenizer,
+        lambda: (logits, state),
+        _seen([history], params),
+        params,
         on_token=None if on_token is None else lambda _, token: on_token(token),
     )
     return (piece for _, piece in pieces)

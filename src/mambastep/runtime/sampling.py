@@ -7,8 +7,8 @@ nothing is sorted over the vocabulary, and a draw is one uniform number per toke
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Sequence
 
 import torch
 from torch import Tensor

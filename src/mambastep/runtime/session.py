@@ -21,9 +21,10 @@ Memory, whatever the stream's length: the state and its last logits, at most
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ class _TokenWindow:
         self.size -= self.end - end
         self.end = end
 
-    def copy(self) -> "_TokenWindow":
+    def copy(self) -> _TokenWindow:
         other = _TokenWindow(self.capacity)
         other._ring, other.end, other.size = self._ring.clone(), self.end, self.size
         return other
@@ -109,7 +110,7 @@ class _Timeline:
     window: _TokenWindow
     snapshots: list[_Snapshot]  # by position, all within the window; shared between copies, never changed
 
-    def copy(self) -> "_Timeline":
+    def copy(self) -> _Timeline:
         return _Timeline(self.state.clone(), _clone(self.logits), self.window.copy(), list(self.snapshots))
 
 
@@ -248,8 +249,14 @@ class Session:
             raise ValueError("nothing to continue: feed at least one token before generate")
         generated: list[int] = []
         pieces = generate_from_state(
-            self.model, tokenizer, self._now.logits, self._now.state, params,
-            history=self.history.tolist(), on_token=generated.append, **overrides,
+            self.model,
+            tokenizer,
+            self._now.logits,
+            self._now.state,
+            params,
+            history=self.history.tolist(),
+            on_token=generated.append,
+            **overrides,
         )
         return self._reading(pieces, generated)
 
@@ -299,7 +306,7 @@ class Session:
         if len(replay):
             self._advance(replay)
 
-    def fork(self) -> "Session":
+    def fork(self) -> Session:
         """An independent copy: reading, rolling back or generating in one never changes the other.
 
         The fork shares this session's checkpoints (as they were), not its later ones.
@@ -320,8 +327,14 @@ class Session:
         """
         now, base = self._now, self._now.snapshots[0]
         record = SessionRecord(
-            state=now.state, logits=now.logits, base_state=base.state, base_logits=base.logits, history=self.history,
-            position=self.position, base_position=base.position, max_rollback=self.max_rollback,
+            state=now.state,
+            logits=now.logits,
+            base_state=base.state,
+            base_logits=base.logits,
+            history=self.history,
+            position=self.position,
+            base_position=base.position,
+            max_rollback=self.max_rollback,
             checkpoint_every=self.checkpoint_every,
         )
         save_session(record, path, self.model.weights_digest())
@@ -344,7 +357,9 @@ class Session:
         """
         record = load_session(path, model, other_weights)
         session = cls(model, tokenizer, max_rollback=record.max_rollback, checkpoint_every=record.checkpoint_every)
-        window = _TokenWindow(record.max_rollback + record.checkpoint_every, start=record.position - len(record.history))
+        window = _TokenWindow(
+            record.max_rollback + record.checkpoint_every, start=record.position - len(record.history)
+        )
         window.append(record.history)
         base = _Snapshot(record.base_position, record.base_state, record.base_logits)
         session._now = _Timeline(record.state, record.logits, window, [base])
@@ -411,7 +426,9 @@ def _pieces(tokens: Sequence[int] | Tensor | np.ndarray, vocab: int) -> Iterator
         if not isinstance(piece, Tensor):
             piece = torch.tensor(piece)  # infers the dtype, so floats are caught below
         if piece.dtype == torch.bool or piece.is_floating_point() or piece.is_complex() or piece.dim() != 1:
-            raise ValueError(f"token ids must be a 1-D sequence of integers, got {piece.dtype} of shape {tuple(piece.shape)}")
+            raise ValueError(
+                f"token ids must be a 1-D sequence of integers, got {piece.dtype} of shape {tuple(piece.shape)}"
+            )
         piece = piece.to(device="cpu", dtype=torch.long)
         bad = ((piece < 0) | (piece >= vocab)).nonzero()
         if len(bad):

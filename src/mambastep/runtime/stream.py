@@ -15,9 +15,10 @@ import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Literal, TextIO
+from typing import BinaryIO, Literal, TextIO
 
 import numpy as np
 
@@ -67,7 +68,9 @@ class StreamSettings:
         if not self.report_every >= 0:
             raise ValueError(f"report-every must be >= 0 seconds, got {self.report_every!r}")
         if self.save_state is not None and not Path(self.save_state).parent.is_dir():
-            raise FileNotFoundError(f"cannot save the state to {self.save_state}: no directory {Path(self.save_state).parent}")
+            raise FileNotFoundError(
+                f"cannot save the state to {self.save_state}: no directory {Path(self.save_state).parent}"
+            )
 
 
 def input_kind(requested: str | None, tokenizer: Tokenizer | None) -> str:
@@ -94,7 +97,9 @@ def run_stream(
             before the fault.
     """
     if settings.input == "bytes" and model.config.vocab_size < 256:
-        raise ValueError(f"--bytes needs a byte-level model (a vocabulary of 256 or more), this one has {model.config.vocab_size}")
+        raise ValueError(
+            f"--bytes needs a byte-level model (a vocabulary of 256 or more), this one has {model.config.vocab_size}"
+        )
     if tokenizer is None and (settings.input == "text" or settings.generate_every):
         raise ValueError("reading text and --generate-every need a tokenizer")
     if settings.resume:
@@ -120,7 +125,7 @@ def run_stream(
     return 130 if outcome == "interrupted" else 0
 
 
-def _feed(session: Session, ids: np.ndarray, settings: StreamSettings, stdout: TextIO, report: "_Reporter") -> None:
+def _feed(session: Session, ids: np.ndarray, settings: StreamSettings, stdout: TextIO, report: _Reporter) -> None:
     """Feed one chunk, stopping at each multiple of generate_every to write a continuation."""
     every = settings.generate_every
     while len(ids):
@@ -131,7 +136,9 @@ def _feed(session: Session, ids: np.ndarray, settings: StreamSettings, stdout: T
         ids = ids[room:]
         if every and session.position % every == 0:
             text = "".join(session.fork().generate(settings.params))
-            stdout.write(json.dumps({"tokens": session.position, "continuation": text}) + "\n" if settings.json else text + "\n")
+            stdout.write(
+                json.dumps({"tokens": session.position, "continuation": text}) + "\n" if settings.json else text + "\n"
+            )
             stdout.flush()
 
 
@@ -169,7 +176,9 @@ def _parse_ids(words: list[bytes]) -> np.ndarray:
         return np.array([int(w) for w in words], dtype=np.int64)
     except ValueError:
         bad = next(w for w in words if not w.lstrip(b"-").isdigit())
-        raise ValueError(f"stdin: {bad.decode(errors='replace')!r} is not a token id (--ids reads whitespace-separated integers)") from None
+        raise ValueError(
+            f"stdin: {bad.decode(errors='replace')!r} is not a token id (--ids reads whitespace-separated integers)"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -1,14 +1,14 @@
 """Training: ``train(TrainSettings(...))``, the library side of ``mambastep train``.
 
-    settings  DataSettings, OptimSettings, TrainSettings, TrainingError
-    data      files -> checked text -> split by file -> tokens -> lanes (one shard per process)
-    optim     AdamW (decay on matrices only), warm-up + cosine
-    init      the initialisation of a model trained from scratch
-    budget    memory estimate before anything is allocated
-    checkpoint  out/model (for mambastep.load) and out/train_state.pt (exact resume)
-    report    log.json, curve.png, gzip/xz baselines
-    distributed torchrun placement, gloo/nccl, collectives
-    loop      the run itself
+settings  DataSettings, OptimSettings, TrainSettings, TrainingError
+data      files -> checked text -> split by file -> tokens -> lanes (one shard per process)
+optim     AdamW (decay on matrices only), warm-up + cosine
+init      the initialisation of a model trained from scratch
+budget    memory estimate before anything is allocated
+checkpoint  out/model (for mambastep.load) and out/train_state.pt (exact resume)
+report    log.json, curve.png, gzip/xz baselines
+distributed torchrun placement, gloo/nccl, collectives
+loop      the run itself
 """
 
 from mambastep.training.loop import train

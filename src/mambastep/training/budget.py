@@ -20,6 +20,8 @@ FLOAT_BYTES = 4
 # What a training process holds besides the model and its activations: PyTorch itself,
 # the text, the allocator's slack.
 RUNTIME_BYTES = 512 * 2**20
+
+
 def estimate_bytes(config: ModelConfig, parameters: int, sequences: int, seq_len: int, world: int) -> int:
     """Peak bytes of one training process (an estimate).
 
@@ -30,7 +32,9 @@ def estimate_bytes(config: ModelConfig, parameters: int, sequences: int, seq_len
     """
     weights = parameters * FLOAT_BYTES * (4 + (world > 1))  # weights, gradients, two AdamW moments
     tokens = sequences * seq_len
-    per_token = config.n_layer * family_of(config).train_floats(config, seq_len) + 3 * config.vocab_size + 2 * config.d_model
+    per_token = (
+        config.n_layer * family_of(config).train_floats(config, seq_len) + 3 * config.vocab_size + 2 * config.d_model
+    )
     return RUNTIME_BYTES + weights + tokens * per_token * FLOAT_BYTES
 
 

@@ -77,5 +77,7 @@ def read_train_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise TrainingError(f"{path}: not a mambastep training state")
     if state.get("version") != TRAIN_STATE_VERSION:
-        raise TrainingError(f"{path}: training state version {state.get('version')}, this mambastep reads {TRAIN_STATE_VERSION}")
+        raise TrainingError(
+            f"{path}: training state version {state.get('version')}, this mambastep reads {TRAIN_STATE_VERSION}"
+        )
     return state

@@ -86,19 +86,23 @@ class _Run:
         config = read_config(resolve(s.init)) if s.init is not None else model_config(s.config)
         if self.tokenizer.vocab_size > config.vocab_size:
             raise TrainingError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens "
+                f"but the model's vocab_size is {config.vocab_size}"
             )
         if s.batch_size % place.world:
             raise TrainingError(f"batch_size {s.batch_size} is not a multiple of the {place.world} processes")
         self.local_batch = s.batch_size // place.world
-        self.memory_estimate = check_fits(config, self.local_batch, self.seq_len, place.world, place.local_world, place.device)
+        self.memory_estimate = check_fits(
+            config, self.local_batch, self.seq_len, place.world, place.local_world, place.device
+        )
         self.corpus: Corpus = load_corpus(s.data, self.tokenizer)
         self.train_lanes = Lanes(
             self.corpus.train.tokens, s.batch_size, self.seq_len, place.rank, place.world, "training", self.seq_len + 1
         )
         self.eval_lanes = (
             Lanes(self.corpus.heldout.tokens, s.batch_size, self.seq_len, place.rank, place.world, "held-out", 2)
-            if s.data.holdout > 0 else None
+            if s.data.holdout > 0
+            else None
         )
         self.out.mkdir(parents=True, exist_ok=True)  # every check has passed
         torch.manual_seed(s.data.seed)
@@ -125,7 +129,9 @@ class _Run:
         path = self.out / TRAIN_STATE_FILE
         if not s.resume:
             if path.exists():
-                raise TrainingError(f"{self.out} already holds a run ({path}); pass --resume to continue it, or choose another --out")
+                raise TrainingError(
+                    f"{self.out} already holds a run ({path}); pass --resume to continue it, or choose another --out"
+                )
             return None
         saved = read_train_state(path)
         before, now = json.loads(saved["settings"]), s.resume_key()
@@ -154,9 +160,13 @@ class _Run:
             "model": {"family": config.family, "config": asdict(config), "parameters": parameters},
             "data": {
                 "split_rule": SPLIT_RULE,
-                "train_files": len(c.train.names), "train_tokens": len(c.train.tokens), "train_bytes": c.train.n_bytes,
-                "heldout_files": len(c.heldout.names), "heldout_tokens": len(c.heldout.tokens),
-                "heldout_bytes": c.heldout.n_bytes, "heldout_names": list(c.heldout.names),
+                "train_files": len(c.train.names),
+                "train_tokens": len(c.train.tokens),
+                "train_bytes": c.train.n_bytes,
+                "heldout_files": len(c.heldout.names),
+                "heldout_tokens": len(c.heldout.tokens),
+                "heldout_bytes": c.heldout.n_bytes,
+                "heldout_names": list(c.heldout.names),
             },
             "processes": self.place.world,
             "memory_estimate_bytes": self.memory_estimate,
@@ -207,7 +217,9 @@ class _Run:
         s, place = self.settings, self.place
         last = min(s.steps, s.stop_after) if s.stop_after else s.steps
         tokens_per_step = s.batch_size * self.seq_len
-        bar = tqdm(total=s.steps, initial=self.step, unit="step", disable=not (place.main and s.progress), dynamic_ncols=True)
+        bar = tqdm(
+            total=s.steps, initial=self.step, unit="step", disable=not (place.main and s.progress), dynamic_ncols=True
+        )
         losses, since, since_step = [], time.perf_counter(), self.step
         while self.step < last:
             losses.append(self._train_step())
@@ -217,11 +229,18 @@ class _Run:
                 rate = tokens_per_step * (self.step - since_step) / (time.perf_counter() - since)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rate:,.0f}")
                 if place.main:
-                    self.log.add("train", {
-                        "step": self.step, "tokens": self.step * tokens_per_step, "loss": mean_loss,
-                        "bits_per_byte": mean_loss / math.log(2) / self.corpus.train.bytes_per_token,
-                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": rate, "elapsed_s": self._elapsed(),
-                    })
+                    self.log.add(
+                        "train",
+                        {
+                            "step": self.step,
+                            "tokens": self.step * tokens_per_step,
+                            "loss": mean_loss,
+                            "bits_per_byte": mean_loss / math.log(2) / self.corpus.train.bytes_per_token,
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "tokens_per_s": rate,
+                            "elapsed_s": self._elapsed(),
+                        },
+                    )
                     self.log.write()
                 losses, since, since_step = [], time.perf_counter(), self.step
             paused = False
@@ -245,8 +264,15 @@ class _Run:
 
     def _log_eval(self, result: dict[str, float], full: bool) -> None:
         if self.place.main:
-            self.log.add("eval", {"step": self.step, "tokens": self.step * self.settings.batch_size * self.seq_len,
-                                  "full": full, **result})
+            self.log.add(
+                "eval",
+                {
+                    "step": self.step,
+                    "tokens": self.step * self.settings.batch_size * self.seq_len,
+                    "full": full,
+                    **result,
+                },
+            )
             self.log.write()
 
     def _elapsed(self) -> float:
@@ -257,16 +283,21 @@ class _Run:
         if not self.place.main:
             return
         write_model(self.model, self.tokenizer, self.out / MODEL_DIR)
-        write_train_state(self.out / TRAIN_STATE_FILE, {
-            "step": self.step,
-            "elapsed_s": self._elapsed(),
-            "settings": json.dumps(self.settings.resume_key()),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.place.device.type == "cuda" else []},
-        })
+        write_train_state(
+            self.out / TRAIN_STATE_FILE,
+            {
+                "step": self.step,
+                "elapsed_s": self._elapsed(),
+                "settings": json.dumps(self.settings.resume_key()),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {
+                    "cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.place.device.type == "cuda" else [],
+                },
+            },
+        )
         self.log.write()
 
 

@@ -161,6 +161,14 @@ class TrainSettings:
 
 # Settings that may change when a run is resumed: they do not change the weights it ends with.
 _FREE_ON_RESUME = (
-    "out", "resume", "stop_after", "threads", "progress", "device",
-    "eval_every", "eval_tokens", "checkpoint_every", "log_every",
+    "out",
+    "resume",
+    "stop_after",
+    "threads",
+    "progress",
+    "device",
+    "eval_every",
+    "eval_tokens",
+    "checkpoint_every",
+    "log_every",
 )

@@ -19,7 +19,8 @@ on this interface.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mambastep.evidence.tasks.base import IGNORE, Task, TaskBatch
 from mambastep.evidence.tasks.induction_heads import InductionHeads

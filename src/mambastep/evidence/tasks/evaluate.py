@@ -70,7 +70,9 @@ def parse_lengths(text: str) -> tuple[int, ...]:
             raise ValueError
         return lengths
     except ValueError:
-        raise ValueError(f"lengths {text!r}: expected 'A..B' (powers of two) or a comma-separated list of positive integers") from None
+        raise ValueError(
+            f"lengths {text!r}: expected 'A..B' (powers of two) or a comma-separated list of positive integers"
+        ) from None
 
 
 @torch.no_grad()
@@ -109,26 +111,52 @@ def evaluate_model(model: LanguageModel, task: Task, settings: EvalSettings, nam
             rows.append({**row, "status": OUT_OF_MEMORY, "state_bytes": cache, "memory_budget": budget})
             continue
         if predicted is not None and predicted > settings.time_budget_s:
-            rows.append({**row, "status": OUT_OF_TIME, "predicted_s": round(predicted, 1), "time_budget_s": settings.time_budget_s})
+            rows.append(
+                {
+                    **row,
+                    "status": OUT_OF_TIME,
+                    "predicted_s": round(predicted, 1),
+                    "time_budget_s": settings.time_budget_s,
+                }
+            )
             continue
         reset_peak_rss()
         before, started, right, total = rss_bytes(), time.perf_counter(), 0, 0
-        for start in tqdm(range(0, settings.count, settings.batch_size), disable=not settings.progress,
-                          desc=f"{name} @ {length}", leave=False):
+        for start in tqdm(
+            range(0, settings.count, settings.batch_size),
+            disable=not settings.progress,
+            desc=f"{name} @ {length}",
+            leave=False,
+        ):
             batch = task.validation_set(length, min(settings.batch_size, settings.count - start), start=start)
             r, n = score(model, batch)
             right, total = right + r, total + n
         seconds = time.perf_counter() - started
         previous = (length, seconds)
-        rows.append({**row, "status": MEASURED, "accuracy": right / total, "scored": total, "seconds": round(seconds, 2),
-                     "state_bytes": state_bytes(model.config, length, 1), "peak_rss_added": peak_rss_bytes() - before,
-                     "input_bytes": 2 * 8 * length * min(settings.batch_size, settings.count)})  # tokens and targets, int64
+        rows.append(
+            {
+                **row,
+                "status": MEASURED,
+                "accuracy": right / total,
+                "scored": total,
+                "seconds": round(seconds, 2),
+                "state_bytes": state_bytes(model.config, length, 1),
+                "peak_rss_added": peak_rss_bytes() - before,
+                "input_bytes": 2 * 8 * length * min(settings.batch_size, settings.count),
+            }
+        )  # tokens and targets, int64
     return rows
 
 
 def evaluate(task_name: str, model_dirs: list[Path], settings: EvalSettings) -> dict[str, Any]:
     """Evaluate trained task models (out directories of ``mambastep tasks train``) at every length."""
-    report: dict[str, Any] = {"task": task_name, "lengths": list(settings.lengths), "count": settings.count, "models": [], "rows": []}
+    report: dict[str, Any] = {
+        "task": task_name,
+        "lengths": list(settings.lengths),
+        "count": settings.count,
+        "models": [],
+        "rows": [],
+    }
     for directory in model_dirs:
         record = read_task_record(directory)
         if record["task"] != task_name:
@@ -136,8 +164,15 @@ def evaluate(task_name: str, model_dirs: list[Path], settings: EvalSettings) -> 
         task = make_task(task_name, **record["task_settings"])
         model = load(Path(directory) / MODEL_DIR)
         name = f"{layer_name(model.config)} (trained at {record['train_length']})"
-        report["models"].append({"name": name, "directory": str(directory), "layer": record["layer"],
-                                 "train_length": record["train_length"], "steps": record["steps"]})
+        report["models"].append(
+            {
+                "name": name,
+                "directory": str(directory),
+                "layer": record["layer"],
+                "train_length": record["train_length"],
+                "steps": record["steps"],
+            }
+        )
         report["rows"] += evaluate_model(model, task, settings, name)
     return report
 
@@ -150,8 +185,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         cells = []
         for n in lengths:
             row = next(r for r in report["rows"] if r["model"] == entry["name"] and r["length"] == n)
-            cells.append(f"{100 * row['accuracy']:.1f}" if row["status"] == MEASURED else
-                         ("OOM" if row["status"] == OUT_OF_MEMORY else "too slow"))
+            cells.append(
+                f"{100 * row['accuracy']:.1f}"
+                if row["status"] == MEASURED
+                else ("OOM" if row["status"] == OUT_OF_MEMORY else "too slow")
+            )
         lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,7 +207,11 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, entry in enumerate(report["models"]):
-        points = [(r["length"], r["accuracy"]) for r in report["rows"] if r["model"] == entry["name"] and r["status"] == MEASURED]
+        points = [
+            (r["length"], r["accuracy"])
+            for r in report["rows"]
+            if r["model"] == entry["name"] and r["status"] == MEASURED
+        ]
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", color=f"C{i}", label=entry["name"])
         ax.axvline(entry["train_length"], color=f"C{i}", ls=":", lw=1)
     ax.set_xscale("log", base=2)

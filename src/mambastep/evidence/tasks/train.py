@@ -135,8 +135,14 @@ def train_task(settings: TaskTrainSettings) -> dict[str, Any]:
         if step % s.eval_every == 0 or step == s.steps:
             accuracy = validation_accuracy(model.eval(), validation)
             model.train()
-            curve.append({"step": steps_before + step, "loss": sum(losses) / len(losses), "accuracy": accuracy,
-                          "elapsed_s": time.perf_counter() - started})
+            curve.append(
+                {
+                    "step": steps_before + step,
+                    "loss": sum(losses) / len(losses),
+                    "accuracy": accuracy,
+                    "elapsed_s": time.perf_counter() - started,
+                }
+            )
             losses = []
             bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", accuracy=f"{accuracy:.3f}")
             if s.stop_at is not None and accuracy >= s.stop_at:
@@ -190,7 +196,11 @@ def read_task_record(directory: Path) -> dict[str, Any]:
 
 def shipped_runs(task_name: str) -> list[Path]:
     """The trained runs that ship with mambastep for ``task_name``, in the order of ``LAYERS``."""
-    return [SHIPPED_RUNS / f"{task_name}-{layer}" for layer in LAYERS if (SHIPPED_RUNS / f"{task_name}-{layer}" / TASK_FILE).is_file()]
+    return [
+        SHIPPED_RUNS / f"{task_name}-{layer}"
+        for layer in LAYERS
+        if (SHIPPED_RUNS / f"{task_name}-{layer}" / TASK_FILE).is_file()
+    ]
 
 
 def run_model(task_name: str, run_or_model: str | Path | None) -> Path:

@@ -31,7 +31,9 @@ from mambastep.ops import library  # noqa: F401  (the schemas the library implem
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("selective_scan.cpp", "ssd_scan.cpp", "causal_conv.cpp", "matvec.cpp", "mamba_step.cpp")]
+SOURCES = [
+    HERE / name for name in ("selective_scan.cpp", "ssd_scan.cpp", "causal_conv.cpp", "matvec.cpp", "mamba_step.cpp")
+]
 HEADERS = [HERE / "vector_math.h"]
 COMMON_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -60,7 +62,12 @@ def library_path(isa: str) -> Path:
     """Where the library of instruction set ``isa`` is (or will be) built."""
     flags = COMMON_FLAGS + ISA_FLAGS[isa]
     digest = hashlib.sha256()
-    for part in [*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(flags).encode(), torch.__version__.encode(), sys.version.encode()]:
+    for part in [
+        *(p.read_bytes() for p in SOURCES + HEADERS),
+        " ".join(flags).encode(),
+        torch.__version__.encode(),
+        sys.version.encode(),
+    ]:
         digest.update(part)
     name = f"mambastep_cpu_{isa}_{digest.hexdigest()[:16]}"
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")).expanduser()
