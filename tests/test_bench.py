@@ -183,3 +183,14 @@ def test_prefill_bound_takes_the_peak_of_the_product_prompts_take(tmp_path, monk
     (product,) = products
     want = a @ b.T if prompt_matmul == "onednn" else None  # oneDNN's linear multiplies by b's transpose
     assert product is torch.mm if want is None else torch.allclose(product(a, b), want, atol=1e-5)
+
+
+def test_transformers_decode_is_timed_from_its_own_tokens(tmp_path):
+    """A clock read as each of steps + 1 tokens is chosen: the prefill is left out and a time can
+    never come out negative, however busy the machine (a difference of two generate calls could)."""
+    from conftest import hf_reference
+    from mambastep.evidence.bench import _theirs_decode
+
+    ref = hf_reference(make_hf_checkpoint(tmp_path / "m"))
+    seconds = _theirs_decode(ref, torch.zeros(2, 5, dtype=torch.long), steps=3)
+    assert 0 < seconds < 60

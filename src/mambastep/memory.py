@@ -9,7 +9,6 @@ import resource
 import sys
 import weakref
 
-import psutil
 import torch
 from torch import nn
 
@@ -67,6 +66,8 @@ def peak_rss_bytes() -> int:
 def available_memory() -> int | None:
     """Bytes the system can still give without swapping (psutil's ``available``, on every
     platform psutil supports); None where it cannot tell, which callers take as no limit."""
+    import psutil  # only when asked: importing it costs every process that never asks
+
     try:
         return int(psutil.virtual_memory().available)
     except (OSError, RuntimeError, AttributeError):

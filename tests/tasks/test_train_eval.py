@@ -175,12 +175,14 @@ def test_bad_training_settings(tmp_path):
 
 def test_memory_the_system_cannot_tell_is_no_limit(monkeypatch):
     """Where psutil cannot tell the available memory, nothing is skipped as out of memory."""
+    import psutil
+
     from mambastep import memory
 
     def unknown():
         raise OSError("no memory information here")
 
-    monkeypatch.setattr(memory.psutil, "virtual_memory", unknown)
+    monkeypatch.setattr(psutil, "virtual_memory", unknown)
     assert memory.available_memory() is None
     rows = evaluate_model(
         _random_model(), task("induction_heads"), EvalSettings(lengths=(64,), count=1, progress=False), "s6"

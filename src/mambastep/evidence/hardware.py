@@ -199,7 +199,7 @@ def matmul_peak(
     """Matrix-multiply FLOP/s in ``dtype`` of ``product`` (two n x n matrices in, n^3
     multiply-adds): n = 2048, or smaller (down to 256) where one product would take over
     ``budget_s`` seconds, as on a CPU without native kernels for ``dtype`` (PyTorch's bfloat16
-    matmul runs at well under 1 GFLOP/s on AVX2 CPUs, where a 2048 x 2048 product takes a minute)."""
+    matmul is a slow reference loop on AVX2 CPUs)."""
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(256, 256, generator=gen).to(dtype) for _ in range(2))
     probe = _best_seconds(lambda: product(a, b), 1)

@@ -61,7 +61,7 @@ def random_model(
     """A model of a built-in (or given) configuration with its initial random weights.
 
     Good for timing and memory (the work of a step does not depend on the weights'
-    values); its text is noise. Building takes about 5 s per billion parameters.
+    values); its text is noise. Building takes seconds per billion parameters.
     """
     config = builtin_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     torch.manual_seed(seed)

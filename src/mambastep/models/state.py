@@ -11,13 +11,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import Tensor
-
-if TYPE_CHECKING:
-    from mambastep.models.lm import LanguageModel
+from torch import Tensor, nn
 
 
 class StateError(ValueError):
@@ -239,14 +236,16 @@ class ModelState:
 
     def save(self, path: str | Path) -> None:
         """Write the state to a file, atomically (``files.formats.save_state``)."""
-        from mambastep.files.formats import save_state  # the file formats sit above the models
+        # The one import that runs up the layers, at call time: the file formats sit above the
+        # models, and a state saves itself (docs/architecture.md).
+        from mambastep.files.formats import save_state
 
         save_state(self, path)
 
     @staticmethod
-    def load(path: str | Path, model: LanguageModel, other_weights: bool = False) -> ModelState:
-        """Read a state written by ``save`` and check that it belongs to ``model``
-        (``files.formats.load_state``)."""
+    def load(path: str | Path, model: nn.Module, other_weights: bool = False) -> ModelState:
+        """Read a state written by ``save`` and check that it belongs to ``model``, a
+        ``LanguageModel`` (``files.formats.load_state``)."""
         from mambastep.files.formats import load_state
 
         return load_state(path, model, other_weights)
