@@ -6,9 +6,10 @@ import time
 import pytest
 import torch
 
-from conftest import make_hf_checkpoint
 from mambastep.cli import main
 from mambastep.evidence.bench import BenchSettings, markdown, matmul_flops_per_token, run_bench
+
+from conftest import make_hf_checkpoint
 
 
 @pytest.fixture
@@ -191,8 +192,9 @@ def test_prefill_bound_takes_the_peak_of_the_product_prompts_take(tmp_path, monk
 def test_transformers_decode_is_timed_from_its_own_tokens(tmp_path):
     """A clock read as each of steps + 1 tokens is chosen: the prefill is left out and a time can
     never come out negative, however busy the machine (a difference of two generate calls could)."""
-    from conftest import hf_reference
     from mambastep.evidence.bench import _theirs_decode
+
+    from conftest import hf_reference
 
     ref = hf_reference(make_hf_checkpoint(tmp_path / "m"))
     seconds = _theirs_decode(ref, torch.zeros(2, 5, dtype=torch.long), steps=3)

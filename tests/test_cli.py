@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from conftest import make_hf_checkpoint
 from mambastep.cli import main
+
+from conftest import make_hf_checkpoint
 
 
 def run(*args):

@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
-from conftest import make_hf_checkpoint
 from mambastep.cli import main
 from mambastep.evidence import compare
 from mambastep.evidence.compare import CompareSettings, synthetic_state
 from mambastep.families.presets import random_model
 from mambastep.models.config import GPTNeoXConfig, Mamba2Config
+
+from conftest import make_hf_checkpoint
 
 REPORT_KEYS = {"schema", "machine", "settings", "models", "rows", "crossings"}
 ROW_KEYS = {

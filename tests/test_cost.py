@@ -7,13 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import make_hf_checkpoint
 from mambastep.cli import main
 from mambastep.evidence import cost
 from mambastep.evidence.hardware import BUILTIN_HARDWARE, Hardware, HardwareError, get_hardware
 from mambastep.families.presets import BUILTIN_CONFIGS, random_model
 from mambastep.models.config import GPTNeoXConfig, Mamba2Config, MambaConfig, MambaLTIConfig
 from mambastep.settings import EngineSettings
+
+from conftest import make_hf_checkpoint
 
 # Small pieces and chunks so that a short prompt has uneven pieces, partial chunks, 1-token chunks and
 # a 1-token piece. The PyTorch scan: FlopCounterMode does not see inside the fused CPU kernel.

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import mambastep
-from conftest import hf_reference, make_hf_checkpoint
 from mambastep.files.tokenizer import ByteTokenizer
 from mambastep.runtime.generation import StopFilter, generate, generate_batch, generate_tokens
 from mambastep.runtime.sampling import SamplingParams, _draw, _outside_nucleus, sample
+
+from conftest import hf_reference, make_hf_checkpoint
 
 PROMPT_LENGTHS = (1, 5, 17)
 

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mambastep
-from conftest import to_original_format
 from mambastep import CheckpointError
+
+from conftest import to_original_format
 
 
 def _edit_config(path, **changes):

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 import mambastep
-from conftest import make_hf_checkpoint, random_tokens
 from mambastep import memory
 from mambastep.memory import huge_pages_available, in_huge_pages, place_in_huge_pages
 from mambastep.models.int8 import quantize_int8
 from mambastep.settings import EngineSettings
+
+from conftest import make_hf_checkpoint, random_tokens
 
 needs_huge_pages = pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages here")
 

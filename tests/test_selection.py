@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_hf_checkpoint, random_tokens
 from mambastep.cli import main
 from mambastep.evidence.selection import (
     SelectionTrace,
@@ -22,6 +21,8 @@ from mambastep.files.checkpoints import save
 from mambastep.files.tokenizer import ByteTokenizer
 from mambastep.models import Mamba2LM, MambaLM, MambaLTILM
 from mambastep.models.config import Mamba2Config, MambaConfig, MambaLTIConfig
+
+from conftest import make_hf_checkpoint, random_tokens
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VOCAB = 32

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 import mambastep
-from conftest import make_hf_checkpoint
 from mambastep.models.state import ModelState, StateError
+
+from conftest import make_hf_checkpoint
 
 
 @pytest.fixture(params=["mamba", "mamba2"])

@@ -7,7 +7,6 @@ import torch
 from torch._dynamo.utils import counters
 
 import mambastep
-from conftest import make_hf_checkpoint
 from mambastep.models.linear import Linear
 from mambastep.ops.products import (
     CONVERTED_ROWS,
@@ -18,6 +17,8 @@ from mambastep.ops.products import (
     takes_matvec,
 )
 from mambastep.settings import EngineSettings
+
+from conftest import make_hf_checkpoint
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])

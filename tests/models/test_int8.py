@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import mambastep
-from conftest import TORCH, make_hf_checkpoint
 from mambastep.models.int8 import Int8Linear
 from mambastep.ops.products import CONVERTED_ROWS
+
+from conftest import TORCH, make_hf_checkpoint
 
 
 @pytest.mark.parametrize("out_features", [36, 2 * CONVERTED_ROWS + 17])  # one block; two and a part

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import mambastep
+from mambastep.settings import EngineSettings
+
 from conftest import (
     assert_greedy_equals_transformers,
     assert_prefill_then_steps_equal_forward,
@@ -17,7 +19,6 @@ from conftest import (
     random_tokens,
     to_original_format,
 )
-from mambastep.settings import EngineSettings
 
 MAMBA_CONFIGS = [
     dict(),

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import mambastep
-from conftest import make_hf_checkpoint, to_original_format
 from mambastep import CheckpointError
+
+from conftest import make_hf_checkpoint, to_original_format
 
 
 def test_D_per_channel_from_the_original_format(tmp_path):

@@ -2,13 +2,14 @@
 
 import torch
 
-from conftest import assert_prefill_then_steps_equal_forward, random_tokens
 from mambastep import load
 from mambastep.families import config_from_dict, config_to_dict
 from mambastep.files.checkpoints import save
 from mambastep.models import MambaLM, MambaLTILM
 from mambastep.models.config import MambaConfig, MambaLTIConfig
 from mambastep.ops import TORCH, Backend
+
+from conftest import assert_prefill_then_steps_equal_forward, random_tokens
 
 CONFIG = MambaLTIConfig(d_model=12, n_layer=2, vocab_size=19, d_state=5, d_conv=3)
 

@@ -7,15 +7,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mambastep
+from mambastep.cli import main
+from mambastep.models.state import KVLayerState, ModelState, StateError
+from mambastep.settings import EngineSettings
+
 from conftest import (
     assert_greedy_equals_transformers,
     assert_prefill_then_steps_equal_forward,
     hf_reference,
     make_hf_checkpoint,
 )
-from mambastep.cli import main
-from mambastep.models.state import KVLayerState, ModelState, StateError
-from mambastep.settings import EngineSettings
 
 CONFIGS = [
     dict(),

@@ -2,9 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOL
 from mambastep.ops import causal_conv, causal_conv_silu, causal_conv_step, kernels
 from mambastep.ops.reference import causal_conv_ref
+
+from conftest import TOL
 
 pytestmark = pytest.mark.usefixtures("cpp")  # the C++ kernels, built and loaded
 

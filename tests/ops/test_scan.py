@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from conftest import TOL
 from mambastep.ops import selective_scan_chunked as selective_scan
 from mambastep.ops import selective_step
 from mambastep.ops.reference import selective_scan_ref
+
+from conftest import TOL
 
 
 def _inputs(b, l, e, n, dtype=torch.float64, seed=0, dt_scale=1.0):

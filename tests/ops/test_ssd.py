@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TORCH
 from mambastep.ops import kernels
 from mambastep.ops.reference import ssd_scan_ref
 from mambastep.ops.ssd import ssd_scan_chunked as ssd_scan
 from mambastep.ops.step import ssd_step
+
+from conftest import TORCH
 
 pytestmark = pytest.mark.usefixtures("cpp")  # the C++ kernels, built and loaded
 

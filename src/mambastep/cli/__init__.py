@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from mambastep.cli import bench, compare, cost, generate, info, inspect, stream, tasks, train
+from mambastep.cli import bench, compare, cost, generate, info, inspect, serve, stream, tasks, train
 from mambastep.cli.common import USER_ERRORS
 
-COMMANDS = (generate, info, train, cost, compare, stream, bench, inspect, tasks)
+COMMANDS = (generate, info, serve, train, cost, compare, stream, bench, inspect, tasks)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,11 +15,12 @@ from mambastep.files.tokenizer import TokenizerError
 from mambastep.models.config import ConfigError
 from mambastep.models.state import StateError
 from mambastep.runtime.sampling import SamplingParams
+from mambastep.serve.settings import ServeError
 from mambastep.settings import DECODE_BACKENDS, MATVEC_KERNELS, PROMPT_MATMULS, RENAMED, SCAN_KERNELS, EngineSettings
 
 DEFAULT_MODEL = Path(__file__).parents[1] / "assets" / "default"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, StateError, ValueError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, StateError, ServeError, ValueError, FileNotFoundError)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

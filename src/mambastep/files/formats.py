@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
@@ -48,8 +49,12 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
     writer may leave a stray ``.{name}.*.tmp`` beside it. The file is readable by its
     owner only (it may hold a conversation).
     """
+    write_atomically(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as ``write_safetensors`` does: all of it or nothing."""
     path = Path(path)
-    data = safetensors_bytes(tensors, metadata=metadata)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -86,6 +91,24 @@ def read_safetensors(
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise error(f"{path}: not a readable {kind} file: corrupt or truncated ({err})") from None
+    return tensors, metadata
+
+
+def read_safetensors_bytes(data: bytes, where: str, kind: str = "session") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of safetensors ``data`` held in memory (``where`` names it in errors).
+
+    Raises:
+        StateError: bytes that are not readable safetensors (truncated, corrupt, foreign).
+    """
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        metadata = header.get("__metadata__") or {}
+        tensors = load_bytes(data)
+    except (SafetensorError, ValueError, TypeError, AttributeError, OverflowError) as err:
+        raise StateError(f"{where}: not a readable {kind} file: corrupt or truncated ({err})") from None
+    if not isinstance(metadata, dict):
+        raise StateError(f"{where}: not a readable {kind} file: its metadata is not a table")
     return tensors, metadata
 
 
@@ -178,7 +201,7 @@ def state_from_tensors(
         )
     try:
         layer_types = json.loads(metadata["layer_types"])
-    except (KeyError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise StateError(f"{path}: missing or unreadable layer_types in the metadata ({err!r})") from None
     first_layer = [t for key, t in tensors.items() if key.startswith("layers.0.")]
     if any(name not in _LAYER_TYPES for name in layer_types) or not first_layer:
@@ -232,9 +255,9 @@ class SessionRecord:
     checkpoint_every: int
 
 
-def save_session(record: SessionRecord, path: str | Path, weights_digest: str) -> None:
-    """Write a session atomically (see ``write_safetensors``), with the digest of the model's
-    weights and a SHA-256 checksum of everything in the file."""
+def session_bytes(record: SessionRecord, weights_digest: str) -> bytes:
+    """A session as the bytes of its file: with the digest of the model's weights and a SHA-256
+    checksum of everything in it."""
     tensors, metadata = state_tensors(record.state, prefix="state.")
     tensors.update(state_tensors(record.base_state, prefix="base.")[0])
     tensors["history"] = record.history.to(torch.int32)
@@ -252,7 +275,12 @@ def save_session(record: SessionRecord, path: str | Path, weights_digest: str) -
         },
     }
     metadata["checksum"] = _checksum(tensors, metadata)
-    write_safetensors(path, tensors, metadata)
+    return safetensors_bytes(tensors, metadata=metadata)
+
+
+def save_session(record: SessionRecord, path: str | Path, weights_digest: str) -> None:
+    """Write a session to ``path`` atomically (see ``write_safetensors``)."""
+    write_atomically(path, session_bytes(record, weights_digest))
 
 
 def load_session(path: str | Path, model: LanguageModel, other_weights: bool = False) -> SessionRecord:
@@ -266,6 +294,20 @@ def load_session(path: str | Path, model: LanguageModel, other_weights: bool = F
             message names the file.
     """
     tensors, metadata = read_safetensors(path, kind="session")
+    return _session_record(tensors, metadata, model, other_weights, path)
+
+
+def session_from_bytes(
+    data: bytes, model: LanguageModel, other_weights: bool = False, where: str = "session"
+) -> SessionRecord:
+    """``load_session`` for a session file's bytes held in memory (``where`` names them in errors)."""
+    tensors, metadata = read_safetensors_bytes(data, where)
+    return _session_record(tensors, metadata, model, other_weights, where)
+
+
+def _session_record(
+    tensors: dict[str, Tensor], metadata: dict[str, str], model: LanguageModel, other_weights: bool, path: str | Path
+) -> SessionRecord:
     _check_header(metadata, SESSION_FORMAT, "session", path)
     stored = metadata.pop("checksum", None)
     if stored != _checksum(tensors, metadata):

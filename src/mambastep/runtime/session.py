@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mambastep.files.formats import SessionRecord, load_session, save_session
+from mambastep.files.formats import SessionRecord, load_session, save_session, session_bytes, session_from_bytes
 from mambastep.files.tokenizer import Tokenizer
 from mambastep.models.lm import LanguageModel
 from mambastep.models.state import ModelState
@@ -325,19 +325,11 @@ class Session:
         settings, the model's fingerprint and weights digest, and a SHA-256 checksum of all
         of it. Checkpoints made with ``checkpoint()`` are not saved.
         """
-        now, base = self._now, self._now.snapshots[0]
-        record = SessionRecord(
-            state=now.state,
-            logits=now.logits,
-            base_state=base.state,
-            base_logits=base.logits,
-            history=self.history,
-            position=self.position,
-            base_position=base.position,
-            max_rollback=self.max_rollback,
-            checkpoint_every=self.checkpoint_every,
-        )
-        save_session(record, path, self.model.weights_digest())
+        save_session(self._record(), path, self.model.weights_digest())
+
+    def to_bytes(self) -> bytes:
+        """The bytes of the file ``save`` writes."""
+        return session_bytes(self._record(), self.model.weights_digest())
 
     @classmethod
     def load(
@@ -355,7 +347,36 @@ class Session:
                 not match), a file that is not a mambastep session, or a session of
                 another model or other weights; the message names the file.
         """
-        record = load_session(path, model, other_weights)
+        return cls._from_record(load_session(path, model, other_weights), model, tokenizer)
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        model: LanguageModel,
+        tokenizer: Tokenizer | None = None,
+        other_weights: bool = False,
+        where: str = "session",
+    ) -> Session:
+        """``load`` for the bytes of a session file held in memory (``where`` names them in errors)."""
+        return cls._from_record(session_from_bytes(data, model, other_weights, where), model, tokenizer)
+
+    def _record(self) -> SessionRecord:
+        now, base = self._now, self._now.snapshots[0]
+        return SessionRecord(
+            state=now.state,
+            logits=now.logits,
+            base_state=base.state,
+            base_logits=base.logits,
+            history=self.history,
+            position=self.position,
+            base_position=base.position,
+            max_rollback=self.max_rollback,
+            checkpoint_every=self.checkpoint_every,
+        )
+
+    @classmethod
+    def _from_record(cls, record: SessionRecord, model: LanguageModel, tokenizer: Tokenizer | None) -> Session:
         session = cls(model, tokenizer, max_rollback=record.max_rollback, checkpoint_every=record.checkpoint_every)
         window = _TokenWindow(
             record.max_rollback + record.checkpoint_every, start=record.position - len(record.history)

@@ -1,0 +1,11 @@
+"""``mambastep serve``: an HTTP server where a session's state is a durable, forkable,
+downloadable resource, with OpenAI-compatible completions beside it.
+
+    settings   ServeSettings: address, keys, limits, the hot set, the data directory
+    store      SessionStore: where sessions live (SQLiteStore, the embedded default)
+    scheduler  the one thread that runs the model: prompts in pieces, decode steps batched
+    service    what the routes do, transport aside: sessions, completions, limits, durability
+    schemas    the requests and responses, as pydantic models (so /openapi.json is exact)
+    metrics    the Prometheus metrics
+    app        the FastAPI application: routes, keys, errors, server-sent events, the page
+"""

@@ -1,0 +1,310 @@
+"""The one thread that runs the model: every request's work, interleaved.
+
+Work comes as tasks: generator functions that run on this thread and yield after each unit
+(a prompt piece read, a session changed), and may hand sequences to decode (``Row``s) and
+wait for them. Each turn of the loop advances one task by one unit, then runs one decode
+step for every row at once: the rows of all requests decode together in one batched
+``model.step``, join between steps and leave as they finish. A long prompt therefore delays
+the others by one piece at most.
+
+A row decodes exactly as ``mambastep.generate`` does: the same sampler, the same generator
+per sequence, the same stopping, so its tokens do not depend on the rows beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mambastep.files.tokenizer import TextStream, Tokenizer
+from mambastep.models.lm import LanguageModel
+from mambastep.models.state import ModelState
+from mambastep.runtime.generation import StopFilter
+from mambastep.runtime.sampling import SamplingParams, generator, sample
+
+log = logging.getLogger(__name__)
+
+Task = Callable[[], Generator["list[Row] | None", None, object]]
+
+
+class Busy(RuntimeError):
+    """More requests are waiting for the model than the queue holds."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping: the request was cancelled."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of a row: the text it releases (possibly ""), its log-probability
+    and the most likely alternatives (when asked for), and, on the row's last event, why it
+    finished ("stop": eos or a stop string; "length": max tokens; "cancelled")."""
+
+    token: int | None
+    text: str
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+class Row:
+    """One sequence to decode: its next-token logits and state, how to sample and stop, and
+    ``emit``, called (on the scheduler's thread) with each ``TokenEvent``.
+
+    Args:
+        logits: (1, vocab) float32 next-token logits; state: the state of one sequence after them.
+        params: sampling and stopping (``max_new_tokens``, ``stop``, ``eos_token_id``...).
+        seed: the row's generator seed (None: fresh).
+        history: tokens already read, for the repetition penalty.
+        logprobs: how many alternatives to report per token (None: no log-probabilities).
+        cancelled: set (from any thread) to end the row at its next step, as "cancelled";
+            the rows of one request share it.
+    """
+
+    def __init__(
+        self,
+        logits: Tensor,
+        state: ModelState,
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        emit: Callable[[TokenEvent], None],
+        seed: int | None = None,
+        history: list[int] | tuple[int, ...] = (),
+        logprobs: int | None = None,
+        cancelled: threading.Event | None = None,
+    ):
+        self.logits, self.state, self.params, self.emit = logits, state, params, emit
+        self._cancelled = cancelled or threading.Event()
+        self.logprobs = logprobs
+        self.generator = generator(seed)
+        self.seen = set(history) if params.repetition_penalty != 1.0 else set()
+        self.eos = None if params.ignore_eos else params.eos_token_id
+        self.stream, self.stop = TextStream(tokenizer), StopFilter(params.stop)
+        self.tokens: list[int] = []  # every token drawn: eos and the tokens of a stop string too
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop at the next step (from any thread); the row ends as "cancelled"."""
+        self._cancelled.set()
+
+    def draw(self, logits: Tensor) -> int | None:
+        """Draw the next token from ``logits`` (1, vocab), emit it; None when cancelled."""
+        if self._cancelled.is_set():
+            self.abort("cancelled")
+            return None
+        token = int(sample(logits, self.params, [self.generator], [self.seen])[0])
+        self.tokens.append(token)
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token)
+        logprob, top = self._logprobs(logits, token) if self.logprobs is not None else (None, None)
+        if token == self.eos:
+            self.emit(TokenEvent(token, "", logprob, top))
+            self._finish("stop")
+            return token
+        text = self.stop.push(self.stream.push(token))
+        self.emit(TokenEvent(token, text, logprob, top))
+        if self.stop.stopped:
+            self._finish("stop")
+        elif len(self.tokens) == self.params.max_new_tokens:
+            self._finish("length")
+        return token
+
+    def _logprobs(self, logits: Tensor, token: int) -> tuple[float, list[tuple[int, float]]]:
+        lp = torch.log_softmax(logits[0].float(), -1)  # (vocab,): the model's own distribution
+        top = lp.topk(self.logprobs) if self.logprobs else None
+        alternatives = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
+        return float(lp[token]), alternatives
+
+    def abort(self, reason: str) -> None:
+        """End the row now (on the scheduler's thread), as ``reason``."""
+        if not self.done:
+            self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        tail = "" if self.stop.stopped else self.stop.push(self.stream.flush()) + self.stop.flush()
+        self.finish_reason = reason
+        self.emit(TokenEvent(None, tail, finish_reason=reason))
+
+
+class _Job:
+    def __init__(self, task: Task, future: Future):
+        self.steps, self.future = task(), future
+        self.waiting: list[Row] = []
+
+
+class Scheduler:
+    """Owns the model: runs tasks one unit at a time and decodes every row in one batch.
+
+    Args:
+        model: the language model (nothing else may run it while the scheduler does).
+        max_batch: rows decoded in one step; more wait to join.
+        queue_limit: tasks waiting to start; ``submit`` beyond it raises ``Busy``.
+        on_step: called after each decode step with the batch size and its seconds.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        max_batch: int,
+        queue_limit: int,
+        on_step: Callable[[int, float], None] | None = None,
+    ):
+        self.model, self.max_batch, self.queue_limit, self.on_step = model, max_batch, queue_limit, on_step
+        self._inbox: queue.Queue[_Job] = queue.Queue()
+        self._jobs: deque[_Job] = deque()
+        self._rows: list[Row] = []  # decoding, in batch order
+        self._joining: deque[Row] = deque()  # waiting for room in the batch
+        self._logits: Tensor | None = None  # (b, vocab) the rows' next-token logits
+        self._state: ModelState | None = None  # the rows' states, batch of b
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mambastep-scheduler", daemon=True)
+
+    @property
+    def depth(self) -> int:
+        """Tasks waiting or running, and rows waiting for room in the batch."""
+        return self._inbox.qsize() + len(self._jobs) + len(self._joining)
+
+    @property
+    def batch(self) -> int:
+        return len(self._rows)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, task: Task) -> Future:
+        """Run ``task`` (a generator function) on the scheduler's thread; the future holds
+        what it returns, or what it raised.
+
+        Raises:
+            Busy: the queue is full.
+            ShuttingDown: the scheduler is stopping.
+        """
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down")
+        if self._inbox.qsize() + len(self._jobs) >= self.queue_limit:
+            raise Busy(f"{self.queue_limit} requests are already waiting for the model")
+        future: Future = Future()
+        self._inbox.put(_Job(task, future))
+        return future
+
+    def admit(self, row: Row) -> None:
+        """Add a row to decode (from a task, on the scheduler's thread)."""
+        self._joining.append(row)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel every row and task still running, then stop the thread."""
+        self._stopping = True
+        for row in [*self._rows, *self._joining]:
+            row.cancel()
+        self._inbox.put(None)  # wakes the thread if it waits for work
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            while True:
+                busy = bool(self._jobs or self._rows or self._joining)
+                if self._stopping and not busy and self._inbox.empty():
+                    return
+                self._take(block=not busy and not self._stopping)
+                self._advance_one_job()
+                self._join_rows()
+                if self._rows:
+                    self._decode_step()
+
+    def _take(self, block: bool) -> None:
+        """Move the tasks waiting in the inbox to the jobs (waiting for one if ``block``)."""
+        try:
+            while True:
+                job = self._inbox.get(block=block)
+                block = False
+                if job is not None:
+                    self._jobs.append(job)
+        except queue.Empty:
+            return
+
+    def _advance_one_job(self) -> None:
+        """Run one unit of the first job that is not waiting for its rows, then put it last."""
+        for _ in range(len(self._jobs)):
+            job = self._jobs.popleft()
+            if any(not row.done for row in job.waiting):
+                self._jobs.append(job)
+                continue
+            try:
+                if self._stopping:
+                    job.steps.close()
+                    raise ShuttingDown("the server shut down before the request finished")
+                waited = next(job.steps)
+            except StopIteration as done:
+                job.future.set_result(done.value)
+            except BaseException as err:  # the request's own failure: its future carries it
+                for row in job.waiting:
+                    row.cancel()
+                job.future.set_exception(err)
+            else:
+                job.waiting = list(waited or [])
+                self._jobs.append(job)
+            return
+
+    def _join_rows(self) -> None:
+        joining = []
+        while self._joining and len(self._rows) + len(joining) < self.max_batch:
+            joining.append(self._joining.popleft())
+        if not joining:
+            return
+        states = ([self._state] if self._state is not None else []) + [row.state for row in joining]
+        logits = ([self._logits] if self._logits is not None else []) + [row.logits for row in joining]
+        self._state, self._logits = ModelState.cat(states), torch.cat(logits)
+        self._rows += joining
+        for row in joining:
+            row.state = row.logits = None  # the batch holds them now
+
+    def _decode_step(self) -> None:
+        start = time.perf_counter()
+        try:
+            tokens = [row.draw(self._logits[i : i + 1]) for i, row in enumerate(self._rows)]
+            keep = [i for i, row in enumerate(self._rows) if not row.done]
+            if len(keep) < len(self._rows):
+                self._rows = [self._rows[i] for i in keep]
+                self._state = self._state.select(keep) if keep else None
+                self._logits = self._logits[keep] if keep else None
+            if keep:
+                step = torch.tensor([tokens[i] for i in keep], device=self.model.device)
+                self._logits, self._state = self.model.step(step, self._state)
+        except Exception:  # the model failed: every row in the batch ends with an error
+            log.exception("a decode step failed")
+            for row in self._rows:
+                row.abort("error")
+            self._rows, self._state, self._logits = [], None, None
+            return
+        if self.on_step is not None:
+            self.on_step(len(keep), time.perf_counter() - start)
+
+
+def pieces(start: int, end: int, piece: int, align: int) -> list[tuple[int, int]]:
+    """[start, end) cut into pieces of at most ``piece`` tokens that end on multiples of
+    ``align`` where a piece can (``piece`` >= ``align``), the last one at ``end``."""
+    cuts = []
+    while start < end:
+        stop = min(end, start + piece)
+        if stop < end and stop - stop % align > start:
+            stop -= stop % align
+        cuts.append((start, stop))
+        start = stop
+    return cuts

@@ -1,0 +1,136 @@
+"""What a call acknowledged survives ``kill -9`` of the server; a clean stop loses nothing either;
+and the store's own checks (versions, integrity)."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+import mambastep
+from mambastep import Session
+from mambastep.cli.common import DEFAULT_MODEL
+from mambastep.serve.store import Conflict, SQLiteStore
+from mambastep.settings import EngineSettings
+
+from servers import Server
+
+FEEDS = [f"values.append({i} * {i})\n" for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def local():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = mambastep.load(DEFAULT_MODEL, settings=EngineSettings(threads=1))
+    yield model, mambastep.load_tokenizer(DEFAULT_MODEL)
+    torch.set_num_threads(threads)
+
+
+def test_acknowledged_feeds_survive_kill_9(tmp_path, local):
+    data = tmp_path / "data"
+    first = Server(data)
+    with httpx.Client(base_url=first.url, timeout=60) as http:
+        sid = http.post("/v1/sessions", json={"prompt": "values = []\n"}).json()["id"]
+    acknowledged: list[int] = []  # the position after each feed whose response came back
+
+    def feed_until_killed():
+        with httpx.Client(base_url=first.url, timeout=60) as http:
+            for text in FEEDS:
+                try:
+                    response = http.post(f"/v1/sessions/{sid}/feed", json={"text": text})
+                except httpx.TransportError:
+                    return
+                acknowledged.append(response.json()["position"])
+
+    feeder = threading.Thread(target=feed_until_killed)
+    feeder.start()
+    while len(acknowledged) < 20:  # in the middle of the run
+        time.sleep(0.01)
+    first.stop(signal.SIGKILL)
+    feeder.join()
+    assert 20 <= len(acknowledged) < len(FEEDS)
+
+    second = Server(data)
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as http:
+            position = http.get(f"/v1/sessions/{sid}").json()["position"]
+            # every acknowledged feed is there; at most the one in flight besides, whole
+            expected = [len("values = []\n") + sum(len(t) for t in FEEDS[: k + 1]) for k in range(len(FEEDS))]
+            assert position in (acknowledged[-1], expected[len(acknowledged)])
+            reply = http.post(f"/v1/sessions/{sid}/generate", json={"max_tokens": 24, "temperature": 0}).json()
+        model, tokenizer = local
+        here = Session(model, tokenizer)
+        here.feed("values = []\n" + "".join(FEEDS)[: position - len("values = []\n")])
+        assert here.position == position
+        assert reply["text"] == "".join(here.generate(max_new_tokens=24, temperature=0))
+    finally:
+        second.stop()
+    with sqlite3.connect(data / SQLiteStore.FILE) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_clean_stop_keeps_every_session(tmp_path):
+    data = tmp_path / "data"
+    first = Server(data)
+    with httpx.Client(base_url=first.url, timeout=60) as http:
+        ids = [http.post("/v1/sessions", json={"prompt": f"s{i}"}).json()["id"] for i in range(3)]
+        http.post(f"/v1/sessions/{ids[0]}/feed", json={"text": "more"})
+    # uvicorn stops gracefully, then ends by the signal it caught, as a signalled process should
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert "stopped; every session is in the store" in first.log.read_text()
+    second = Server(data)
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as http:
+            assert [http.get(f"/v1/sessions/{sid}").json()["position"] for sid in ids] == [6, 2, 2]
+    finally:
+        second.stop()
+
+
+def test_two_writers_of_one_version_cannot_both_win(tmp_path):
+    store = SQLiteStore(tmp_path)
+    created = store.create("owner", b"v1", position=1, state_bytes=10)
+    assert store.update(created.id, "owner", b"v2", 2, version=1).version == 2
+    with pytest.raises(Conflict, match="is at version 2, not 1"):
+        store.update(created.id, "owner", b"v2-other", 2, version=1)
+    assert store.get(created.id, "owner").data == b"v2"
+    assert store.get(created.id, "someone else") is None
+    with pytest.raises(KeyError):
+        store.update(created.id, "someone else", b"x", 3, version=2)
+    checkpoint = store.add_checkpoint(created.id, "owner", b"mark", 2)
+    assert store.get_checkpoint(created.id, "owner", checkpoint) == b"mark"
+    assert store.get_checkpoint(created.id, "someone else", checkpoint) is None
+    assert store.delete(created.id, "owner") and store.get_checkpoint(created.id, "owner", checkpoint) is None
+    assert store.integrity() == "ok"
+    store.close()
+
+
+def test_health_is_503_while_the_model_loads(tmp_path):
+    """The server answers at once; every route says it is loading until the model is ready."""
+    from fastapi.testclient import TestClient
+
+    from mambastep.serve.app import create_app
+    from mambastep.serve.settings import ServeSettings
+
+    loaded = threading.Event()
+
+    def load():
+        loaded.wait(60)
+        return mambastep.load(DEFAULT_MODEL), mambastep.load_tokenizer(DEFAULT_MODEL)
+
+    app = create_app(ServeSettings(data_dir=tmp_path / "data"), load)
+    with TestClient(app) as http:
+        assert http.get("/health").status_code == 503 and http.get("/health").json() == {"status": "loading"}
+        busy = http.post("/v1/sessions", json={})
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "loading" and busy.headers["Retry-After"]
+        loaded.set()
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http.get("/health").json() == {"status": "ok", "model": "mambastep"}
+        assert http.post("/v1/sessions", json={"prompt": "hi"}).json()["position"] == 2
