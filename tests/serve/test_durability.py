@@ -134,3 +134,26 @@ def test_health_is_503_while_the_model_loads(tmp_path):
             time.sleep(0.05)
         assert http.get("/health").json() == {"status": "ok", "model": "mambastep"}
         assert http.post("/v1/sessions", json={"prompt": "hi"}).json()["position"] == 2
+
+
+def test_idle_sessions_hold_no_lock(tmp_path):
+    """A session's lock lives while calls use it: many sessions touched once leave none."""
+    from fastapi.testclient import TestClient
+
+    from mambastep.serve.app import create_app
+    from mambastep.serve.settings import ServeSettings
+
+    app = create_app(
+        ServeSettings(data_dir=tmp_path / "data", sessions_in_memory=2),
+        lambda: (mambastep.load(DEFAULT_MODEL), mambastep.load_tokenizer(DEFAULT_MODEL)),
+    )
+    with TestClient(app) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ids = [http.post("/v1/sessions", json={"prompt": f"s{i}"}).json()["id"] for i in range(6)]
+        for i, sid in enumerate(ids):
+            assert http.post(f"/v1/sessions/{sid}/feed", json={"text": "x"}).json()["position"] == len(f"s{i}x")
+        assert http.post(f"/v1/sessions/{ids[0]}/fork").status_code == 201
+        service = app.state.service
+        assert service._locks == {} and service.hot_sessions == 2

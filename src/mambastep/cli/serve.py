@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
     sv.add_argument("--api-keys-file", type=Path, default=None, metavar="FILE", help="keys, one a line")
     sv.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded in one step")
     sv.add_argument("--sessions-in-memory", type=int, default=d.sessions_in_memory, help="sessions kept hot")
-    sv.add_argument("--prefill-piece", type=int, default=d.prefill_piece, help="prompt tokens between decode steps")
+    sv.add_argument("--prefill-piece", type=int, default=d.prefill_piece, help="prompt tokens read per decode step")
     sv.add_argument("--max-tokens", type=int, default=limits.max_tokens, help="tokens one request may generate")
     sv.add_argument("--max-prompt-tokens", type=int, default=limits.prompt_tokens, help="input tokens per request")
     sv.add_argument("--max-body-bytes", type=int, default=limits.body_bytes)

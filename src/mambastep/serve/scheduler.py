@@ -1,14 +1,17 @@
 """The one thread that runs the model: every request's work, interleaved.
 
 Work comes as tasks: generator functions that run on this thread and yield after each unit
-(a prompt piece read, a session changed), and may hand sequences to decode (``Row``s) and
-wait for them. Each turn of the loop advances one task by one unit, then runs one decode
-step for every row at once: the rows of all requests decode together in one batched
-``model.step``, join between steps and leave as they finish. A long prompt therefore delays
-the others by one piece at most.
+(the number of prompt tokens a unit read, or None), and may hand sequences to decode
+(``Row``s) and yield them to wait for them. Each turn of the loop advances the tasks a unit
+each until they have read ``prefill_budget`` tokens, then runs one decode step for every row
+at once: the rows of all requests decode together in one batched ``model.step``, join
+between steps and leave as they finish. A long prompt therefore delays the others by about
+one piece, while many short ones start together.
 
-A row decodes exactly as ``mambastep.generate`` does: the same sampler, the same generator
-per sequence, the same stopping, so its tokens do not depend on the rows beside it.
+A row decodes as ``mambastep.generate`` does: the same sampler, the same generator per
+sequence, the same stopping. No row's values enter another's, but the batched products add up
+in an order that depends on the batch's size, so a row's logits beside others may differ from
+its logits alone in the last bits (greedy tokens differ only where two logits nearly tie).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from mambastep.runtime.sampling import SamplingParams, generator, sample
 
 log = logging.getLogger(__name__)
 
-Task = Callable[[], Generator["list[Row] | None", None, object]]
+Task = Callable[[], Generator["int | list[Row] | None", None, object]]
 
 
 class Busy(RuntimeError):
@@ -101,12 +104,13 @@ class Row:
         """Stop at the next step (from any thread); the row ends as "cancelled"."""
         self._cancelled.set()
 
-    def draw(self, logits: Tensor) -> int | None:
-        """Draw the next token from ``logits`` (1, vocab), emit it; None when cancelled."""
-        if self._cancelled.is_set():
-            self.abort("cancelled")
-            return None
-        token = int(sample(logits, self.params, [self.generator], [self.seen])[0])
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def take(self, token: int, logits: Tensor) -> None:
+        """Take ``token``, drawn from ``logits`` (1, vocab) with this row's generator: emit it,
+        and finish where it ends the row."""
         self.tokens.append(token)
         if self.params.repetition_penalty != 1.0:
             self.seen.add(token)
@@ -114,14 +118,13 @@ class Row:
         if token == self.eos:
             self.emit(TokenEvent(token, "", logprob, top))
             self._finish("stop")
-            return token
+            return
         text = self.stop.push(self.stream.push(token))
         self.emit(TokenEvent(token, text, logprob, top))
         if self.stop.stopped:
             self._finish("stop")
         elif len(self.tokens) == self.params.max_new_tokens:
             self._finish("length")
-        return token
 
     def _logprobs(self, logits: Tensor, token: int) -> tuple[float, list[tuple[int, float]]]:
         lp = torch.log_softmax(logits[0].float(), -1)  # (vocab,): the model's own distribution
@@ -152,6 +155,8 @@ class Scheduler:
     Args:
         model: the language model (nothing else may run it while the scheduler does).
         max_batch: rows decoded in one step; more wait to join.
+        prefill_budget: tokens the tasks may read between two decode steps (a task yields the
+            tokens each unit read); a unit that reads more still runs whole.
         queue_limit: tasks waiting to start; ``submit`` beyond it raises ``Busy``.
         on_step: called after each decode step with the batch size and its seconds.
     """
@@ -161,9 +166,11 @@ class Scheduler:
         model: LanguageModel,
         max_batch: int,
         queue_limit: int,
+        prefill_budget: int = 512,
         on_step: Callable[[int, float], None] | None = None,
     ):
         self.model, self.max_batch, self.queue_limit, self.on_step = model, max_batch, queue_limit, on_step
+        self.prefill_budget = prefill_budget
         self._inbox: queue.Queue[_Job] = queue.Queue()
         self._jobs: deque[_Job] = deque()
         self._rows: list[Row] = []  # decoding, in batch order
@@ -223,7 +230,7 @@ class Scheduler:
                 if self._stopping and not busy and self._inbox.empty():
                     return
                 self._take(block=not busy and not self._stopping)
-                self._advance_one_job()
+                self._advance_jobs()
                 self._join_rows()
                 if self._rows:
                     self._decode_step()
@@ -239,11 +246,14 @@ class Scheduler:
         except queue.Empty:
             return
 
-    def _advance_one_job(self) -> None:
-        """Run one unit of the first job that is not waiting for its rows, then put it last."""
+    def _advance_jobs(self) -> None:
+        """Run one unit of each job that is not waiting for its rows, in turn, until the units
+        have read ``prefill_budget`` tokens: a long prompt takes one piece, many short ones
+        go together, and then the rows decode."""
+        budget = self.prefill_budget
         for _ in range(len(self._jobs)):
             job = self._jobs.popleft()
-            if any(not row.done for row in job.waiting):
+            if budget <= 0 or any(not row.done for row in job.waiting):
                 self._jobs.append(job)
                 continue
             try:
@@ -258,9 +268,13 @@ class Scheduler:
                     row.cancel()
                 job.future.set_exception(err)
             else:
-                job.waiting = list(waited or [])
+                if isinstance(waited, int):  # tokens read: the unit's share of the budget
+                    budget -= waited
+                    job.waiting = []
+                else:
+                    job.waiting = list(waited or [])
                 self._jobs.append(job)
-            return
+            budget -= 1  # every unit costs something, even one that reads nothing
 
     def _join_rows(self) -> None:
         joining = []
@@ -275,10 +289,30 @@ class Scheduler:
         for row in joining:
             row.state = row.logits = None  # the batch holds them now
 
+    def _draw(self) -> list[int | None]:
+        """The next token of every row (None for a cancelled one), each drawn as
+        ``mambastep.generate`` draws it: rows that share their parameters in one call of the
+        sampler, which treats every row on its own (its generator, its history)."""
+        tokens: list[int | None] = [None] * len(self._rows)
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, row in enumerate(self._rows):
+            if row.cancelled:
+                row.abort("cancelled")
+            else:
+                groups.setdefault(row.params, []).append(i)
+        for params, rows in groups.items():
+            drawn = sample(
+                self._logits[rows], params, [self._rows[i].generator for i in rows], [self._rows[i].seen for i in rows]
+            )
+            for i, token in zip(rows, drawn.tolist()):
+                tokens[i] = token
+                self._rows[i].take(token, self._logits[i : i + 1])
+        return tokens
+
     def _decode_step(self) -> None:
         start = time.perf_counter()
         try:
-            tokens = [row.draw(self._logits[i : i + 1]) for i, row in enumerate(self._rows)]
+            tokens = self._draw()
             keep = [i for i, row in enumerate(self._rows) if not row.done]
             if len(keep) < len(self._rows):
                 self._rows = [self._rows[i] for i in keep]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,6 +46,29 @@ class ServiceError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = headers or {}
+
+
+class _Mailbox:
+    """Calls posted from any thread, run on one event loop's thread in the order posted. A
+    post wakes the loop only when none is pending, so a decode step's events for all its rows
+    cost one wake-up, not one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self._calls, self._lock, self._pending = loop, [], threading.Lock(), False
+
+    def post(self, callback: Callable, *args) -> None:
+        with self._lock:
+            self._calls.append((callback, args))
+            if self._pending:
+                return
+            self._pending = True
+        self.loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._calls, self._pending = self._calls, [], False
+        for callback, args in calls:
+            callback(*args)
 
 
 def not_found(session_id: str) -> ServiceError:
@@ -128,10 +152,13 @@ class Service:
     ):
         self.model, self.tokenizer, self.store, self.settings, self.metrics = model, tokenizer, store, settings, metrics
         self.limits = settings.limits
-        self.scheduler = Scheduler(model, settings.max_batch, settings.limits.queue, on_step=metrics.step)
+        self.scheduler = Scheduler(
+            model, settings.max_batch, settings.limits.queue, settings.prefill_piece, on_step=metrics.step
+        )
         self._hot: OrderedDict[str, _Hot] = OrderedDict()
         self._hot_lock = threading.Lock()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._mailbox: _Mailbox | None = None  # the event loop's, for the scheduler's events
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # sessions in use: lock, holders and waiters
         self.model.weights_digest()  # computed once, before the first session is saved
 
     def start(self) -> None:
@@ -207,10 +234,24 @@ class Service:
         start = session.position
         for a, b in pieces(start, start + len(ids), self.settings.prefill_piece, session.checkpoint_every):
             session.feed(ids[a - start : b - start])
-            yield
+            yield b - a
 
-    def lock(self, session_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(session_id, asyncio.Lock())
+    @asynccontextmanager
+    async def lock(self, session_id: str) -> AsyncIterator[None]:
+        """Hold the session's lock: calls on one session run one at a time, in arrival order.
+        A lock lives while a call holds or waits for it, so idle sessions cost no memory."""
+        lock, users = self._locks.get(session_id, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
 
     def _remember(self, session_id: str, hot: _Hot) -> None:
         with self._hot_lock:
@@ -305,7 +346,6 @@ class Service:
             if not await asyncio.to_thread(self.store.delete, session_id, owner):
                 raise not_found(session_id)
             self._forget(session_id)
-        self._locks.pop(session_id, None)
         self.metrics.sessions_stored.set(await asyncio.to_thread(self.store.count))
 
     async def feed(self, owner: str, session_id: str, ids: list[int]) -> StoredSession:
@@ -499,7 +539,7 @@ class Service:
                     state, logits, tokens = None, None, torch.tensor([ids], device=self.model.device)
                     for a, b in pieces(0, len(ids), self.settings.prefill_piece, self.settings.prefill_piece):
                         logits, state = self.model.prefill(tokens[:, a:b], state)
-                        yield
+                        yield b - a
                     admitted = rows(logits, state, ids, i * n)
                     for row in admitted:
                         self.scheduler.admit(row)
@@ -543,4 +583,7 @@ class Service:
         if callback is None:
             return None
         loop = asyncio.get_running_loop()
-        return lambda *args: loop.call_soon_threadsafe(callback, *args)
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        mailbox = self._mailbox
+        return lambda *args: mailbox.post(callback, *args)

@@ -44,8 +44,9 @@ class ServeSettings:
     Bearer KEY``); none means no key is asked for, which only a loopback address allows.
     data_dir: the store (``sessions.sqlite3``). max_batch: sequences decoded in one step.
     sessions_in_memory: sessions kept hot (least recently used leave first; the others live in
-    the store only). prefill_piece: tokens of a prompt read between two decode steps, so a long
-    prompt delays the others by one piece at most. model_name: what ``/v1/models`` calls the model.
+    the store only). prefill_piece: prompt tokens read between two decode steps (one request's
+    piece, or several requests' short prompts), so a long prompt delays the others by about one
+    piece. model_name: what ``/v1/models`` calls the model.
     """
 
     host: str = "127.0.0.1"
