@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from mambastep.evidence.hardware import DTYPES, matmul_peak, read_bandwidth
+from mambastep.evidence.hardware import DTYPES, cpu_description, matmul_peak, read_bandwidth
 from mambastep.files.checkpoints import model_for, save
 from mambastep.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from mambastep.models.int8 import Int8Linear, quantize_int8
@@ -187,6 +187,7 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
         "engine": asdict(ours.settings),
         "threads": torch.get_num_threads(),
         "machine": {
+            **cpu_description(),
             "bandwidth_gb_s": round(bandwidth / 1e9, 1),
             f"matmul_peak_gflop_s_{str(compute_dtype).removeprefix('torch.')}": round(peak / 1e9, 1),
             "matmul_peak_by": peak_by,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -173,6 +174,27 @@ def total_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict:
+    """This CPU, to print beside measured figures: its model name, logical cores, and which of
+    the vector instruction sets the kernels care about (``VECTOR_FLAGS``) it reports."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            name = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return {"cpu": name, "cores": os.cpu_count(), "isa": [f for f in VECTOR_FLAGS if f in flags]}
 
 
 def _gemv_bandwidth(gen: torch.Generator, repeats: int) -> float:
