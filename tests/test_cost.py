@@ -2,14 +2,23 @@
 
 import json
 import math
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from mambastep.cli import main
 from mambastep.evidence import cost
-from mambastep.evidence.hardware import BUILTIN_HARDWARE, Hardware, HardwareError, get_hardware
+from mambastep.evidence.hardware import (
+    BUILTIN_HARDWARE,
+    VECTOR_FLAGS,
+    Hardware,
+    HardwareError,
+    cpu_description,
+    get_hardware,
+)
 from mambastep.families.presets import BUILTIN_CONFIGS, random_model
 from mambastep.models.config import GPTNeoXConfig, Mamba2Config, MambaConfig, MambaLTIConfig
 from mambastep.settings import EngineSettings
@@ -212,3 +221,13 @@ def test_cost_command_errors_are_one_line(capsys):
     )
     assert main(["cost", "--model", "mamba-130m", "--hardware", "tpu9"]) == 1
     assert main(["cost", "--model", "mamba-130m", "--context", "0"]) == 1
+
+
+def test_cpu_description_names_the_cpu_and_only_known_flags():
+    described = cpu_description()
+    assert described["cpu"] and described["cores"] == os.cpu_count()
+    assert set(described["isa"]) <= set(VECTOR_FLAGS)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), None)
+    if flags is not None:  # x86 Linux
+        assert described["isa"] == [f for f in VECTOR_FLAGS if f in flags]
