@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,13 +30,12 @@ from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.evidence.hardware import cpu_description, read_bandwidth
 from mambastep.families.presets import BUILTIN_CONFIGS, random_model
 from mambastep.files.checkpoints import load, save
+from mambastep.serve.process import ServeProcess
 from mambastep.settings import EngineSettings
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rss(server: ServeProcess) -> int:
+    return psutil.Process(server.process.pid).memory_info().rss
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -46,41 +43,6 @@ def _percentile(values: list[float], q: float) -> float | None:
         return None
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
-
-
-class Server:
-    def __init__(self, model: Path, data: Path, args: list[str]):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "mambastep.cli",
-            "serve",
-            "--model",
-            str(model),
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(data),
-            *args,
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        raise TimeoutError("the server did not start")
-
-    def rss(self) -> int:
-        return psutil.Process(self.process.pid).memory_info().rss
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
 
 
 async def _stream_one(http: httpx.AsyncClient, prompt: str, tokens: int, record: dict) -> None:
@@ -158,16 +120,16 @@ def _in_process_steps_ms(path: Path, dtype: str, quantize: str | None, threads: 
     return medians
 
 
-def _sessions(url: str, count: int, server: Server) -> dict:
+def _sessions(url: str, count: int, server: ServeProcess) -> dict:
     """Create ``count`` sessions, the server's RSS sampled after every tenth of them."""
-    rss = [(0, round(server.rss() / 2**20, 1))]
+    rss = [(0, round(_rss(server) / 2**20, 1))]
     start = time.perf_counter()
     with httpx.Client(base_url=url, timeout=120) as http:
         for i in range(count):
             response = http.post("/v1/sessions", json={"prompt": f"session {i}\n"})
             response.raise_for_status()
             if (i + 1) % max(1, count // 10) == 0:
-                rss.append((i + 1, round(server.rss() / 2**20, 1)))
+                rss.append((i + 1, round(_rss(server) / 2**20, 1)))
         stored = http.get("/v1/sessions", params={"limit": 1}).json()["total"]
         state_bytes = response.json()["state_bytes"]
     return {
@@ -237,7 +199,7 @@ def main() -> int:
         }
         engine = ["--threads", str(args.threads), "--max-batch", str(max(args.clients)), "--queue", "1024"]
         engine += ["--quantize", args.quantize] if args.quantize else ["--dtype", args.dtype]
-        server = Server(tmp / "model", tmp / "data", engine)
+        server = ServeProcess(tmp / "model", tmp / "data", *engine)
         try:
             report["clients"] = []
             for clients in args.clients:
@@ -250,7 +212,7 @@ def main() -> int:
                 async def soak():
                     task = asyncio.create_task(_clients(server.url, 16, args.soak, args.tokens))
                     while time.perf_counter() < stop:
-                        samples.append(server.rss())
+                        samples.append(_rss(server))
                         await asyncio.sleep(5)
                     return await task
 
@@ -277,7 +239,7 @@ def main() -> int:
         if one and sixteen:
             report["tokens_per_s_16_over_1"] = round(sixteen["tokens_per_s"] / one["tokens_per_s"], 2)
         if args.sessions:
-            small = Server(DEFAULT_MODEL, tmp / "sessions", ["--threads", str(args.threads)])
+            small = ServeProcess(DEFAULT_MODEL, tmp / "sessions", "--threads", str(args.threads))
             try:
                 report["stored_sessions"] = _sessions(small.url, args.sessions, small)
             finally:

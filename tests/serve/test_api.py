@@ -9,15 +9,12 @@ import threading
 
 import httpx
 import pytest
-import torch
 
 import mambastep
 from mambastep import SamplingParams, Session
 from mambastep.cli import main
-from mambastep.cli.common import DEFAULT_MODEL
-from mambastep.settings import EngineSettings
 
-from servers import KEYS, Server, client
+from servers import KEYS, client, start_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # as the server runs: --threads 1
 
@@ -26,19 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # as the server runs: --thre
 def server(tmp_path_factory):
     """A server of the bundled model with two API keys, for this module."""
     root = tmp_path_factory.mktemp("serve")
-    process = Server(root / "data", "--api-key", KEYS[0], "--api-key", KEYS[1])
+    process = start_server(root / "data", "--api-key", KEYS[0], "--api-key", KEYS[1])
     yield process
     process.stop()
-
-
-@pytest.fixture(scope="module")
-def local():
-    """The bundled model and its tokenizer, in this process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = mambastep.load(DEFAULT_MODEL, settings=EngineSettings(threads=1))
-    yield model, mambastep.load_tokenizer(DEFAULT_MODEL)
-    torch.set_num_threads(threads)
 
 
 def _metadata(data: bytes) -> dict:
@@ -176,7 +163,7 @@ def test_a_downloaded_session_continues_identically_on_another_server(server, tm
         sid = http.post("/v1/sessions", json={"tokens": list(b"for i in range(10):\n")}).json()["id"]
         data = http.get(f"/v1/sessions/{sid}/file").content
         here = http.post(f"/v1/sessions/{sid}/generate", json={"max_tokens": 24, "temperature": 0}).json()
-    second = Server(tmp_path / "second")
+    second = start_server(tmp_path / "second")
     try:
         with httpx.Client(base_url=second.url, timeout=120) as other:
             imported = other.post(
@@ -307,7 +294,7 @@ def test_metrics_count_requests_tokens_and_steps(server):
 
 def test_sessions_beyond_the_hot_set_come_back_from_the_store(tmp_path):
     """Two sessions in memory, five used in turn: each continues exactly where it was."""
-    small = Server(tmp_path / "data", "--sessions-in-memory", "2")
+    small = start_server(tmp_path / "data", "--sessions-in-memory", "2")
     try:
         with httpx.Client(base_url=small.url, timeout=120) as http:
             ids = [http.post("/v1/sessions", json={"prompt": f"n = {i}\n"}).json()["id"] for i in range(5)]
@@ -325,7 +312,7 @@ def test_sessions_beyond_the_hot_set_come_back_from_the_store(tmp_path):
 
 
 def test_a_full_queue_answers_429_with_retry_after(tmp_path):
-    busy = Server(tmp_path / "data", "--queue", "1", "--max-tokens", "1000000")
+    busy = start_server(tmp_path / "data", "--queue", "1", "--max-tokens", "1000000")
     endless = {"prompt": "a", "max_tokens": 1000000, "ignore_eos": True, "stream": True}  # until the client leaves
     try:
         with (

@@ -10,31 +10,20 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import mambastep
 from mambastep import Session
 from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.serve.store import Conflict, SQLiteStore
-from mambastep.settings import EngineSettings
 
-from servers import Server
+from servers import start_server
 
 FEEDS = [f"values.append({i} * {i})\n" for i in range(400)]
 
 
-@pytest.fixture(scope="module")
-def local():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = mambastep.load(DEFAULT_MODEL, settings=EngineSettings(threads=1))
-    yield model, mambastep.load_tokenizer(DEFAULT_MODEL)
-    torch.set_num_threads(threads)
-
-
 def test_acknowledged_feeds_survive_kill_9(tmp_path, local):
     data = tmp_path / "data"
-    first = Server(data)
+    first = start_server(data)
     with httpx.Client(base_url=first.url, timeout=60) as http:
         sid = http.post("/v1/sessions", json={"prompt": "values = []\n"}).json()["id"]
     acknowledged: list[int] = []  # the position after each feed whose response came back
@@ -56,7 +45,7 @@ def test_acknowledged_feeds_survive_kill_9(tmp_path, local):
     feeder.join()
     assert 20 <= len(acknowledged) < len(FEEDS)
 
-    second = Server(data)
+    second = start_server(data)
     try:
         with httpx.Client(base_url=second.url, timeout=60) as http:
             position = http.get(f"/v1/sessions/{sid}").json()["position"]
@@ -77,14 +66,14 @@ def test_acknowledged_feeds_survive_kill_9(tmp_path, local):
 
 def test_a_clean_stop_keeps_every_session(tmp_path):
     data = tmp_path / "data"
-    first = Server(data)
+    first = start_server(data)
     with httpx.Client(base_url=first.url, timeout=60) as http:
         ids = [http.post("/v1/sessions", json={"prompt": f"s{i}"}).json()["id"] for i in range(3)]
         http.post(f"/v1/sessions/{ids[0]}/feed", json={"text": "more"})
     # uvicorn stops gracefully, then ends by the signal it caught, as a signalled process should
     assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "stopped; every session is in the store" in first.log.read_text()
-    second = Server(data)
+    second = start_server(data)
     try:
         with httpx.Client(base_url=second.url, timeout=60) as http:
             assert [http.get(f"/v1/sessions/{sid}").json()["position"] for sid in ids] == [6, 2, 2]

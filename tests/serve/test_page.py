@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from servers import Server
+from servers import start_server
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -43,7 +43,7 @@ def test_the_page_streams_a_completion_and_works_a_session(tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    server = Server(tmp_path / "data")
+    server = start_server(tmp_path / "data")
     try:
         wait = WebDriverWait(browser, 60)
         browser.get(server.url)

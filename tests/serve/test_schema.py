@@ -14,7 +14,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from servers import Server
+from servers import start_server
 
 KEY = "schema-key-0123456789"
 
@@ -22,7 +22,7 @@ KEY = "schema-key-0123456789"
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
     limits = ["--max-tokens", "16", "--max-n", "2", "--max-prompt-tokens", "256", "--queue", "64"]
-    server = Server(tmp_path_factory.mktemp("schema") / "data", "--api-key", KEY, *limits)
+    server = start_server(tmp_path_factory.mktemp("schema") / "data", "--api-key", KEY, *limits)
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     schema.config.generation.update(modes=list(GenerationMode))  # requests that fit the schema, and ones that do not
     yield schema

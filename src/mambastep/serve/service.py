@@ -228,6 +228,17 @@ class Service:
         except (ValueError, StateError) as err:  # the request's own input, refused by the engine
             raise ServiceError(400, str(err)) from None
 
+    def _decode(self, rows: list[Row], commit_to: Session | None = None):
+        """Decode ``rows`` in the scheduler's batch until each ends (a task's steps); then read
+        the one row's tokens into ``commit_to`` where given."""
+        for row in rows:
+            self.scheduler.admit(row)
+        yield rows
+        if any(row.finish_reason == "error" for row in rows):
+            raise RuntimeError("the model failed while generating")
+        if commit_to is not None and rows[0].tokens:
+            yield from self._feed_steps(commit_to, rows[0].tokens)
+
     def _feed_steps(self, session: Session, ids: list[int]):
         """Task steps: ``ids`` read into ``session`` a piece at a time, cut where the session would
         cut them read at once (so the result is the same)."""
@@ -401,12 +412,7 @@ class Service:
                     logprobs,
                     cancelled,
                 )
-                self.scheduler.admit(row)
-                yield [row]
-                if row.finish_reason == "error":
-                    raise RuntimeError("the model failed while generating")
-                if commit and row.tokens:
-                    yield from self._feed_steps(session, row.tokens)
+                yield from self._decode([row], session if commit else None)
                 return row, session.to_bytes() if commit else None
 
             row, data = await self._run_mutation(session_id, task)
@@ -521,14 +527,9 @@ class Service:
                 def task():
                     session = hot.session
                     yield from self._feed_steps(session, prompts[0])
-                    (row,) = rows(session.logits, session.state, session.history.tolist(), 0)
-                    self.scheduler.admit(row)
-                    yield [row]
-                    if row.finish_reason == "error":
-                        raise RuntimeError("the model failed while generating")
-                    if commit and row.tokens:
-                        yield from self._feed_steps(session, row.tokens)
-                    return [row], session.to_bytes()
+                    admitted = rows(session.logits, session.state, session.history.tolist(), 0)
+                    yield from self._decode(admitted, session if commit else None)
+                    return admitted, session.to_bytes()
 
                 done, data = await self._run_mutation(session_id, task)
                 await self._save(session_id, hot, data)
@@ -541,11 +542,7 @@ class Service:
                         logits, state = self.model.prefill(tokens[:, a:b], state)
                         yield b - a
                     admitted = rows(logits, state, ids, i * n)
-                    for row in admitted:
-                        self.scheduler.admit(row)
-                    yield admitted
-                    if any(row.finish_reason == "error" for row in admitted):
-                        raise RuntimeError("the model failed while generating")
+                    yield from self._decode(admitted)
                     return admitted
 
                 return task
