@@ -319,7 +319,8 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path):
             httpx.Client(base_url=busy.url, timeout=120) as http,
             http.stream("POST", "/v1/completions", json=endless) as long,
         ):
-            next(long.iter_lines())  # the first chunk: the long request holds the queue's one place
+            lines = long.iter_lines()  # kept: a closed iterator closes the stream, which cancels the request
+            next(lines)  # the first chunk: the long request holds the queue's one place
             response = http.post("/v1/completions", json={"prompt": "b", "max_tokens": 2})
             assert response.status_code == 429 and response.headers["Retry-After"] == "1"
     finally:

@@ -157,7 +157,7 @@ class Scheduler:
         max_batch: rows decoded in one step; more wait to join.
         prefill_budget: tokens the tasks may read between two decode steps (a task yields the
             tokens each unit read); a unit that reads more still runs whole.
-        queue_limit: tasks waiting to start; ``submit`` beyond it raises ``Busy``.
+        queue_limit: tasks submitted and not yet finished; ``submit`` beyond it raises ``Busy``.
         on_step: called after each decode step with the batch size and its seconds.
     """
 
@@ -172,6 +172,8 @@ class Scheduler:
         self.model, self.max_batch, self.queue_limit, self.on_step = model, max_batch, queue_limit, on_step
         self.prefill_budget = prefill_budget
         self._inbox: queue.Queue[_Job] = queue.Queue()
+        self._unfinished = 0  # tasks submitted whose futures are not set yet (counted under _count_lock)
+        self._count_lock = threading.Lock()
         self._jobs: deque[_Job] = deque()
         self._rows: list[Row] = []  # decoding, in batch order
         self._joining: deque[Row] = deque()  # waiting for room in the batch
@@ -183,11 +185,7 @@ class Scheduler:
     @property
     def depth(self) -> int:
         """Tasks waiting or running, and rows waiting for room in the batch."""
-        return self._inbox.qsize() + len(self._jobs) + len(self._joining)
-
-    @property
-    def batch(self) -> int:
-        return len(self._rows)
+        return self._unfinished + len(self._joining)
 
     def start(self) -> None:
         self._thread.start()
@@ -202,11 +200,18 @@ class Scheduler:
         """
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
-        if self._inbox.qsize() + len(self._jobs) >= self.queue_limit:
-            raise Busy(f"{self.queue_limit} requests are already waiting for the model")
+        with self._count_lock:
+            if self._unfinished >= self.queue_limit:
+                raise Busy(f"{self.queue_limit} requests are already waiting for the model")
+            self._unfinished += 1
         future: Future = Future()
+        future.add_done_callback(self._finished)
         self._inbox.put(_Job(task, future))
         return future
+
+    def _finished(self, _: Future) -> None:
+        with self._count_lock:
+            self._unfinished -= 1
 
     def admit(self, row: Row) -> None:
         """Add a row to decode (from a task, on the scheduler's thread)."""
@@ -236,12 +241,13 @@ class Scheduler:
                     self._decode_step()
 
     def _take(self, block: bool) -> None:
-        """Move the tasks waiting in the inbox to the jobs (waiting for one if ``block``)."""
+        """Move the tasks waiting in the inbox to the jobs (waiting for one if ``block``). A task
+        whose future was cancelled while it waited is dropped; a running one's cannot be."""
         try:
             while True:
                 job = self._inbox.get(block=block)
                 block = False
-                if job is not None:
+                if job is not None and job.future.set_running_or_notify_cancel():
                     self._jobs.append(job)
         except queue.Empty:
             return
