@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import mambastep
 from mambastep import ops
+from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.settings import EngineSettings
 
 # PyTorch's operators only, and mambastep's C++ kernels (built on first use): the two backends
@@ -175,6 +177,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def local(one_thread):
+    """The bundled model and its tokenizer in this process, on one thread (as the test servers run)."""
+    model = mambastep.load(DEFAULT_MODEL, settings=EngineSettings(threads=1))
+    return model, mambastep.load_tokenizer(DEFAULT_MODEL)
 
 
 @pytest.fixture
