@@ -62,5 +62,5 @@ def add_parser(sub) -> None:
     sv.add_argument("--max-import-bytes", type=int, default=limits.import_bytes, help="an imported session file")
     sv.add_argument("--sessions-per-key", type=int, default=limits.sessions_per_key)
     sv.add_argument("--max-n", type=int, default=limits.n, help="completions per prompt")
-    sv.add_argument("--queue", type=int, default=limits.queue, help="requests waiting for the model (then 429)")
+    sv.add_argument("--queue", type=int, default=limits.queue, help="requests waiting or running (then 429)")
     sv.set_defaults(func=run)

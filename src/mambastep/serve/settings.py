@@ -19,7 +19,7 @@ class Limits:
     max_tokens: tokens one completion or generation may ask for; prompt_tokens: tokens of
         input one request may carry (longer input goes through ``feed`` in pieces).
     sessions_per_key: stored sessions per API key; n: completions per prompt.
-    queue: requests waiting for the model; beyond, 429 with Retry-After.
+    queue: requests at the model at once (waiting or running); beyond, 429 with Retry-After.
     """
 
     body_bytes: int = 1 << 20
