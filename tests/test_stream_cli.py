@@ -2,6 +2,7 @@
 
 import io
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -57,6 +58,54 @@ def test_a_pipe_is_read_saved_and_resumed(model, tmp_path):
     torch.testing.assert_close(resumed.logits, direct.logits, atol=1e-4, rtol=1e-4)
 
 
+def test_a_session_file_is_never_replaced_unasked(model, tmp_path):
+    path = tmp_path / "s.session"
+    assert stream("--save-state", str(path), data=TEXT[:300]).returncode == 0
+    saved = path.read_bytes()
+    refused = stream("--save-state", str(path), data=TEXT[300:400])
+    assert refused.returncode == 1 and path.read_bytes() == saved
+    assert f"{path} already holds a session: pass --resume {path} to continue it" in refused.stderr.decode()
+    assert stream("--resume", str(path), data=TEXT[300:400]).returncode == 0  # saved back to the file resumed
+    assert stream("--resume", str(path), data=TEXT[400:500]).returncode == 0  # a second run on the same file
+    assert Session.load(path, model).position == 500
+    saved = path.read_bytes()
+    assert stream("--resume", str(path), "--no-save", data=TEXT[500:600]).returncode == 0
+    assert path.read_bytes() == saved
+    assert stream("--save-state", str(path), "--overwrite", data=TEXT[:50]).returncode == 0
+    assert Session.load(path, model).position == 50
+
+
+def test_saving_over_another_session_is_checked_before_reading(model, tmp_path):
+    first, second = tmp_path / "a.session", tmp_path / "b.session"
+    for path in (first, second):
+        Session(model).save(path)
+    with pytest.raises(FileExistsError, match="already holds a session"):
+        StreamSettings(resume=first, save_state=second)
+    StreamSettings(resume=first, save_state=first)
+    StreamSettings(resume=first, save_state=tmp_path / "." / "a.session")  # the same file by another name
+    StreamSettings(resume=first, save_state=second, overwrite=True)
+
+
+def test_reports_continue_while_the_input_is_idle(tmp_path):
+    command = [sys.executable, "-m", "mambastep.cli", "stream", "--threads", "1", "--json", "--report-every", "0.2"]
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        child.stdin.write(TEXT[:100])
+        child.stdin.flush()
+        events = []
+        while len([e for e in events if e["tokens"] == 100]) < 3:  # reports go on with no new input
+            ready, _, _ = select.select([child.stderr], [], [], 120)
+            assert ready, f"no report for 120 s while the input is open and idle; had {events}"
+            events += reports(child.stderr.readline())
+        assert all(e["event"] == "progress" for e in events)
+        child.stdin.close()
+        assert child.wait(timeout=60) == 0
+        assert reports(child.stderr.read())[-1]["event"] == "end"
+    finally:
+        child.kill()
+        child.stderr.close()
+
+
 def test_continuations_come_from_a_fork(model, tmp_path):
     path = tmp_path / "s.session"
     args = ["--generate-every", "64", "--temperature", "0", "--max-new-tokens", "8", "--ignore-eos"]
@@ -69,6 +118,15 @@ def test_continuations_come_from_a_fork(model, tmp_path):
         session.feed(TEXT[session.position : line["tokens"]])
         assert "".join(session.fork().generate(SamplingParams(temperature=0, max_new_tokens=8))) == line["continuation"]
     assert Session.load(path, model).position == 200  # the stream itself read only its input
+
+
+def test_continuations_in_text_are_marked(model):
+    tok, out = mambastep.load_tokenizer(DEFAULT_MODEL), io.StringIO()
+    params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    settings = StreamSettings(input="bytes", generate_every=100, params=params)
+    run_stream(settings, model, tok, io.BytesIO(TEXT[:250]), out, io.StringIO())
+    headers = [line for line in out.getvalue().splitlines() if line.startswith("--- continuation")]
+    assert headers == ["--- continuation after 100 tokens ---", "--- continuation after 200 tokens ---"]
 
 
 def test_token_ids(model, tmp_path):

@@ -20,7 +20,16 @@ from mambastep.settings import DECODE_BACKENDS, MATVEC_KERNELS, PROMPT_MATMULS, 
 
 DEFAULT_MODEL = Path(__file__).parents[1] / "assets" / "default"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, StateError, ServeError, ValueError, FileNotFoundError)
+USER_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    TokenizerError,
+    StateError,
+    ServeError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -16,8 +16,9 @@ def run(args: argparse.Namespace) -> int:
     requested = "bytes" if args.bytes else "ids" if args.ids else None
     needs_tokenizer = requested is None or args.generate_every or args.tokenizer
     settings = StreamSettings(  # validate before the slow part
-        save_state=args.save_state,
+        save_state=None if args.no_save else args.save_state or args.resume,
         resume=args.resume,
+        overwrite=args.overwrite,
         other_weights=args.other_weights,
         generate_every=args.generate_every,
         params=sampling_params(args),
@@ -45,15 +46,25 @@ def add_parser(sub) -> None:
         help="each input byte is a token id (the default for byte-level models; else text, a line at a time)",
     )
     kind.add_argument("--ids", action="store_true", help="the input is whitespace-separated token ids")
-    st.add_argument(
+    save = st.add_mutually_exclusive_group()
+    save.add_argument(
         "--save-state",
         type=Path,
         default=None,
         metavar="FILE",
-        help="session file written at end of input and on Ctrl-C",
+        help="session file written (atomically) at end of input, on Ctrl-C and after an input error; "
+        "an existing file is refused unless it is the one resumed (default: the --resume file, else none)",
+    )
+    save.add_argument("--no-save", action="store_true", help="with --resume: do not save the session back")
+    st.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="session file to continue (from --save-state); saved back to FILE unless --save-state or --no-save",
     )
     st.add_argument(
-        "--resume", type=Path, default=None, metavar="FILE", help="session file to continue (from --save-state)"
+        "--overwrite", action="store_true", help="let --save-state replace a session file that was not resumed"
     )
     st.add_argument(
         "--other-weights",
