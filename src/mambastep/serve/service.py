@@ -278,11 +278,19 @@ class Service:
         self.metrics.sessions_in_memory.set(len(self._hot))
 
     async def _hot_session(self, owner: str, session_id: str) -> _Hot:
-        """The session in memory, read from the store if it is not (call with its lock held)."""
+        """The session in memory, read from the store if it is not, or if the store holds a
+        newer version (another server on the same store changed it); call with its lock held."""
         with self._hot_lock:
             hot = self._hot.get(session_id)
-            if hot is not None and hot.owner == owner:
-                self._hot.move_to_end(session_id)
+        if hot is not None and hot.owner == owner:
+            latest = await asyncio.to_thread(self.store.get, session_id, owner, False)
+            if latest is None:
+                self._forget(session_id)
+                raise not_found(session_id)
+            if latest.version == hot.version:
+                with self._hot_lock:
+                    if session_id in self._hot:
+                        self._hot.move_to_end(session_id)
                 return hot
         stored = await asyncio.to_thread(self.store.get, session_id, owner)
         if stored is None:
