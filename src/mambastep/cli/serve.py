@@ -7,14 +7,28 @@ from pathlib import Path
 
 from mambastep.cli.common import DEFAULT_MODEL, add_model_args, load_model
 from mambastep.files.tokenizer import load_tokenizer
-from mambastep.serve.settings import Limits, ServeSettings, read_keys_file
+from mambastep.serve.settings import Limits, ServeError, ServeSettings, read_keys_file
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = serve_settings(args)  # checked before anything loads: a refused address fails at once
+    if args.ray:
+        from mambastep.serve import cluster
+
+        return cluster.run(args, settings)
+    if args.ray_address or args.replicas != "1":
+        raise ServeError("--ray-address and --replicas need --ray")
     import uvicorn
 
     from mambastep.serve.app import create_app
 
+    app = create_app(settings, lambda: load_model_and_tokenizer(args))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    return 0
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The server's settings from its flags."""
     keys = tuple(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else ())
     limits = Limits(
         body_bytes=args.max_body_bytes,
@@ -26,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         queue=args.queue,
     )
     name = args.model_name or ("mambastep-default" if args.model == str(DEFAULT_MODEL) else Path(args.model).name)
-    settings = ServeSettings(  # checked before anything loads: a refused address fails at once
+    return ServeSettings(
         host=args.host,
         port=args.port,
         api_keys=keys,
@@ -37,9 +51,17 @@ def run(args: argparse.Namespace) -> int:
         model_name=name,
         limits=limits,
     )
-    app = create_app(settings, lambda: (load_model(args), load_tokenizer(args.model, tokenizer=args.tokenizer)))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
-    return 0
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    """The model and tokenizer the flags name."""
+    return load_model(args), load_tokenizer(args.model, tokenizer=args.tokenizer)
+
+
+def _replicas(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive number of replicas or 'auto', got {value!r}")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -63,4 +85,13 @@ def add_parser(sub) -> None:
     sv.add_argument("--sessions-per-key", type=int, default=limits.sessions_per_key)
     sv.add_argument("--max-n", type=int, default=limits.n, help="completions per prompt")
     sv.add_argument("--queue", type=int, default=limits.queue, help="requests waiting or running (then 429)")
+    ray = sv.add_argument_group("scale-out (Ray Serve; needs the [cluster] extra)")
+    ray.add_argument("--ray", action="store_true", help="run the server as a Ray Serve application")
+    ray.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start one on this machine)")
+    ray.add_argument(
+        "--replicas",
+        type=_replicas,
+        default="1",
+        help="model replicas, or 'auto' for Ray Serve's autoscaling (see docs/scale-out.md)",
+    )
     sv.set_defaults(func=run)

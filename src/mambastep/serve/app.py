@@ -54,15 +54,18 @@ STREAMED = {
 }
 
 
-def create_app(settings: ServeSettings, load: Callable[[], tuple[LanguageModel, Tokenizer]]) -> FastAPI:
-    """The server's application; ``load`` runs in the background when it starts."""
+def create_app(
+    settings: ServeSettings, load: Callable[[], tuple[LanguageModel, Tokenizer]], announce: bool = True
+) -> FastAPI:
+    """The server's application; ``load`` runs in the background when it starts. With
+    ``announce``, its address is printed once it is ready, and a line when it stops."""
     metrics = Metrics()
     owners = {hashlib.sha256(key.encode()).hexdigest()[:16]: key for key in settings.api_keys}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         ready = threading.Thread(
-            target=_start, args=(app, settings, load, metrics), name="mambastep-loader", daemon=True
+            target=_start, args=(app, settings, load, metrics, announce), name="mambastep-loader", daemon=True
         )
         ready.start()
         yield
@@ -70,7 +73,8 @@ def create_app(settings: ServeSettings, load: Callable[[], tuple[LanguageModel, 
         if service is not None:
             service.close()
             service.store.close()
-            print("mambastep serve: stopped; every session is in the store", flush=True)
+            if announce:
+                print("mambastep serve: stopped; every session is in the store", flush=True)
 
     app = FastAPI(
         title="mambastep",
@@ -99,24 +103,24 @@ def create_app(settings: ServeSettings, load: Callable[[], tuple[LanguageModel, 
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, err: ServiceError):
-        return _error(err.status, err.message, err.type, err.code, err.headers, err.param)
+        return error_response(err.status, err.message, err.type, err.code, err.headers, err.param)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return _error(400, message, "invalid_request_error", "invalid_value", param=where or None)
+        return error_response(400, message, "invalid_request_error", "invalid_value", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return _error(err.status_code, str(err.detail), kind, None, getattr(err, "headers", None))
+        return error_response(err.status_code, str(err.detail), kind, None, getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, "the server failed on this request; the failure is in its log", "server_error")
+        return error_response(500, "the server failed on this request; the failure is in its log", "server_error")
 
     def service() -> Service:
         if app.state.service is None:
@@ -362,7 +366,7 @@ def create_app(settings: ServeSettings, load: Callable[[], tuple[LanguageModel, 
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _start(app: FastAPI, settings: ServeSettings, load, metrics: Metrics) -> None:
+def _start(app: FastAPI, settings: ServeSettings, load, metrics: Metrics, announce: bool) -> None:
     """Load the model and open the store (in the background); print the address once ready."""
     try:
         model, tokenizer = load()
@@ -376,7 +380,8 @@ def _start(app: FastAPI, settings: ServeSettings, load, metrics: Metrics) -> Non
         log.exception("loading failed")
         app.state.load_error = f"the model failed to load: {err}"
         return
-    print(f"mambastep serve: ready on http://{settings.host}:{settings.port}", flush=True)
+    if announce:
+        print(f"mambastep serve: ready on http://{settings.host}:{settings.port}", flush=True)
 
 
 def _model_card(settings: ServeSettings, model: LanguageModel) -> s.ModelCard:
@@ -395,7 +400,9 @@ def _model_card(settings: ServeSettings, model: LanguageModel) -> s.ModelCard:
     )
 
 
-def _error(status: int, message: str, type: str, code: str | None = None, headers=None, param: str | None = None):
+def error_response(
+    status: int, message: str, type: str, code: str | None = None, headers=None, param: str | None = None
+):
     body = s.ErrorResponse(error=s.ErrorDetail(message=message, type=type, code=code, param=param))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -544,4 +551,4 @@ class _BodyLimit:
 
 
 def _too_large(limit: int):
-    return _error(413, f"the request body exceeds {limit} bytes", "invalid_request_error", "body_too_large")
+    return error_response(413, f"the request body exceeds {limit} bytes", "invalid_request_error", "body_too_large")

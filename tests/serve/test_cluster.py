@@ -1,0 +1,81 @@
+"""The server as a Ray Serve application: a local Ray cluster, two replicas behind one address,
+sessions in a shared store; a replica killed in the middle of a session loses nothing."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from mambastep import SamplingParams, Session
+from mambastep.cli import build_parser
+from mambastep.serve.cluster import REPLICA_HEADER, build, creates_session, session_of
+from mambastep.serve.process import free_port
+
+GREEDY = {"max_tokens": 8, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The application on a local Ray cluster (2 CPUs): two replicas, one thread each."""
+    port = free_port()
+    data = tmp_path_factory.mktemp("cluster")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = ["serve", "--ray", "--replicas", "2", "--threads", "1", "--data-dir", str(data)]
+        serve.run(build(build_parser().parse_args(args)), name="mambastep", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            yield http
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_sessions_are_spread_over_the_replicas(cluster):
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda i: cluster.post("/v1/sessions", json={"prompt": f"x = {i}\n"}), range(16)))
+    assert all(r.status_code == 201 for r in made)
+    assert len({r.headers[REPLICA_HEADER] for r in made}) == 2
+
+
+def test_a_killed_replica_loses_nothing(cluster, local):
+    model, tok = local
+    prompt = "def f(x):"
+    made = cluster.post("/v1/sessions", json={"prompt": prompt})
+    session = made.json()["id"]
+    first = cluster.post(f"/v1/sessions/{session}/generate", json=GREEDY)
+    assert first.status_code == 200
+    holder = first.headers[REPLICA_HEADER]
+    ray.kill(ray.get_actor(holder, namespace="serve"), no_restart=True)
+    second = cluster.post(f"/v1/sessions/{session}/generate", json=GREEDY)
+    assert second.status_code == 200, second.text
+    assert second.headers[REPLICA_HEADER] != holder
+    direct, params = Session(model, tok), SamplingParams(max_new_tokens=8, temperature=0)
+    direct.feed(prompt)
+    expected = ["".join(direct.generate(params)) for _ in range(2)]  # uninterrupted, in one process
+    assert [first.json()["text"], second.json()["text"]] == expected
+    assert second.json()["session"]["position"] == direct.position
+
+
+def test_the_same_routes_and_errors_as_one_process(cluster):
+    assert cluster.get("/health").json()["status"] == "ok"
+    missing = cluster.post("/v1/sessions/sess_000000000000000000000000/feed", json={"text": "x"})
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    with cluster.stream("POST", "/v1/completions", json={"prompt": "def ", "max_tokens": 4, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and len(lines) == 4 + 2  # a chunk a token, the finish, [DONE]
+
+
+def test_the_gateway_reads_which_session_a_request_is_about():
+    assert session_of("POST", "/v1/sessions/sess_0123abcd/generate", b"") == "sess_0123abcd"
+    assert session_of("GET", "/v1/sessions/sess_0123abcd", b"") == "sess_0123abcd"
+    assert session_of("POST", "/v1/completions", b'{"prompt": "a", "session": "sess_42"}') == "sess_42"
+    assert session_of("POST", "/v1/completions", b'{"prompt": "a"}') == ""
+    assert session_of("POST", "/v1/completions", b"not json") == ""
+    assert session_of("POST", "/v1/completions", b"[1, 2]") == ""
+    assert session_of("POST", "/v1/sessions", b"{}") == ""
+    assert creates_session("POST", "/v1/sessions") and creates_session("POST", "/v1/sessions/sess_1/fork")
+    assert creates_session("POST", "/v1/sessions/import") and not creates_session("GET", "/v1/sessions")
