@@ -1,5 +1,5 @@
 """What a call acknowledged survives ``kill -9`` of the server; a clean stop loses nothing either;
-and the store's own checks (versions, integrity)."""
+the server while its model loads. The stores themselves: test_store.py."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import threading
 import time
 
 import httpx
-import pytest
 
 import mambastep
 from mambastep import Session
 from mambastep.cli.common import DEFAULT_MODEL
-from mambastep.serve.store import Conflict, SQLiteStore
+from mambastep.serve.sqlite_store import SQLiteStore
 
 from servers import start_server
 
@@ -79,24 +78,6 @@ def test_a_clean_stop_keeps_every_session(tmp_path):
             assert [http.get(f"/v1/sessions/{sid}").json()["position"] for sid in ids] == [6, 2, 2]
     finally:
         second.stop()
-
-
-def test_two_writers_of_one_version_cannot_both_win(tmp_path):
-    store = SQLiteStore(tmp_path)
-    created = store.create("owner", b"v1", position=1, state_bytes=10)
-    assert store.update(created.id, "owner", b"v2", 2, version=1).version == 2
-    with pytest.raises(Conflict, match="is at version 2, not 1"):
-        store.update(created.id, "owner", b"v2-other", 2, version=1)
-    assert store.get(created.id, "owner").data == b"v2"
-    assert store.get(created.id, "someone else") is None
-    with pytest.raises(KeyError):
-        store.update(created.id, "someone else", b"x", 3, version=2)
-    checkpoint = store.add_checkpoint(created.id, "owner", b"mark", 2)
-    assert store.get_checkpoint(created.id, "owner", checkpoint) == b"mark"
-    assert store.get_checkpoint(created.id, "someone else", checkpoint) is None
-    assert store.delete(created.id, "owner") and store.get_checkpoint(created.id, "owner", checkpoint) is None
-    assert store.integrity() == "ok"
-    store.close()
 
 
 def test_health_is_503_while_the_model_loads(tmp_path):

@@ -38,7 +38,8 @@ from mambastep.serve.metrics import Metrics
 from mambastep.serve.scheduler import TokenEvent
 from mambastep.serve.service import Generation, Service, ServiceError
 from mambastep.serve.settings import ServeSettings
-from mambastep.serve.store import SQLiteStore, StoredSession
+from mambastep.serve.sqlite_store import SQLiteStore
+from mambastep.serve.store import StoredSession
 
 log = logging.getLogger(__name__)
 STATIC = resources.files("mambastep.serve") / "static"
