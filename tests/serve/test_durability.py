@@ -80,6 +80,42 @@ def test_a_clean_stop_keeps_every_session(tmp_path):
         second.stop()
 
 
+def test_servers_on_one_postgresql_database_share_sessions_and_outlive_its_outage(tmp_path, own_postgres):
+    """A second server resumes what the first stored; with the database down, a session call is
+    a 503 that changes nothing, and once it is back the next call works."""
+    url = own_postgres.create_database()
+    greedy = {"max_tokens": 24, "temperature": 0, "commit": False}
+    first = start_server(tmp_path / "first", store=url)
+    try:
+        with httpx.Client(base_url=first.url, timeout=60) as http:
+            sid = http.post("/v1/sessions", json={"prompt": "def parse(text):\n"}).json()["id"]
+            fed = http.post(f"/v1/sessions/{sid}/feed", json={"text": "    words = "}).json()
+            tokens = http.post(f"/v1/sessions/{sid}/generate", json=greedy).json()["tokens"]
+    finally:
+        first.stop()
+    second = start_server(tmp_path / "second", store=url)
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as http:
+            assert http.get(f"/v1/sessions/{sid}").json() == fed
+            assert http.post(f"/v1/sessions/{sid}/generate", json=greedy).json()["tokens"] == tokens
+
+            own_postgres.stop()
+            down = http.post(f"/v1/sessions/{sid}/feed", json={"text": "text.split()"})
+            error = down.json()["error"]
+            assert down.status_code == 503 and down.headers["Retry-After"] and error["code"] == "store_unavailable"
+            assert error["message"].startswith("cannot reach PostgreSQL at 127.0.0.1:")
+            health = http.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "store_unavailable"
+            assert http.get(f"/v1/sessions/{sid}").status_code == 503
+
+            own_postgres.start()
+            assert http.get("/health").json() == {"status": "ok", "model": "mambastep-default"}
+            after = http.post(f"/v1/sessions/{sid}/feed", json={"text": "text.split()"}).json()
+            assert (after["position"], after["version"]) == (fed["position"] + len("text.split()"), fed["version"] + 1)
+    finally:
+        second.stop()
+
+
 def test_health_is_503_while_the_model_loads(tmp_path):
     """The server answers at once; every route says it is loading until the model is ready."""
     from fastapi.testclient import TestClient

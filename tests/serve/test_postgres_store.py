@@ -10,8 +10,10 @@ import time
 import psycopg
 import pytest
 
+from mambastep.cli import main
 from mambastep.serve.postgres_store import PostgresStore
 from mambastep.serve.process import free_port
+from mambastep.serve.settings import ServeError, ServeSettings
 from mambastep.serve.store import Conflict, StoreUnavailable, open_store, store_kind
 
 
@@ -113,6 +115,9 @@ def test_store_urls():
     for url in ("mysql://h/db", "data", "sqlite://host/data", "sqlite:///", "postgresql:/h"):
         with pytest.raises(ValueError):
             store_kind(url)
+    with pytest.raises(ServeError, match="unknown store 'redis://h'"):
+        ServeSettings(store="redis://h")
+    assert ServeSettings(data_dir="d").store_url == "sqlite:///d"
     with pytest.raises(ValueError, match="not a PostgreSQL URL"):
         open_store("postgresql://h/db?no_such_option=1")
 
@@ -122,3 +127,23 @@ def test_a_postgresql_store_without_psycopg_says_what_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "mambastep.serve.postgres_store")
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'mambastep\[cluster\]'"):
         open_store("postgresql://h/db")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--store", "mysql://h/db"], "unknown store 'mysql://h/db'"),
+        (["--store", "postgresql://postgres@127.0.0.1:{port}/x"], "cannot reach PostgreSQL at 127.0.0.1:"),
+    ],
+)
+def test_serve_refuses_a_store_it_cannot_use_in_one_line(capsys, args, message):
+    args = [a.format(port=free_port()) for a in args]
+    assert main(["serve", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mambastep: error: {message}") and err.count("\n") == 1
+
+
+def test_serve_takes_a_data_dir_or_a_store_not_both(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--data-dir", "d", "--store", "sqlite:///d"])
+    assert exit.value.code == 2 and "--store: not allowed with argument --data-dir" in capsys.readouterr().err
