@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny random checkpoints written by `transformers` itself."""
+"""Shared test helpers: tiny random checkpoints written by `transformers` itself, the bundled
+model in process, and PostgreSQL servers (`postgres_server`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import mambastep
 from mambastep import ops
 from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.settings import EngineSettings
+
+from postgres_server import PostgresServer
 
 # PyTorch's operators only, and mambastep's C++ kernels (built on first use): the two backends
 # every fast path is tested between. CPP is resolved by the ``cpp`` fixture, which builds them.
@@ -194,6 +197,32 @@ def mamba_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def mamba2_dir(tmp_path: Path) -> Path:
     return make_hf_checkpoint(tmp_path / "mamba2", family="mamba2", n_groups=2)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for this test session (Debian's postgresql package), deleted at its end."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return postgres.create_database()
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of this test alone, to stop and start (deleted at its end)."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ from mambastep.serve.process import ServeProcess
 KEYS = ("key-one-0123456789", "key-two-0123456789")
 
 
-def start_server(data_dir: Path, *args: str) -> ServeProcess:
-    """The bundled model served from ``data_dir`` with ``--threads 1`` and ``args``."""
-    return ServeProcess(DEFAULT_MODEL, data_dir, "--threads", "1", *args, timeout=120)
+def start_server(data_dir: Path, *args: str, store: str | None = None) -> ServeProcess:
+    """The bundled model served from ``data_dir`` (or ``store``, a store URL) with ``--threads 1`` and ``args``."""
+    return ServeProcess(DEFAULT_MODEL, data_dir, "--threads", "1", *args, store=store, timeout=120)
 
 
 def client(server: ServeProcess, key: str | None = KEYS[0], timeout: float = 120) -> httpx.Client:

@@ -1,5 +1,5 @@
 """What a call acknowledged survives ``kill -9`` of the server; a clean stop loses nothing either;
-and the store's own checks (versions, integrity)."""
+the server while its model loads. The stores themselves: test_store.py."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import threading
 import time
 
 import httpx
-import pytest
 
 import mambastep
 from mambastep import Session
 from mambastep.cli.common import DEFAULT_MODEL
-from mambastep.serve.store import Conflict, SQLiteStore
+from mambastep.serve.sqlite_store import SQLiteStore
 
 from servers import start_server
 
@@ -81,22 +80,40 @@ def test_a_clean_stop_keeps_every_session(tmp_path):
         second.stop()
 
 
-def test_two_writers_of_one_version_cannot_both_win(tmp_path):
-    store = SQLiteStore(tmp_path)
-    created = store.create("owner", b"v1", position=1, state_bytes=10)
-    assert store.update(created.id, "owner", b"v2", 2, version=1).version == 2
-    with pytest.raises(Conflict, match="is at version 2, not 1"):
-        store.update(created.id, "owner", b"v2-other", 2, version=1)
-    assert store.get(created.id, "owner").data == b"v2"
-    assert store.get(created.id, "someone else") is None
-    with pytest.raises(KeyError):
-        store.update(created.id, "someone else", b"x", 3, version=2)
-    checkpoint = store.add_checkpoint(created.id, "owner", b"mark", 2)
-    assert store.get_checkpoint(created.id, "owner", checkpoint) == b"mark"
-    assert store.get_checkpoint(created.id, "someone else", checkpoint) is None
-    assert store.delete(created.id, "owner") and store.get_checkpoint(created.id, "owner", checkpoint) is None
-    assert store.integrity() == "ok"
-    store.close()
+def test_servers_on_one_postgresql_database_share_sessions_and_outlive_its_outage(tmp_path, own_postgres):
+    """A second server resumes what the first stored; with the database down, a session call is
+    a 503 that changes nothing, and once it is back the next call works."""
+    url = own_postgres.create_database()
+    greedy = {"max_tokens": 24, "temperature": 0, "commit": False}
+    first = start_server(tmp_path / "first", store=url)
+    try:
+        with httpx.Client(base_url=first.url, timeout=60) as http:
+            sid = http.post("/v1/sessions", json={"prompt": "def parse(text):\n"}).json()["id"]
+            fed = http.post(f"/v1/sessions/{sid}/feed", json={"text": "    words = "}).json()
+            tokens = http.post(f"/v1/sessions/{sid}/generate", json=greedy).json()["tokens"]
+    finally:
+        first.stop()
+    second = start_server(tmp_path / "second", store=url)
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as http:
+            assert http.get(f"/v1/sessions/{sid}").json() == fed
+            assert http.post(f"/v1/sessions/{sid}/generate", json=greedy).json()["tokens"] == tokens
+
+            own_postgres.stop()
+            down = http.post(f"/v1/sessions/{sid}/feed", json={"text": "text.split()"})
+            error = down.json()["error"]
+            assert down.status_code == 503 and down.headers["Retry-After"] and error["code"] == "store_unavailable"
+            assert error["message"].startswith("cannot reach PostgreSQL at 127.0.0.1:")
+            health = http.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "store_unavailable"
+            assert http.get(f"/v1/sessions/{sid}").status_code == 503
+
+            own_postgres.start()
+            assert http.get("/health").json() == {"status": "ok", "model": "mambastep-default"}
+            after = http.post(f"/v1/sessions/{sid}/feed", json={"text": "text.split()"}).json()
+            assert (after["position"], after["version"]) == (fed["position"] + len("text.split()"), fed["version"] + 1)
+    finally:
+        second.stop()
 
 
 def test_health_is_503_while_the_model_loads(tmp_path):

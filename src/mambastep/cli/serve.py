@@ -8,6 +8,7 @@ from pathlib import Path
 from mambastep.cli.common import DEFAULT_MODEL, add_model_args, load_model
 from mambastep.files.tokenizer import load_tokenizer
 from mambastep.serve.settings import Limits, ServeError, ServeSettings, read_keys_file
+from mambastep.serve.store import StoreUnavailable
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,7 +23,10 @@ def run(args: argparse.Namespace) -> int:
 
     from mambastep.serve.app import create_app
 
-    app = create_app(settings, lambda: load_model_and_tokenizer(args))
+    try:  # the store is opened first: an unreachable database fails at once, before the model loads
+        app = create_app(settings, lambda: load_model_and_tokenizer(args))
+    except (StoreUnavailable, ModuleNotFoundError) as err:
+        raise ServeError(str(err)) from None
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
     return 0
 
@@ -44,7 +48,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         host=args.host,
         port=args.port,
         api_keys=keys,
-        data_dir=args.data_dir,
+        data_dir=args.data_dir or ServeSettings.data_dir,
+        store=args.store,
         max_batch=args.max_batch,
         sessions_in_memory=args.sessions_in_memory,
         prefill_piece=args.prefill_piece,
@@ -72,7 +77,17 @@ def add_parser(sub) -> None:
     sv.add_argument("--model-name", default=None, help="the model's name in /v1/models (default: from --model)")
     sv.add_argument("--host", default=d.host, help="address to listen on (not loopback: an API key is required)")
     sv.add_argument("--port", type=int, default=d.port)
-    sv.add_argument("--data-dir", type=Path, default=d.data_dir, help="where sessions are stored (SQLite)")
+    where = sv.add_mutually_exclusive_group()
+    where.add_argument(
+        "--data-dir", type=Path, default=None, help=f"where sessions are stored, in SQLite (default: {d.data_dir})"
+    )
+    where.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="where sessions are stored: sqlite:///DIR (as --data-dir DIR) or postgresql://USER@HOST:PORT/DBNAME "
+        "(servers that share their sessions; needs the cluster extra)",
+    )
     sv.add_argument("--api-key", action="append", default=[], metavar="KEY", help="a key callers present (repeatable)")
     sv.add_argument("--api-keys-file", type=Path, default=None, metavar="FILE", help="keys, one a line")
     sv.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded in one step")

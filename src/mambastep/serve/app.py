@@ -1,9 +1,10 @@
 """The FastAPI application: the routes, keys, errors in OpenAI's shape, server-sent events,
 body limits, metrics and the page.
 
-``create_app(settings, load)`` returns an app that loads its model in the background when it
-starts (``load`` returns the model and its tokenizer): ``/health`` answers 503 until it is
-ready, and every other route too.
+``create_app(settings, load)`` opens the store at once and returns an app that loads its model
+in the background when it starts (``load`` returns the model and its tokenizer): ``/health``
+answers 503 until it is ready, and every other route too; ``/health`` answers 503 as well while
+the store cannot be reached.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mambastep.serve.metrics import Metrics
 from mambastep.serve.scheduler import TokenEvent
 from mambastep.serve.service import Generation, Service, ServiceError
 from mambastep.serve.settings import ServeSettings
-from mambastep.serve.store import SQLiteStore, StoredSession
+from mambastep.serve.store import SessionStore, StoredSession, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 STATIC = resources.files("mambastep.serve") / "static"
@@ -57,24 +58,32 @@ STREAMED = {
 def create_app(
     settings: ServeSettings, load: Callable[[], tuple[LanguageModel, Tokenizer]], announce: bool = True
 ) -> FastAPI:
-    """The server's application; ``load`` runs in the background when it starts. With
-    ``announce``, its address is printed once it is ready, and a line when it stops."""
+    """The server's application, on the store ``settings.store_url`` names, opened now; ``load``
+    runs in the background when it starts. With ``announce``, its address is printed once it is
+    ready, and a line when it stops.
+
+    Raises:
+        StoreUnavailable: the store's database cannot be reached.
+        ModuleNotFoundError: a PostgreSQL store without psycopg installed.
+    """
+    store = open_store(settings.store_url)
     metrics = Metrics()
+    metrics.sessions_stored.set(store.count())
     owners = {hashlib.sha256(key.encode()).hexdigest()[:16]: key for key in settings.api_keys}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         ready = threading.Thread(
-            target=_start, args=(app, settings, load, metrics, announce), name="mambastep-loader", daemon=True
+            target=_start, args=(app, settings, load, store, metrics, announce), name="mambastep-loader", daemon=True
         )
         ready.start()
         yield
         service: Service | None = app.state.service
         if service is not None:
             service.close()
-            service.store.close()
-            if announce:
-                print("mambastep serve: stopped; every session is in the store", flush=True)
+        store.close()
+        if service is not None and announce:
+            print("mambastep serve: stopped; every session is in the store", flush=True)
 
     app = FastAPI(
         title="mambastep",
@@ -155,10 +164,15 @@ def create_app(
     async def page():
         return FileResponse(str(STATIC / "index.html"))
 
-    @app.get("/health", response_model=s.Health, responses={503: {"model": s.Health}})
+    @app.get("/health", response_model=s.Health, response_model_exclude_none=True, responses={503: {"model": s.Health}})
     async def health():
         if app.state.service is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        try:
+            await asyncio.to_thread(store.check)
+        except StoreUnavailable as err:
+            down = s.Health(status="store_unavailable", model=settings.model_name, reason=str(err))
+            return JSONResponse(down.model_dump(), status_code=503, headers={"Retry-After": "5"})
         return s.Health(status="ok", model=settings.model_name)
 
     @app.get("/metrics", include_in_schema=False)
@@ -366,14 +380,12 @@ def create_app(
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _start(app: FastAPI, settings: ServeSettings, load, metrics: Metrics, announce: bool) -> None:
-    """Load the model and open the store (in the background); print the address once ready."""
+def _start(app: FastAPI, settings: ServeSettings, load, store: SessionStore, metrics: Metrics, announce: bool) -> None:
+    """Load the model and start the service on ``store`` (in the background); print the address once ready."""
     try:
         model, tokenizer = load()
-        store = SQLiteStore(settings.data_dir)
         service = Service(model, tokenizer, store, settings, metrics)
         service.start()
-        metrics.sessions_stored.set(store.count())
         app.state.model_card = _model_card(settings, model)
         app.state.service = service
     except Exception as err:  # the server stays up and says why on every route

@@ -25,8 +25,9 @@ class ServeProcess:
 
     Args:
         model: the checkpoint directory (or Hub id) to serve.
-        data_dir: the store's folder.
+        data_dir: the SQLite store's folder (``--data-dir``), and where the log goes by default.
         args: further `mambastep serve` flags.
+        store: a store URL (``--store``) in place of SQLite in ``data_dir``.
         log: where its output goes (default: ``serve-PORT.log`` beside ``data_dir``).
         timeout: seconds to wait for it to be ready.
 
@@ -35,13 +36,21 @@ class ServeProcess:
         TimeoutError: it was not ready in time (it is stopped).
     """
 
-    def __init__(self, model: Path | str, data_dir: Path, *args: str, log: Path | None = None, timeout: float = 300):
+    def __init__(
+        self,
+        model: Path | str,
+        data_dir: Path,
+        *args: str,
+        store: str | None = None,
+        log: Path | None = None,
+        timeout: float = 300,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or data_dir.parent / f"serve-{self.port}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "mambastep.cli", "serve", "--model", str(model)]
-        command += ["--port", str(self.port), "--data-dir", str(data_dir), *args]
+        command += ["--port", str(self.port), *(["--store", store] if store else ["--data-dir", str(data_dir)]), *args]
         self._output = self.log.open("w")  # closed by stop()
         self.process = subprocess.Popen(command, stdout=self._output, stderr=subprocess.STDOUT)
         try:

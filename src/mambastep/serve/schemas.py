@@ -172,8 +172,9 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading"]
+    status: Literal["ok", "loading", "store_unavailable"]
     model: str | None = None
+    reason: str | None = Field(None, description="why the store cannot be reached (status store_unavailable)")
 
 
 class ErrorDetail(BaseModel):

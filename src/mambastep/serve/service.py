@@ -5,7 +5,8 @@ arrival order), runs its model work as a task on the scheduler, and writes the s
 file to the store before it returns: a call that returned is durable. A session that a call
 touched stays in memory (``sessions_in_memory`` of them, least recently used leave first);
 the others live in the store only, and come back from it when asked for. If a write fails,
-the copy in memory is dropped, so memory never runs ahead of the store.
+the copy in memory is dropped, so memory never runs ahead of the store. A store that cannot
+be reached is a 503 (``Retry-After``); the next call tries it again.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mambastep.runtime.session import DEFAULT_CHECKPOINT_EVERY, Session
 from mambastep.serve.metrics import Metrics
 from mambastep.serve.scheduler import Busy, Row, Scheduler, ShuttingDown, TokenEvent, pieces
 from mambastep.serve.settings import ServeSettings
-from mambastep.serve.store import Conflict, SessionStore, StoredSession
+from mambastep.serve.store import Conflict, SessionStore, StoredSession, StoreUnavailable
 
 
 class ServiceError(Exception):
@@ -264,6 +265,13 @@ class Service:
             else:
                 self._locks[session_id] = (lock, users - 1)
 
+    async def _store(self, method: Callable, *args):
+        """``method`` of the store, on a worker thread; a store out of reach is a 503."""
+        try:
+            return await asyncio.to_thread(method, *args)
+        except StoreUnavailable as err:
+            raise ServiceError(503, str(err), "server_error", "store_unavailable", {"Retry-After": "5"}) from None
+
     def _remember(self, session_id: str, hot: _Hot) -> None:
         with self._hot_lock:
             self._hot[session_id] = hot
@@ -292,7 +300,7 @@ class Service:
                     if session_id in self._hot:
                         self._hot.move_to_end(session_id)
                 return hot
-        stored = await asyncio.to_thread(self.store.get, session_id, owner)
+        stored = await self._store(self.store.get, session_id, owner)
         if stored is None:
             raise not_found(session_id)
         where = f"stored session {session_id}"
@@ -306,7 +314,7 @@ class Service:
     async def _save(self, session_id: str, hot: _Hot, data: bytes) -> StoredSession:
         """Write the session's new file; on failure the copy in memory is dropped."""
         try:
-            stored = await asyncio.to_thread(
+            stored = await self._store(
                 self.store.update, session_id, hot.owner, data, hot.session.position, hot.version
             )
         except Conflict as err:
@@ -322,13 +330,13 @@ class Service:
         return stored
 
     async def _create(self, owner: str, session: Session, data: bytes) -> StoredSession:
-        stored = await asyncio.to_thread(self.store.create, owner, data, session.position, session.state_bytes)
+        stored = await self._store(self.store.create, owner, data, session.position, session.state_bytes)
         self._remember(stored.id, _Hot(session, owner, stored.version))
-        self.metrics.sessions_stored.set(await asyncio.to_thread(self.store.count))
+        self.metrics.sessions_stored.set(await self._store(self.store.count))
         return stored
 
     async def _check_quota(self, owner: str) -> None:
-        if await asyncio.to_thread(self.store.count, owner) >= self.limits.sessions_per_key:
+        if await self._store(self.store.count, owner) >= self.limits.sessions_per_key:
             raise ServiceError(
                 429,
                 f"this key holds {self.limits.sessions_per_key} sessions, the limit: delete some first",
@@ -351,21 +359,21 @@ class Service:
         return await self._create(owner, session, data)
 
     async def info(self, owner: str, session_id: str) -> StoredSession:
-        stored = await asyncio.to_thread(self.store.get, session_id, owner, False)
+        stored = await self._store(self.store.get, session_id, owner, False)
         if stored is None:
             raise not_found(session_id)
         return stored
 
     async def list(self, owner: str, offset: int, limit: int) -> tuple[list[StoredSession], int]:
-        sessions = await asyncio.to_thread(self.store.list, owner, offset, limit)
-        return sessions, await asyncio.to_thread(self.store.count, owner)
+        sessions = await self._store(self.store.list, owner, offset, limit)
+        return sessions, await self._store(self.store.count, owner)
 
     async def delete(self, owner: str, session_id: str) -> None:
         async with self.lock(session_id):
-            if not await asyncio.to_thread(self.store.delete, session_id, owner):
+            if not await self._store(self.store.delete, session_id, owner):
                 raise not_found(session_id)
             self._forget(session_id)
-        self.metrics.sessions_stored.set(await asyncio.to_thread(self.store.count))
+        self.metrics.sessions_stored.set(await self._store(self.store.count))
 
     async def feed(self, owner: str, session_id: str, ids: list[int]) -> StoredSession:
         """Read ``ids`` into the session; durable when it returns."""
@@ -434,7 +442,7 @@ class Service:
             hot = await self._hot_session(owner, session_id)
             data = await self._run(_once(hot.session.to_bytes))
             try:
-                return await asyncio.to_thread(self.store.add_checkpoint, session_id, owner, data, hot.session.position)
+                return await self._store(self.store.add_checkpoint, session_id, owner, data, hot.session.position)
             except KeyError:
                 raise not_found(session_id) from None
 
@@ -447,7 +455,7 @@ class Service:
         async with self.lock(session_id):
             hot = await self._hot_session(owner, session_id)
             if checkpoint is not None:
-                data = await asyncio.to_thread(self.store.get_checkpoint, session_id, owner, checkpoint)
+                data = await self._store(self.store.get_checkpoint, session_id, owner, checkpoint)
                 if data is None:
                     raise ServiceError(404, f"session {session_id!r} has no checkpoint {checkpoint}", "not_found_error")
                 where = f"checkpoint {checkpoint}"
@@ -480,7 +488,7 @@ class Service:
 
     async def file(self, owner: str, session_id: str) -> bytes:
         """The session's file, as ``Session.save`` writes it (the last durable version)."""
-        stored = await asyncio.to_thread(self.store.get, session_id, owner)
+        stored = await self._store(self.store.get, session_id, owner)
         if stored is None:
             raise not_found(session_id)
         return stored.data

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mambastep.serve.store import sqlite_url, store_kind
+
 
 class ServeError(ValueError):
     """Server settings that cannot work as given."""
@@ -42,7 +44,9 @@ class ServeSettings:
 
     host, port: where it listens. api_keys: the keys a caller may present (``Authorization:
     Bearer KEY``); none means no key is asked for, which only a loopback address allows.
-    data_dir: the store (``sessions.sqlite3``). max_batch: sequences decoded in one step.
+    data_dir: the SQLite store's directory (``sessions.sqlite3``), where ``store`` is None.
+    store: the store's URL, ``sqlite:///DIR`` or ``postgresql://USER@HOST:PORT/DBNAME``
+    (``store_url``: this, or SQLite in ``data_dir``). max_batch: sequences decoded in one step.
     sessions_in_memory: sessions kept hot (least recently used leave first; the others live in
     the store only). prefill_piece: prompt tokens read between two decode steps (one request's
     piece, or several requests' short prompts), so a long prompt delays the others by about one
@@ -53,6 +57,7 @@ class ServeSettings:
     port: int = 8000
     api_keys: tuple[str, ...] = ()
     data_dir: Path = Path("mambastep-data")
+    store: str | None = None
     max_batch: int = 16
     sessions_in_memory: int = 64
     prefill_piece: int = 512
@@ -64,6 +69,10 @@ class ServeSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ServeError(f"{name} must be a positive integer, got {value!r}")
+        try:
+            store_kind(self.store_url)
+        except ValueError as err:
+            raise ServeError(str(err)) from None
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ServeError(f"port must lie in [0, 65535], got {self.port!r}")
         if any(not isinstance(k, str) or len(k) < 8 or k != k.strip() for k in self.api_keys):
@@ -74,6 +83,11 @@ class ServeSettings:
                 "and change every session. Add one with --api-key KEY (or --api-keys-file FILE, one key a line), "
                 "or listen on 127.0.0.1"
             )
+
+    @property
+    def store_url(self) -> str:
+        """Where sessions are kept: ``store``, or SQLite in ``data_dir``."""
+        return self.store if self.store is not None else sqlite_url(self.data_dir)
 
 
 def is_loopback(host: str) -> bool:
