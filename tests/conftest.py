@@ -1,5 +1,5 @@
 """Shared test helpers: tiny random checkpoints written by `transformers` itself, the bundled
-model in process, and PostgreSQL servers (`postgres_server`)."""
+model in process, and PostgreSQL servers (`mambastep.serve.local_postgres`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import torch
 import mambastep
 from mambastep import ops
 from mambastep.cli.common import DEFAULT_MODEL
+from mambastep.serve.local_postgres import PostgresServer
 from mambastep.settings import EngineSettings
-
-from postgres_server import PostgresServer
 
 # PyTorch's operators only, and mambastep's C++ kernels (built on first use): the two backends
 # every fast path is tested between. CPP is resolved by the ``cpp`` fixture, which builds them.

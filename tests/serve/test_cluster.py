@@ -9,23 +9,22 @@ import ray
 from ray import serve
 
 from mambastep import SamplingParams, Session
-from mambastep.cli import build_parser
-from mambastep.serve.cluster import REPLICA_HEADER, build, creates_session, session_of
+from mambastep.serve.cluster import REPLICA_HEADER, app_builder, creates_session, session_of
 from mambastep.serve.process import free_port
 
 GREEDY = {"max_tokens": 8, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """The application on a local Ray cluster (2 CPUs): two replicas, one thread each."""
+def cluster(postgres):
+    """The application on a local Ray cluster (2 CPUs): two replicas, one thread each, their
+    sessions in PostgreSQL (made by ``app_builder``, as ``serve run`` and config files do)."""
     port = free_port()
-    data = tmp_path_factory.mktemp("cluster")
+    store = postgres.create_database()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = ["serve", "--ray", "--replicas", "2", "--threads", "1", "--data-dir", str(data)]
-        serve.run(build(build_parser().parse_args(args)), name="mambastep", route_prefix="/")
+        serve.run(app_builder({"replicas": 2, "threads": 1, "store": store}), name="mambastep", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             yield http
     finally:

@@ -174,16 +174,23 @@ def gateway_app(engine: DeploymentHandle, max_body: int) -> FastAPI:
         )
         try:
             start = await call.__anext__()
+            headers = list(start["headers"])
+            if not dict(headers).get(b"content-type", b"").startswith(b"text/event-stream"):
+                # the whole answer, or none: a replica lost before its end is a 503, not a cut response
+                content = b"".join([piece async for piece in call])
+                response = Response(content, status_code=start["status"])
+                response.raw_headers = headers
+                return response
         except UNAVAILABLE as err:
             return error_response(
                 503,
-                f"no replica could take the request ({type(err).__name__}); retry shortly",
+                f"no replica could finish the request ({type(err).__name__}); retry shortly",
                 "server_error",
                 "unavailable",
                 {"Retry-After": "1"},
             )
-        response = StreamingResponse(_rest(call), status_code=start["status"])
-        response.raw_headers = list(start["headers"])
+        response = StreamingResponse(_rest(call), status_code=start["status"])  # events as they come
+        response.raw_headers = headers
         return response
 
     return app

@@ -291,7 +291,7 @@ class Service:
         with self._hot_lock:
             hot = self._hot.get(session_id)
         if hot is not None and hot.owner == owner:
-            latest = await asyncio.to_thread(self.store.get, session_id, owner, False)
+            latest = await self._store(self.store.get, session_id, owner, False)
             if latest is None:
                 self._forget(session_id)
                 raise not_found(session_id)

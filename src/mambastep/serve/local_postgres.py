@@ -1,5 +1,5 @@
-"""A throwaway PostgreSQL server for the tests: Debian's ``postgresql`` binaries, a fresh
-cluster in a temporary directory, listening on 127.0.0.1 and a free port (trust auth), and a
+"""A throwaway PostgreSQL server for tests and benchmarks: Debian's ``postgresql`` binaries, a
+fresh cluster in a temporary directory, listening on 127.0.0.1 and a free port (trust auth), and a
 unix socket in that directory. Run as the ``postgres`` user where the tests run as root (the
 server refuses root)."""
 
@@ -43,7 +43,8 @@ def server_bindir() -> Path:
 
 class PostgresServer:
     """A PostgreSQL server of its own, started once constructed; ``stop()`` and ``start()`` it
-    at will (same data, same port), ``close()`` it to stop it and delete its files.
+    at will (same data, same port), ``close()`` it to stop it and delete its files. With
+    ``fsync`` off (tests) a commit does not wait for the disk; a benchmark of writes wants it on.
 
     Raises:
         RuntimeError: no binaries, or the server did not start (its log in the message).
@@ -51,7 +52,8 @@ class PostgresServer:
 
     USER = "postgres"
 
-    def __init__(self):
+    def __init__(self, fsync: bool = False):
+        self.fsync = fsync
         self.bindir = server_bindir()
         self.root = Path(tempfile.mkdtemp(prefix="mambastep-postgres-"))  # a path the postgres user can reach
         self.data, self.log = self.root / "data", self.root / "server.log"
@@ -80,7 +82,9 @@ class PostgresServer:
 
     def start(self) -> None:
         """Start the server (its data kept); returns once it accepts connections."""
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync={'on' if self.fsync else 'off'}"
+        )
         self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w", "-t", "120", "start")
 
     def stop(self) -> None:
