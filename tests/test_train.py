@@ -86,7 +86,7 @@ def test_a_few_steps_reduce_the_loss(corpus, tmp_path, family, precision):
     losses = [e["loss"] for e in record["train"]]
     assert losses[-1] < losses[0] - 0.5
     final = record["eval"][-1]
-    assert final["full"] and final["bits_per_byte"] < 8
+    assert final["final"] and final["bits_per_byte"] < 8
     assert set(record["baselines"]) == {"gzip -9", "xz -9"}
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "log.json").read_text())["train"] == record["train"]
@@ -106,6 +106,20 @@ def test_resume_is_bitwise_equal_to_uninterrupted(corpus, tmp_path):
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     assert [e["step"] for e in record["train"]] == list(range(1, 7))
+
+
+def test_the_final_evaluation_reads_at_most_eval_tokens_and_shows_its_progress(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["train", str(corpus), "--config", tiny_config(tmp_path), "--out", str(out), "--holdout", "0.2"]
+    args += ["--seq-len", "16", "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-tokens", "64"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    log = json.loads((out / "log.json").read_text())
+    final, held_out = log["eval"][-1], log["data"]["heldout_tokens"]
+    assert final["final"] and final["step"] == 2
+    assert final["tokens_read"] == 64 < held_out  # 4 lanes x 16 tokens, of a larger held-out split
+    assert f"bits per byte on 64 of {held_out:,} tokens" in captured.out
+    assert "final held-out evaluation" in captured.err
 
 
 def test_two_process_ddp_matches_one_process(corpus, tmp_path):

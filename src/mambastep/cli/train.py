@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     record = train(settings)
-    final = [e for e in record.get("eval", []) if e["full"]]
+    final = [e for e in record.get("eval", []) if e["final"]]
     if record and args.json:
         print(
             json.dumps(
@@ -58,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     elif final:
+        last, held_out = final[-1], record["data"]["heldout_tokens"]
         baselines = ", ".join(f"{name} {value:.3f}" for name, value in record["baselines"].items())
-        print(f"held-out: {final[-1]['bits_per_byte']:.3f} bits per byte ({baselines}); model in {args.out}/model")
+        print(
+            f"held-out: {last['bits_per_byte']:.3f} bits per byte on {last['tokens_read']:,} of {held_out:,} tokens "
+            f"(all held-out bytes: {baselines}); model in {args.out}/model"
+        )
     return 0
 
 
@@ -100,7 +104,10 @@ def add_parser(sub) -> None:
     tr.add_argument("--device", default=defaults.device, help="cpu or cuda (under torchrun: one GPU per process)")
     tr.add_argument("--eval-every", type=int, default=defaults.eval_every)
     tr.add_argument(
-        "--eval-tokens", type=int, default=defaults.eval_tokens, help="held-out tokens per periodic evaluation"
+        "--eval-tokens",
+        type=int,
+        default=defaults.eval_tokens,
+        help="held-out tokens read by each evaluation (periodic and final)",
     )
     tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     tr.add_argument("--log-every", type=int, default=defaults.log_every)

@@ -196,11 +196,21 @@ class _Run:
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self, max_tokens: int | None) -> dict[str, float]:
-        """Held-out loss and bits per byte, reading each lane from its start (to ``max_tokens`` inputs per lane)."""
+    def evaluate(self, max_tokens: int, what: str) -> dict[str, float]:
+        """Held-out loss and bits per byte, reading each lane from its start (to ``max_tokens`` inputs per lane);
+        ``what`` names it on the progress bar."""
         lanes = self.eval_lanes
         totals = torch.zeros(2, dtype=torch.float64, device=self.place.device)
-        for i in range(lanes.windows(max_tokens)):
+        show = self.place.main and self.settings.progress
+        windows = tqdm(
+            range(lanes.windows(max_tokens)),
+            desc=what,
+            unit="window",
+            leave=False,
+            disable=not show,
+            dynamic_ncols=True,
+        )
+        for i in windows:
             x, y = (t.to(self.place.device) for t in lanes.window(i, max_tokens))
             with self._autocast():
                 logits, _ = self.model(x)  # (b, q, vocab)
@@ -217,6 +227,7 @@ class _Run:
         s, place = self.settings, self.place
         last = min(s.steps, s.stop_after) if s.stop_after else s.steps
         tokens_per_step = s.batch_size * self.seq_len
+        eval_per_lane = max(1, s.eval_tokens // s.batch_size)  # at most eval_tokens in all
         bar = tqdm(
             total=s.steps, initial=self.step, unit="step", disable=not (place.main and s.progress), dynamic_ncols=True
         )
@@ -245,7 +256,7 @@ class _Run:
                 losses, since, since_step = [], time.perf_counter(), self.step
             paused = False
             if self.eval_lanes is not None and s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
-                self._log_eval(self.evaluate(max(1, s.eval_tokens // s.batch_size)), full=False)
+                self._log_eval(self.evaluate(eval_per_lane, "held-out evaluation"), final=False)
                 paused = True
             if (s.checkpoint_every and self.step % s.checkpoint_every == 0) or self.step == last:
                 self.checkpoint()
@@ -254,7 +265,7 @@ class _Run:
                 since, since_step = time.perf_counter(), self.step
         bar.close()
         if self.step == s.steps and self.eval_lanes is not None:
-            self._log_eval(self.evaluate(None), full=True)
+            self._log_eval(self.evaluate(eval_per_lane, "final held-out evaluation"), final=True)
         if place.main:
             self.log.set("wall_s", self._elapsed())
             self.log.write()
@@ -262,14 +273,14 @@ class _Run:
             return self.log.record
         return {}
 
-    def _log_eval(self, result: dict[str, float], full: bool) -> None:
+    def _log_eval(self, result: dict[str, float], final: bool) -> None:
         if self.place.main:
             self.log.add(
                 "eval",
                 {
                     "step": self.step,
                     "tokens": self.step * self.settings.batch_size * self.seq_len,
-                    "full": full,
+                    "final": final,
                     **result,
                 },
             )

@@ -113,7 +113,8 @@ class TrainSettings:
         optimiser stay float32).
     eval_every / checkpoint_every / log_every: in steps; 0 turns periodic evaluation or
         checkpoints off (the end of the run always evaluates and checkpoints).
-    eval_tokens: held-out tokens read by a periodic evaluation; the final one reads them all.
+    eval_tokens: held-out tokens read by each evaluation, the periodic ones and the one at the end
+        (at most: the held-out split may hold fewer).
     resume: continue the run saved in ``out`` (the other settings must be the same).
     stop_after: stop (with a checkpoint) after this step, without changing the schedule;
         0 runs to ``steps``.
