@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,10 @@ from safetensors.torch import load_file
 
 import mambastep
 from mambastep.cli import main
-from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, train
+from mambastep.cli.common import DEFAULT_MODEL
+from mambastep.families.presets import builtin_config
+from mambastep.files.checkpoints import read_config
+from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, train
 from mambastep.training.data import is_heldout
 from mambastep.training.optim import build_optimizer, lr_factor
 
@@ -106,6 +110,24 @@ def test_resume_is_bitwise_equal_to_uninterrupted(corpus, tmp_path):
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     assert [e["step"] for e in record["train"]] == list(range(1, 7))
+
+
+def test_a_vocabulary_larger_than_the_tokenizers_is_warned_of(corpus, tmp_path, caplog):
+    big = tmp_path / "big.json"  # mamba-130m's vocabulary on a tiny model
+    big.write_text(json.dumps({**TINY["mamba2"], "vocab_size": 50280}))
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        train(settings(corpus, tmp_path / "big", str(big), steps=2, eval_every=0))
+    [line] = caplog.messages
+    assert "vocabulary has 50,280 tokens but the tokenizer (bytes) has 256" in line
+    assert "--config mamba2-bytes" in line
+
+
+def test_the_byte_level_preset_has_the_bundled_models_shape_and_trains_without_a_warning(corpus, tmp_path, caplog):
+    assert builtin_config("mamba2-bytes") == read_config(DEFAULT_MODEL)
+    assert isinstance(mambastep.load_tokenizer(DEFAULT_MODEL), mambastep.ByteTokenizer)
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        record = train(settings(corpus, tmp_path / "out", "mamba2-bytes", steps=2, eval_every=0))
+    assert record["model"]["parameters"] == 690_064 and not caplog.messages
 
 
 def test_the_final_evaluation_reads_at_most_eval_tokens_and_shows_its_progress(corpus, tmp_path, capsys):

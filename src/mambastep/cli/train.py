@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mambastep.families.presets import BYTE_CONFIG
 from mambastep.training import DataSettings, OptimSettings, TrainSettings, train
 from mambastep.training.settings import PRECISIONS
 
@@ -75,7 +76,9 @@ def add_parser(sub) -> None:
     tr.add_argument("--out", required=True, help="folder for model/, train_state.pt, log.json and curve.png")
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--config", help="built-in config name, or a config.json file (Hugging Face or state-spaces format)"
+        "--config",
+        help=f"built-in config name ({BYTE_CONFIG}: the bundled model's shape, byte-level, 690k parameters, "
+        "a start for text read as bytes), or a config.json file (Hugging Face or state-spaces format)",
     )
     source.add_argument("--init", help="checkpoint to fine-tune")
     tr.add_argument(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mambastep.families import config_from_dict, family_of, parameter_count
-from mambastep.families.presets import BUILTIN_CONFIGS, builtin_config
+from mambastep.families.presets import BUILTIN_CONFIGS, BYTE_CONFIG, builtin_config
 from mambastep.files.checkpoints import load, read_config, resolve
 from mambastep.files.tokenizer import BYTES, Tokenizer, load_tokenizer
 from mambastep.models.config import ConfigError, ModelConfig
@@ -38,9 +39,13 @@ from mambastep.training.optim import build_optimizer, build_scheduler
 from mambastep.training.report import RunLog, bits_per_byte, compressor_baselines
 from mambastep.training.settings import TrainingError, TrainSettings
 
+log = logging.getLogger(__name__)
+
 MODEL_DIR = "model"
 TRAIN_STATE_FILE = "train_state.pt"
 SPLIT_RULE = 'held out iff sha256(f"{seed}/{relative path}")[:8] / 2**64 < holdout'
+# A vocabulary is padded beyond its tokenizer's tokens up to a multiple of this at most (Pythia's 50,304).
+VOCAB_PADDING = 128
 
 
 def model_config(name_or_file: str) -> ModelConfig:
@@ -104,6 +109,8 @@ class _Run:
             if s.data.holdout > 0
             else None
         )
+        if place.main:
+            self._warn_of_traps(config, tokenizer_source)
         self.out.mkdir(parents=True, exist_ok=True)  # every check has passed
         torch.manual_seed(s.data.seed)
         if s.init is not None:
@@ -122,6 +129,20 @@ class _Run:
         self.net = DistributedDataParallel(model) if place.world > 1 else model
         if place.main:
             self.log = RunLog(self.out, self._header(), RunLog.read(self.out) if saved else None, since=self.step)
+
+    def _warn_of_traps(self, config: ModelConfig, tokenizer_source: str) -> None:
+        """One line on stderr for each setting that runs but does not train as it is likely meant to."""
+        tokens = self.tokenizer.vocab_size
+        if config.vocab_size > -(-tokens // VOCAB_PADDING) * VOCAB_PADDING:
+            log.warning(
+                "the model's vocabulary has %s tokens but the tokenizer (%s) has %s: the other rows of the "
+                "embedding never train; for text read as bytes start from --config %s, or pass the --tokenizer "
+                "the model was made for",
+                f"{config.vocab_size:,}",
+                tokenizer_source,
+                f"{tokens:,}",
+                BYTE_CONFIG,
+            )
 
     def _saved_state(self) -> dict[str, Any] | None:
         """The state to resume from, checked against these settings; None for a new run."""
