@@ -130,6 +130,14 @@ def test_the_byte_level_preset_has_the_bundled_models_shape_and_trains_without_a
     assert record["model"]["parameters"] == 690_064 and not caplog.messages
 
 
+def test_warmup_longer_than_the_run_is_warned_of(corpus, tmp_path, caplog):
+    optim = OptimSettings(lr=1e-2, warmup_steps=5)
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        train(settings(corpus, tmp_path / "out", tiny_config(tmp_path), steps=2, eval_every=0, optim=optim))
+    [line] = caplog.messages
+    assert "--warmup-steps 5 exceeds --steps 2" in line and "to 40% of --lr" in line
+
+
 def test_the_final_evaluation_reads_at_most_eval_tokens_and_shows_its_progress(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["train", str(corpus), "--config", tiny_config(tmp_path), "--out", str(out), "--holdout", "0.2"]

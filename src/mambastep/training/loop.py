@@ -132,7 +132,7 @@ class _Run:
 
     def _warn_of_traps(self, config: ModelConfig, tokenizer_source: str) -> None:
         """One line on stderr for each setting that runs but does not train as it is likely meant to."""
-        tokens = self.tokenizer.vocab_size
+        s, tokens = self.settings, self.tokenizer.vocab_size
         if config.vocab_size > -(-tokens // VOCAB_PADDING) * VOCAB_PADDING:
             log.warning(
                 "the model's vocabulary has %s tokens but the tokenizer (%s) has %s: the other rows of the "
@@ -142,6 +142,15 @@ class _Run:
                 tokenizer_source,
                 f"{tokens:,}",
                 BYTE_CONFIG,
+            )
+        warmup = s.optim.warmup_steps
+        if warmup > s.steps:
+            log.warning(
+                "--warmup-steps %d exceeds --steps %d: the learning rate rises through the whole run, to %.0f%% "
+                "of --lr, and never decays; lower --warmup-steps (a tenth of --steps is usual)",
+                warmup,
+                s.steps,
+                100 * s.steps / warmup,
             )
 
     def _saved_state(self) -> dict[str, Any] | None:
