@@ -18,6 +18,7 @@ from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.families.presets import builtin_config
 from mambastep.files.checkpoints import read_config
 from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, train
+from mambastep.training.checkpoint import read_train_state
 from mambastep.training.data import is_heldout
 from mambastep.training.optim import build_optimizer, lr_factor
 
@@ -102,14 +103,34 @@ def test_resume_is_bitwise_equal_to_uninterrupted(corpus, tmp_path):
     train(settings(corpus, tmp_path / "resumed", config, stop_after=3))
     with pytest.raises(TrainingError, match="already holds a run"):
         train(settings(corpus, tmp_path / "resumed", config))
-    with pytest.raises(TrainingError, match=r"steps \(saved 6, now 7\)"):
-        train(settings(corpus, tmp_path / "resumed", config, steps=7, resume=True))
+    with pytest.raises(TrainingError, match=r"batch_size \(saved 4, now 8\)"):
+        train(settings(corpus, tmp_path / "resumed", config, batch_size=8, resume=True))
     record = train(settings(corpus, tmp_path / "resumed", config, resume=True))
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     assert [e["step"] for e in record["train"]] == list(range(1, 7))
+
+
+def test_resume_with_a_larger_steps_extends_a_finished_run(corpus, tmp_path, monkeypatch, caplog):
+    config, out = tiny_config(tmp_path), tmp_path / "out"
+    train(settings(corpus, out, config, steps=3, eval_every=0))
+    with pytest.raises(TrainingError, match="at step 3 and --steps is 3; pass a larger --steps"):
+        train(settings(corpus, out, config, steps=3, eval_every=0, resume=True))
+    used = []  # the learning rate of each step as it is taken
+    step = loop._Run._train_step
+    monkeypatch.setattr(
+        loop._Run, "_train_step", lambda run: used.append(run.optimizer.param_groups[0]["lr"]) or step(run)
+    )
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        record = train(settings(corpus, out, config, steps=6, eval_every=0, resume=True))
+    assert read_train_state(out / "train_state.pt")["step"] == 6
+    assert [e["step"] for e in record["train"]] == list(range(1, 7))
+    assert [e["step"] for e in record["eval"] if e["final"]] == [3, 6]
+    # From step 3 on, the schedule over 6 steps (the 3-step one had reached its floor, 1e-3).
+    assert used == pytest.approx([1e-2 * lr_factor(k, 2, 6, 0.1) for k in range(3, 6)])
+    assert "resuming at step 3 with --steps 6 (the run had 3)" in caplog.text
 
 
 def test_a_vocabulary_larger_than_the_tokenizers_is_warned_of(corpus, tmp_path, caplog):

@@ -94,7 +94,12 @@ def add_parser(sub) -> None:
     )
     tr.add_argument("--seed", type=int, default=data.seed)
     tr.add_argument("--seq-len", type=int, default=data.seq_len)
-    tr.add_argument("--steps", type=int, default=defaults.steps)
+    tr.add_argument(
+        "--steps",
+        type=int,
+        default=defaults.steps,
+        help="optimiser steps in the whole run (with --resume, a larger value extends it)",
+    )
     tr.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step over all processes")
     tr.add_argument("--lr", type=float, default=optim.lr)
     tr.add_argument("--min-lr-ratio", type=float, default=optim.min_lr_ratio)
@@ -114,7 +119,9 @@ def add_parser(sub) -> None:
     )
     tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     tr.add_argument("--log-every", type=int, default=defaults.log_every)
-    tr.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out (to a larger --steps, if given)"
+    )
     tr.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this step; resume later")
     tr.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -35,7 +35,7 @@ from mambastep.training.checkpoint import read_train_state, write_model, write_t
 from mambastep.training.data import Corpus, Lanes, load_corpus
 from mambastep.training.distributed import Placement
 from mambastep.training.init import init_for_training
-from mambastep.training.optim import build_optimizer, build_scheduler
+from mambastep.training.optim import build_optimizer, build_scheduler, lr_factor
 from mambastep.training.report import RunLog, bits_per_byte, compressor_baselines
 from mambastep.training.settings import TrainingError, TrainSettings
 
@@ -165,11 +165,14 @@ class _Run:
             return None
         saved = read_train_state(path)
         before, now = json.loads(saved["settings"]), s.resume_key()
-        changed = _differences(before, now)
+        changed = _differences({**before, "steps": s.steps}, now)  # steps may change: the schedule's length
         if changed:
             raise TrainingError(f"cannot resume {self.out}: settings differ from the saved run: {'; '.join(changed)}")
         if saved["step"] >= s.steps:
-            raise TrainingError(f"cannot resume {self.out}: the run already finished its {s.steps} steps")
+            raise TrainingError(
+                f"cannot resume {self.out}: the run is at step {saved['step']} and --steps is {s.steps}; "
+                "pass a larger --steps to train it further"
+            )
         return saved
 
     def _restore(self, saved: dict[str, Any]) -> None:
@@ -180,6 +183,28 @@ class _Run:
         if saved["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         self.step, self.elapsed_before = saved["step"], saved["elapsed_s"]
+        steps_before = json.loads(saved["settings"])["steps"]
+        if steps_before != self.settings.steps:
+            self._stretch_schedule(steps_before)
+
+    def _stretch_schedule(self, steps_before: int) -> None:
+        """Set the learning rate of the step resumed at to that of the schedule over the new number of steps
+        (the saved optimiser holds the old schedule's; the scheduler computes the new one's from the next)."""
+        o, before = self.settings.optim, self.scheduler.get_last_lr()[0]
+        factor = lr_factor(self.step, o.warmup_steps, self.settings.steps, o.min_lr_ratio)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        if self.place.main:
+            log.warning(
+                "resuming at step %d with --steps %d (the run had %d): from here the learning rate follows the "
+                "%d-step schedule, at %.3g (it was %.3g)",
+                self.step,
+                self.settings.steps,
+                steps_before,
+                self.settings.steps,
+                o.lr * factor,
+                before,
+            )
 
     def _header(self) -> dict[str, Any]:
         s, c, config = self.settings, self.corpus, self.model.config
