@@ -205,6 +205,8 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
         "4",
         "--eval-every",
         "0",
+        "--eval-tokens",
+        "64",
         "--checkpoint-every",
         "0",
         "--log-every",
