@@ -72,7 +72,12 @@ def test_compare_end_to_end_on_tiny_checkpoints(tmp_path, capsys, monkeypatch):
         str(out),
     ]
     assert main([*args, "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    # The progress on stderr names each measurement's model and context as it starts.
+    assert "building models" in captured.err and "measuring" in captured.err
+    for model, context in [(m, c) for m in (ssm, transformer) for c in (4, 16, 64, 4096)]:
+        assert (f"{model}, context {context:,}" in captured.err) == (model == ssm or context < 4096)
     assert set(report) == REPORT_KEYS and report["schema"] == "mambastep.compare/1"
     assert json.loads((out / "compare.json").read_text())["rows"] == report["rows"]
     assert (out / "latency.png").stat().st_size > 0 and (out / "memory.png").stat().st_size > 0
@@ -97,8 +102,9 @@ def test_compare_end_to_end_on_tiny_checkpoints(tmp_path, capsys, monkeypatch):
         "state_bytes",
     ]
     assert all(set(c) == CROSSING_KEYS for c in report["crossings"])
-    assert main(args) == 0  # the readable table
-    assert "transformer / SSM ratios" in capsys.readouterr().out
+    assert main([*args, "--no-progress"]) == 0  # the readable table
+    captured = capsys.readouterr()
+    assert "transformer / SSM ratios" in captured.out and "measuring" not in captured.err
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,7 @@ PUBLISHED_SIZES = {
     "pythia-1b": 1.0e9,
     "pythia-1.4b": 1.4e9,
     "pythia-2.8b": 2.8e9,
+    "mamba2-bytes": 690_064,  # the bundled default model's shape (docs/default-model.md)
 }
 
 

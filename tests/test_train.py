@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,11 @@ from safetensors.torch import load_file
 
 import mambastep
 from mambastep.cli import main
-from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, train
+from mambastep.cli.common import DEFAULT_MODEL
+from mambastep.families.presets import builtin_config
+from mambastep.files.checkpoints import read_config
+from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, train
+from mambastep.training.checkpoint import read_train_state
 from mambastep.training.data import is_heldout
 from mambastep.training.optim import build_optimizer, lr_factor
 
@@ -86,7 +91,7 @@ def test_a_few_steps_reduce_the_loss(corpus, tmp_path, family, precision):
     losses = [e["loss"] for e in record["train"]]
     assert losses[-1] < losses[0] - 0.5
     final = record["eval"][-1]
-    assert final["full"] and final["bits_per_byte"] < 8
+    assert final["final"] and final["bits_per_byte"] < 8
     assert set(record["baselines"]) == {"gzip -9", "xz -9"}
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "log.json").read_text())["train"] == record["train"]
@@ -98,14 +103,74 @@ def test_resume_is_bitwise_equal_to_uninterrupted(corpus, tmp_path):
     train(settings(corpus, tmp_path / "resumed", config, stop_after=3))
     with pytest.raises(TrainingError, match="already holds a run"):
         train(settings(corpus, tmp_path / "resumed", config))
-    with pytest.raises(TrainingError, match=r"steps \(saved 6, now 7\)"):
-        train(settings(corpus, tmp_path / "resumed", config, steps=7, resume=True))
+    with pytest.raises(TrainingError, match=r"batch_size \(saved 4, now 8\)"):
+        train(settings(corpus, tmp_path / "resumed", config, batch_size=8, resume=True))
     record = train(settings(corpus, tmp_path / "resumed", config, resume=True))
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     assert [e["step"] for e in record["train"]] == list(range(1, 7))
+
+
+def test_resume_with_a_larger_steps_extends_a_finished_run(corpus, tmp_path, monkeypatch, caplog):
+    config, out = tiny_config(tmp_path), tmp_path / "out"
+    train(settings(corpus, out, config, steps=3, eval_every=0))
+    with pytest.raises(TrainingError, match="at step 3 and --steps is 3; pass a larger --steps"):
+        train(settings(corpus, out, config, steps=3, eval_every=0, resume=True))
+    used = []  # the learning rate of each step as it is taken
+    step = loop._Run._train_step
+    monkeypatch.setattr(
+        loop._Run, "_train_step", lambda run: used.append(run.optimizer.param_groups[0]["lr"]) or step(run)
+    )
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        record = train(settings(corpus, out, config, steps=6, eval_every=0, resume=True))
+    assert read_train_state(out / "train_state.pt")["step"] == 6
+    assert [e["step"] for e in record["train"]] == list(range(1, 7))
+    assert [e["step"] for e in record["eval"] if e["final"]] == [3, 6]
+    # From step 3 on, the schedule over 6 steps (the 3-step one had reached its floor, 1e-3).
+    assert used == pytest.approx([1e-2 * lr_factor(k, 2, 6, 0.1) for k in range(3, 6)])
+    assert "resuming at step 3 with --steps 6 (the run had 3)" in caplog.text
+
+
+def test_a_vocabulary_larger_than_the_tokenizers_is_warned_of(corpus, tmp_path, caplog):
+    big = tmp_path / "big.json"  # mamba-130m's vocabulary on a tiny model
+    big.write_text(json.dumps({**TINY["mamba2"], "vocab_size": 50280}))
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        train(settings(corpus, tmp_path / "big", str(big), steps=2, eval_every=0))
+    [line] = caplog.messages
+    assert "vocabulary has 50,280 tokens but the tokenizer (bytes) has 256" in line
+    assert "--config mamba2-bytes" in line
+
+
+def test_the_byte_level_preset_has_the_bundled_models_shape_and_trains_without_a_warning(corpus, tmp_path, caplog):
+    assert builtin_config("mamba2-bytes") == read_config(DEFAULT_MODEL)
+    assert isinstance(mambastep.load_tokenizer(DEFAULT_MODEL), mambastep.ByteTokenizer)
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        record = train(settings(corpus, tmp_path / "out", "mamba2-bytes", steps=2, eval_every=0))
+    assert record["model"]["parameters"] == 690_064 and not caplog.messages
+
+
+def test_warmup_longer_than_the_run_is_warned_of(corpus, tmp_path, caplog):
+    optim = OptimSettings(lr=1e-2, warmup_steps=5)
+    with caplog.at_level(logging.WARNING, logger=loop.__name__):
+        train(settings(corpus, tmp_path / "out", tiny_config(tmp_path), steps=2, eval_every=0, optim=optim))
+    [line] = caplog.messages
+    assert "--warmup-steps 5 exceeds --steps 2" in line and "to 40% of --lr" in line
+
+
+def test_the_final_evaluation_reads_at_most_eval_tokens_and_shows_its_progress(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["train", str(corpus), "--config", tiny_config(tmp_path), "--out", str(out), "--holdout", "0.2"]
+    args += ["--seq-len", "16", "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--eval-tokens", "64"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    log = json.loads((out / "log.json").read_text())
+    final, held_out = log["eval"][-1], log["data"]["heldout_tokens"]
+    assert final["final"] and final["step"] == 2
+    assert final["tokens_read"] == 64 < held_out  # 4 lanes x 16 tokens, of a larger held-out split
+    assert f"bits per byte on 64 of {held_out:,} tokens" in captured.out
+    assert "final held-out evaluation" in captured.err
 
 
 def test_two_process_ddp_matches_one_process(corpus, tmp_path):
@@ -140,6 +205,8 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
         "4",
         "--eval-every",
         "0",
+        "--eval-tokens",
+        "64",
         "--checkpoint-every",
         "0",
         "--log-every",

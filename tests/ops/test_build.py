@@ -1,6 +1,7 @@
 """Building and loading the C++ CPU kernels: whatever the process imported before, and a
 failed build falls back (auto) or fails clearly (cpp)."""
 
+import io
 import logging
 import os
 import subprocess
@@ -80,6 +81,35 @@ def test_a_failed_build_falls_back_in_one_line_or_fails_when_asked_for(monkeypat
             ops.resolve(EngineSettings(scan="cpp"), "cpu")
     finally:
         build.available.cache_clear()
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_build_shows_how_long_it_has_run_in_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    command = [sys.executable, "-c", "import time; time.sleep(1.5); print('built')"]
+    done = build.run_with_clock(command, "compiling", 60)
+    assert done.returncode == 0 and done.stdout == "built\n"
+    # Shown at the start, again after each second the command ran, and at its end.
+    assert sys.stderr.getvalue().count("compiling: 00:") >= 3
+
+
+def test_a_build_shows_no_clock_outside_a_terminal_nor_when_the_kernels_are_cached(cpp, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert build.run_with_clock([sys.executable, "-c", "print('built')"], "compiling", 60).stdout == "built\n"
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    build._load()  # the library is cached: loaded, not compiled
+    assert sys.stderr.getvalue() == ""
+
+
+def test_a_build_that_runs_too_long_is_stopped():
+    with pytest.raises(subprocess.TimeoutExpired):
+        build.run_with_clock([sys.executable, "-c", "import time; time.sleep(60)"], "compiling", 0.5)
 
 
 def test_an_unknown_instruction_set_is_a_clear_error(monkeypatch):

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     engine = engine_settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)  # before --calibrate measures
-    report = run_compare(settings, hardware(args), engine)
+    report = run_compare(settings, hardware(args), engine, progress=not args.no_progress)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compare.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -64,4 +64,5 @@ def add_parser(sub) -> None:
     add_hardware_args(cm, None)
     cm.add_argument("--out", type=Path, default=None, help="folder for compare.json, latency.png and memory.png")
     cm.add_argument("--json", action="store_true")
+    cm.add_argument("--no-progress", action="store_true", help="no progress bars")
     cm.set_defaults(func=run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mambastep.families.presets import BYTE_CONFIG
 from mambastep.training import DataSettings, OptimSettings, TrainSettings, train
 from mambastep.training.settings import PRECISIONS
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     record = train(settings)
-    final = [e for e in record.get("eval", []) if e["full"]]
+    final = [e for e in record.get("eval", []) if e["final"]]
     if record and args.json:
         print(
             json.dumps(
@@ -58,8 +59,12 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     elif final:
+        last, held_out = final[-1], record["data"]["heldout_tokens"]
         baselines = ", ".join(f"{name} {value:.3f}" for name, value in record["baselines"].items())
-        print(f"held-out: {final[-1]['bits_per_byte']:.3f} bits per byte ({baselines}); model in {args.out}/model")
+        print(
+            f"held-out: {last['bits_per_byte']:.3f} bits per byte on {last['tokens_read']:,} of {held_out:,} tokens "
+            f"(all held-out bytes: {baselines}); model in {args.out}/model"
+        )
     return 0
 
 
@@ -71,7 +76,9 @@ def add_parser(sub) -> None:
     tr.add_argument("--out", required=True, help="folder for model/, train_state.pt, log.json and curve.png")
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--config", help="built-in config name, or a config.json file (Hugging Face or state-spaces format)"
+        "--config",
+        help=f"built-in config name ({BYTE_CONFIG}: the bundled model's shape, byte-level, 690k parameters, "
+        "a start for text read as bytes), or a config.json file (Hugging Face or state-spaces format)",
     )
     source.add_argument("--init", help="checkpoint to fine-tune")
     tr.add_argument(
@@ -87,7 +94,12 @@ def add_parser(sub) -> None:
     )
     tr.add_argument("--seed", type=int, default=data.seed)
     tr.add_argument("--seq-len", type=int, default=data.seq_len)
-    tr.add_argument("--steps", type=int, default=defaults.steps)
+    tr.add_argument(
+        "--steps",
+        type=int,
+        default=defaults.steps,
+        help="optimiser steps in the whole run (with --resume, a larger value extends it)",
+    )
     tr.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step over all processes")
     tr.add_argument("--lr", type=float, default=optim.lr)
     tr.add_argument("--min-lr-ratio", type=float, default=optim.min_lr_ratio)
@@ -100,11 +112,16 @@ def add_parser(sub) -> None:
     tr.add_argument("--device", default=defaults.device, help="cpu or cuda (under torchrun: one GPU per process)")
     tr.add_argument("--eval-every", type=int, default=defaults.eval_every)
     tr.add_argument(
-        "--eval-tokens", type=int, default=defaults.eval_tokens, help="held-out tokens per periodic evaluation"
+        "--eval-tokens",
+        type=int,
+        default=defaults.eval_tokens,
+        help="held-out tokens read by each evaluation (periodic and final)",
     )
     tr.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     tr.add_argument("--log-every", type=int, default=defaults.log_every)
-    tr.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out (to a larger --steps, if given)"
+    )
     tr.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this step; resume later")
     tr.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")

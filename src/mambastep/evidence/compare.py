@@ -134,16 +134,22 @@ def _budget(s: CompareSettings) -> int:
     return s.memory_budget or total_memory_bytes()
 
 
-def run_compare(s: CompareSettings, hardware: Hardware, engine: EngineSettings | None = None) -> dict:
-    """Measure every model at every context (see the module docstring); returns the JSON report."""
+def run_compare(
+    s: CompareSettings, hardware: Hardware, engine: EngineSettings | None = None, progress: bool = True
+) -> dict:
+    """Measure every model at every context (see the module docstring); returns the JSON report.
+
+    ``progress``: progress bars on stderr, one while the models are built, then one over the
+    measurements that names the model and context being measured.
+    """
     dtype = DTYPES[s.dtype]
     engine = engine or EngineSettings()
     models: dict[str, LanguageModel] = {}
-    for name in tqdm(s.models, desc="building models", leave=False, disable=None):
-        models[name] = model_for(name, dtype, settings=engine)
-    gen = torch.Generator().manual_seed(s.seed)
-    for model in models.values():  # first calls pay one-time costs (allocator, kernels)
+    for name in tqdm(s.models, desc="building models", leave=False, disable=not progress, dynamic_ncols=True):
+        model = models[name] = model_for(name, dtype, settings=engine)
+        # first calls pay one-time costs (allocator, kernels)
         model.step(torch.zeros(s.batch, dtype=torch.long), model.prefill(torch.zeros(s.batch, 8, dtype=torch.long))[1])
+    gen = torch.Generator().manual_seed(s.seed)
     available = available_memory()
     room = math.inf if available is None else MEASURABLE_SHARE * available  # unknown: no limit
     samples = {(n, c): _Samples([], [], []) for n in models for c in s.contexts}
@@ -157,7 +163,9 @@ def run_compare(s: CompareSettings, hardware: Hardware, engine: EngineSettings |
         if 1.25 * cost.state_bytes(m.config, c, s.batch, dtype) > room
     }
     todo = [(c, r, n) for c in s.contexts for r in range(s.repeats) for n in models if (n, c) not in skipped]
-    for context, _, name in tqdm(todo, desc="measuring", disable=None):
+    bar = tqdm(todo, desc="measuring", disable=not progress, dynamic_ncols=True)
+    for context, _, name in bar:
+        bar.set_postfix_str(f"{name}, context {context:,}", refresh=True)
         ttft, decode, peak = _measure(models[name], s, context, gen)
         got = samples[(name, context)]
         if ttft is not None:

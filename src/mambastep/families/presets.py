@@ -1,4 +1,5 @@
-"""Built-in configurations of the published model sizes, for use with random weights.
+"""Built-in configurations of the published model sizes, for use with random weights, and a
+small byte-level one to train from.
 
 Benchmarks, ``mambastep cost`` and ``mambastep compare`` need only a model's
 shape, not its trained weights, so they run offline on these (``files.checkpoints.model_for``
@@ -6,6 +7,11 @@ takes a preset's name wherever it takes a checkpoint's). The shapes are
 those of the released checkpoints: state-spaces/mamba-*, state-spaces/mamba2-*
 (vocabulary 50,277 padded to a multiple of 8, resp. 16) and EleutherAI/pythia-*
 (vocabulary 50,304, rotary on a quarter of each head, 4x MLP, parallel residual).
+Their vocabularies are those of the GPT-NeoX tokenizer, not of bytes.
+
+``mamba2-bytes`` (``BYTE_CONFIG``) is the shape of the bundled default model
+(``assets/default``): a byte-level Mamba-2 of 690k parameters, a start for ``mambastep train``
+on text read as bytes, its default tokenizer.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ _PYTHIA = {
     "2.8b": (2560, 32, 32),
 }
 
+BYTE_CONFIG = "mamba2-bytes"
+
 BUILTIN_CONFIGS: dict[str, ModelConfig] = {
     **{f"mamba-{size}": MambaConfig(d_model=d, n_layer=n, vocab_size=50280) for size, (d, n) in _MAMBA.items()},
     **{
@@ -37,6 +45,7 @@ BUILTIN_CONFIGS: dict[str, ModelConfig] = {
         f"pythia-{size}": GPTNeoXConfig(d_model=d, n_layer=n, n_heads=h, vocab_size=50304, rotary_pct=0.25)
         for size, (d, n, h) in _PYTHIA.items()
     },
+    BYTE_CONFIG: Mamba2Config(d_model=128, n_layer=6, vocab_size=256, d_state=32, head_dim=32, expand=2),
 }
 
 

@@ -186,17 +186,16 @@ class Lanes:
         piece = self.tokens.gather(1, index).long()
         return piece[:, :-1], piece[:, 1:]
 
-    def windows(self, max_tokens: int | None = None) -> int:
-        """Windows needed to read each lane to its end (or to ``max_tokens`` inputs), the last one shorter."""
+    def windows(self, max_tokens: int) -> int:
+        """Windows needed to read ``max_tokens`` inputs of each lane (or to its end), the last one shorter."""
         return -(-self._end(max_tokens) // self.seq_len)
 
-    def window(self, i: int, max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+    def window(self, i: int, max_tokens: int) -> tuple[Tensor, Tensor]:
         """Inputs and targets of window ``i`` from the lanes' starts: (b, q) int64 each, q <= seq_len."""
         start = i * self.seq_len
         piece = self.tokens[:, start : min(start + self.seq_len, self._end(max_tokens)) + 1].long()
         return piece[:, :-1], piece[:, 1:]
 
-    def _end(self, max_tokens: int | None) -> int:
-        """Inputs read per lane: all but its last token, or ``max_tokens``."""
-        inputs = self.tokens.shape[1] - 1
-        return inputs if max_tokens is None else min(inputs, max_tokens)
+    def _end(self, max_tokens: int) -> int:
+        """Inputs read per lane: ``max_tokens``, or all but its last token where it holds fewer."""
+        return min(self.tokens.shape[1] - 1, max_tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mambastep.families import config_from_dict, family_of, parameter_count
-from mambastep.families.presets import BUILTIN_CONFIGS, builtin_config
+from mambastep.families.presets import BUILTIN_CONFIGS, BYTE_CONFIG, builtin_config
 from mambastep.files.checkpoints import load, read_config, resolve
 from mambastep.files.tokenizer import BYTES, Tokenizer, load_tokenizer
 from mambastep.models.config import ConfigError, ModelConfig
@@ -34,13 +35,17 @@ from mambastep.training.checkpoint import read_train_state, write_model, write_t
 from mambastep.training.data import Corpus, Lanes, load_corpus
 from mambastep.training.distributed import Placement
 from mambastep.training.init import init_for_training
-from mambastep.training.optim import build_optimizer, build_scheduler
+from mambastep.training.optim import build_optimizer, build_scheduler, lr_factor
 from mambastep.training.report import RunLog, bits_per_byte, compressor_baselines
 from mambastep.training.settings import TrainingError, TrainSettings
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 TRAIN_STATE_FILE = "train_state.pt"
 SPLIT_RULE = 'held out iff sha256(f"{seed}/{relative path}")[:8] / 2**64 < holdout'
+# A vocabulary is padded beyond its tokenizer's tokens up to a multiple of this at most (Pythia's 50,304).
+VOCAB_PADDING = 128
 
 
 def model_config(name_or_file: str) -> ModelConfig:
@@ -104,6 +109,8 @@ class _Run:
             if s.data.holdout > 0
             else None
         )
+        if place.main:
+            self._warn_of_traps(config, tokenizer_source)
         self.out.mkdir(parents=True, exist_ok=True)  # every check has passed
         torch.manual_seed(s.data.seed)
         if s.init is not None:
@@ -123,6 +130,29 @@ class _Run:
         if place.main:
             self.log = RunLog(self.out, self._header(), RunLog.read(self.out) if saved else None, since=self.step)
 
+    def _warn_of_traps(self, config: ModelConfig, tokenizer_source: str) -> None:
+        """One line on stderr for each setting that runs but does not train as it is likely meant to."""
+        s, tokens = self.settings, self.tokenizer.vocab_size
+        if config.vocab_size > -(-tokens // VOCAB_PADDING) * VOCAB_PADDING:
+            log.warning(
+                "the model's vocabulary has %s tokens but the tokenizer (%s) has %s: the other rows of the "
+                "embedding never train; for text read as bytes start from --config %s, or pass the --tokenizer "
+                "the model was made for",
+                f"{config.vocab_size:,}",
+                tokenizer_source,
+                f"{tokens:,}",
+                BYTE_CONFIG,
+            )
+        warmup = s.optim.warmup_steps
+        if warmup > s.steps:
+            log.warning(
+                "--warmup-steps %d exceeds --steps %d: the learning rate rises through the whole run, to %.0f%% "
+                "of --lr, and never decays; lower --warmup-steps (a tenth of --steps is usual)",
+                warmup,
+                s.steps,
+                100 * s.steps / warmup,
+            )
+
     def _saved_state(self) -> dict[str, Any] | None:
         """The state to resume from, checked against these settings; None for a new run."""
         s = self.settings
@@ -135,11 +165,14 @@ class _Run:
             return None
         saved = read_train_state(path)
         before, now = json.loads(saved["settings"]), s.resume_key()
-        changed = _differences(before, now)
+        changed = _differences({**before, "steps": s.steps}, now)  # steps may change: the schedule's length
         if changed:
             raise TrainingError(f"cannot resume {self.out}: settings differ from the saved run: {'; '.join(changed)}")
         if saved["step"] >= s.steps:
-            raise TrainingError(f"cannot resume {self.out}: the run already finished its {s.steps} steps")
+            raise TrainingError(
+                f"cannot resume {self.out}: the run is at step {saved['step']} and --steps is {s.steps}; "
+                "pass a larger --steps to train it further"
+            )
         return saved
 
     def _restore(self, saved: dict[str, Any]) -> None:
@@ -150,6 +183,28 @@ class _Run:
         if saved["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         self.step, self.elapsed_before = saved["step"], saved["elapsed_s"]
+        steps_before = json.loads(saved["settings"])["steps"]
+        if steps_before != self.settings.steps:
+            self._stretch_schedule(steps_before)
+
+    def _stretch_schedule(self, steps_before: int) -> None:
+        """Set the learning rate of the step resumed at to that of the schedule over the new number of steps
+        (the saved optimiser holds the old schedule's; the scheduler computes the new one's from the next)."""
+        o, before = self.settings.optim, self.scheduler.get_last_lr()[0]
+        factor = lr_factor(self.step, o.warmup_steps, self.settings.steps, o.min_lr_ratio)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        if self.place.main:
+            log.warning(
+                "resuming at step %d with --steps %d (the run had %d): from here the learning rate follows the "
+                "%d-step schedule, at %.3g (it was %.3g)",
+                self.step,
+                self.settings.steps,
+                steps_before,
+                self.settings.steps,
+                o.lr * factor,
+                before,
+            )
 
     def _header(self) -> dict[str, Any]:
         s, c, config = self.settings, self.corpus, self.model.config
@@ -196,11 +251,21 @@ class _Run:
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self, max_tokens: int | None) -> dict[str, float]:
-        """Held-out loss and bits per byte, reading each lane from its start (to ``max_tokens`` inputs per lane)."""
+    def evaluate(self, max_tokens: int, what: str) -> dict[str, float]:
+        """Held-out loss and bits per byte, reading each lane from its start (to ``max_tokens`` inputs per lane);
+        ``what`` names it on the progress bar."""
         lanes = self.eval_lanes
         totals = torch.zeros(2, dtype=torch.float64, device=self.place.device)
-        for i in range(lanes.windows(max_tokens)):
+        show = self.place.main and self.settings.progress
+        windows = tqdm(
+            range(lanes.windows(max_tokens)),
+            desc=what,
+            unit="window",
+            leave=False,
+            disable=not show,
+            dynamic_ncols=True,
+        )
+        for i in windows:
             x, y = (t.to(self.place.device) for t in lanes.window(i, max_tokens))
             with self._autocast():
                 logits, _ = self.model(x)  # (b, q, vocab)
@@ -217,6 +282,7 @@ class _Run:
         s, place = self.settings, self.place
         last = min(s.steps, s.stop_after) if s.stop_after else s.steps
         tokens_per_step = s.batch_size * self.seq_len
+        eval_per_lane = max(1, s.eval_tokens // s.batch_size)  # at most eval_tokens in all
         bar = tqdm(
             total=s.steps, initial=self.step, unit="step", disable=not (place.main and s.progress), dynamic_ncols=True
         )
@@ -245,7 +311,7 @@ class _Run:
                 losses, since, since_step = [], time.perf_counter(), self.step
             paused = False
             if self.eval_lanes is not None and s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
-                self._log_eval(self.evaluate(max(1, s.eval_tokens // s.batch_size)), full=False)
+                self._log_eval(self.evaluate(eval_per_lane, "held-out evaluation"), final=False)
                 paused = True
             if (s.checkpoint_every and self.step % s.checkpoint_every == 0) or self.step == last:
                 self.checkpoint()
@@ -254,7 +320,7 @@ class _Run:
                 since, since_step = time.perf_counter(), self.step
         bar.close()
         if self.step == s.steps and self.eval_lanes is not None:
-            self._log_eval(self.evaluate(None), full=True)
+            self._log_eval(self.evaluate(eval_per_lane, "final held-out evaluation"), final=True)
         if place.main:
             self.log.set("wall_s", self._elapsed())
             self.log.write()
@@ -262,14 +328,14 @@ class _Run:
             return self.log.record
         return {}
 
-    def _log_eval(self, result: dict[str, float], full: bool) -> None:
+    def _log_eval(self, result: dict[str, float], final: bool) -> None:
         if self.place.main:
             self.log.add(
                 "eval",
                 {
                     "step": self.step,
                     "tokens": self.step * self.settings.batch_size * self.seq_len,
-                    "full": full,
+                    "final": final,
                     **result,
                 },
             )

@@ -107,14 +107,18 @@ class TrainSettings:
     config: a built-in configuration name or a JSON file (a config.json in the Hugging
         Face or the state-spaces format); exactly one of ``config`` and ``init``.
     init: a checkpoint to fine-tune (its config and weights).
-    steps: optimiser steps in the whole run (the schedule's length).
+    steps: optimiser steps in the whole run (the schedule's length). A resumed run may change it:
+        a larger value extends a run, finished or not, and from the step it resumes at the learning
+        rate follows the schedule over the new length.
     batch_size: sequences per step, over all processes (each process takes an equal share).
     precision: "bf16" runs the forward pass under bfloat16 autocast (weights and
         optimiser stay float32).
     eval_every / checkpoint_every / log_every: in steps; 0 turns periodic evaluation or
         checkpoints off (the end of the run always evaluates and checkpoints).
-    eval_tokens: held-out tokens read by a periodic evaluation; the final one reads them all.
-    resume: continue the run saved in ``out`` (the other settings must be the same).
+    eval_tokens: held-out tokens read by each evaluation, the periodic ones and the one at the end
+        (at most: the held-out split may hold fewer).
+    resume: continue the run saved in ``out`` (the settings of ``resume_key`` must be the same,
+        but for ``steps``).
     stop_after: stop (with a checkpoint) after this step, without changing the schedule;
         0 runs to ``steps``.
     threads: intra-op threads per process (None keeps PyTorch's default).
@@ -152,7 +156,7 @@ class TrainSettings:
             _check(self, "threads", 1)
 
     def resume_key(self) -> dict:
-        """The settings that shape the trained weights: a resumed run must keep them."""
+        """The settings that shape the trained weights: a resumed run must keep them, all but ``steps``."""
         key = json.loads(json.dumps(asdict(self)))
         for name in _FREE_ON_RESUME:
             del key[name]

@@ -5,7 +5,8 @@ build never depends on what this process imported before (setuptools refuses to 
 the standard library's ``distutils`` was imported first, as ``pip`` does). It is cached under
 ``$TORCH_EXTENSIONS_DIR/mambastep/`` (by default ``~/.cache/torch_extensions/mambastep/``), named by
 a hash of its sources, flags, PyTorch and Python; a process that finds it there loads it in
-well under a second, without the build tools.
+well under a second, without the build tools. A build says so in one line, and in a terminal a
+second line counts the seconds until it ends.
 
 ``MAMBASTEP_CPU_ISA`` chooses the instruction set of the build: "native" (the default: this
 CPU's widest), "avx2" (AVX-512 switched off) or "portable" (neither AVX2 nor AVX-512: the
@@ -21,10 +22,12 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from mambastep.ops import library  # noqa: F401  (the schemas the library implements)
 
@@ -91,12 +94,40 @@ def _compile(path: Path, isa: str) -> None:
     flags = " ".join(COMMON_FLAGS + ISA_FLAGS[isa])
     command = [sys.executable, "-c", script, path.stem, str(path.parent), flags, *map(str, SOURCES)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        done = run_with_clock(command, f"compiling the CPU kernels ({isa})", BUILD_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise RuntimeError(f"could not build the CPU kernels: {err}") from None
     if done.returncode != 0 or not path.is_file():
         output = (done.stderr or done.stdout).strip().splitlines()
         raise RuntimeError("could not build the CPU kernels:\n" + "\n".join(output[-20:]))
+
+
+def run_with_clock(command: list[str], what: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``command`` to its end with its output captured, as ``subprocess.run`` does; meanwhile, in
+    a terminal, a line on stderr says ``what`` is running and for how long, updated every second.
+
+    Raises:
+        OSError: the command could not start.
+        subprocess.TimeoutExpired: it ran over ``timeout_s`` seconds (it is killed).
+    """
+    deadline = time.monotonic() + timeout_s
+    with (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process,
+        tqdm(desc=what, bar_format="{desc}: {elapsed} elapsed", disable=None) as clock,
+    ):
+        try:
+            while True:
+                try:
+                    stdout, stderr = process.communicate(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        raise subprocess.TimeoutExpired(command, timeout_s) from None
+                    clock.refresh()
+        except BaseException:  # the timeout, or an interrupt: the command does not outlive the wait
+            process.kill()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 _outcome: str | Exception | None = None  # the loaded build's instruction set, or why it failed
