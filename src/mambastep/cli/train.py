@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     record = train(settings)
-    final = [e for e in record.get("eval", []) if e["final"]]
+    final = [e for e in record.get("eval", []) if e.get("final", e.get("full"))]  # "full": runs logged before "final"
     if record and args.json:
         print(
             json.dumps(
