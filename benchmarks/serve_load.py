@@ -38,7 +38,7 @@ def _rss(server: ServeProcess) -> int:
     return psutil.Process(server.process.pid).memory_info().rss
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
@@ -71,7 +71,7 @@ async def _stream_one(http: httpx.AsyncClient, prompt: str, tokens: int, record:
     record["tokens"] += count
 
 
-async def _clients(url: str, clients: int, seconds: float, tokens: int) -> dict:
+async def stream_clients(url: str, clients: int, seconds: float, tokens: int) -> dict:
     record = {"ttft": [], "itl": [], "tokens": 0, "errors": 0, "requests": 0}
     deadline = time.perf_counter() + seconds
 
@@ -94,10 +94,10 @@ async def _clients(url: str, clients: int, seconds: float, tokens: int) -> dict:
         "errors": record["errors"],
         "tokens": record["tokens"],
         "tokens_per_s": round(record["tokens"] / wall, 1),
-        "ttft_ms_p50": _ms(_percentile(record["ttft"], 0.5)),
-        "ttft_ms_p99": _ms(_percentile(record["ttft"], 0.99)),
-        "itl_ms_p50": _ms(_percentile(record["itl"], 0.5)),
-        "itl_ms_p99": _ms(_percentile(record["itl"], 0.99)),
+        "ttft_ms_p50": _ms(percentile(record["ttft"], 0.5)),
+        "ttft_ms_p99": _ms(percentile(record["ttft"], 0.99)),
+        "itl_ms_p50": _ms(percentile(record["itl"], 0.5)),
+        "itl_ms_p99": _ms(percentile(record["itl"], 0.99)),
     }
 
 
@@ -203,14 +203,14 @@ def main() -> int:
         try:
             report["clients"] = []
             for clients in args.clients:
-                row = asyncio.run(_clients(server.url, clients, args.seconds, args.tokens))
+                row = asyncio.run(stream_clients(server.url, clients, args.seconds, args.tokens))
                 print(json.dumps(row), file=sys.stderr)
                 report["clients"].append(row)
             if args.soak:
                 samples, stop = [], time.perf_counter() + args.soak
 
                 async def soak():
-                    task = asyncio.create_task(_clients(server.url, 16, args.soak, args.tokens))
+                    task = asyncio.create_task(stream_clients(server.url, 16, args.soak, args.tokens))
                     while time.perf_counter() < stop:
                         samples.append(_rss(server))
                         await asyncio.sleep(5)
