@@ -1,14 +1,19 @@
 """The server as a Ray Serve application: a local Ray cluster, two replicas behind one address,
 sessions in a shared store; a replica killed in the middle of a session loses nothing."""
 
+import importlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 import ray
+import yaml
 from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
 from mambastep import SamplingParams, Session
+from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.serve.cluster import REPLICA_HEADER, app_builder, creates_session, session_of
 from mambastep.serve.process import free_port
 
@@ -78,3 +83,18 @@ def test_the_gateway_reads_which_session_a_request_is_about():
     assert session_of("POST", "/v1/sessions", b"{}") == ""
     assert creates_session("POST", "/v1/sessions") and creates_session("POST", "/v1/sessions/sess_1/fork")
     assert creates_session("POST", "/v1/sessions/import") and not creates_session("GET", "/v1/sessions")
+
+
+def test_the_documented_config_file_builds(tmp_path):
+    doc = (Path(__file__).parents[2] / "docs" / "scale-out.md").read_text()
+    config = yaml.safe_load(doc.split("```yaml\n", 1)[1].split("```", 1)[0])
+    ServeDeploySchema.model_validate(config)  # Ray Serve's own schema of config files
+    (app,) = config["applications"]
+    module, name = app["import_path"].split(":")
+    assert getattr(importlib.import_module(module), name) is app_builder
+    keys = tmp_path / "keys"
+    keys.write_text("a-key-of-enough-length\n")
+    built = app_builder({**app["args"], "model": str(DEFAULT_MODEL), "api_keys_file": str(keys)})
+    assert isinstance(built, serve.Application)
+    with pytest.raises(SystemExit):  # a key that is not a flag is refused as the command line refuses it
+        app_builder({"no_such_flag": 2})
