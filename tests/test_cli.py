@@ -7,6 +7,10 @@ import sys
 import pytest
 
 from mambastep.cli import main
+from mambastep.evidence import cost
+from mambastep.families import parameter_count
+from mambastep.families.presets import BUILTIN_CONFIGS
+from mambastep.files.checkpoints import model_for, resolve_config
 
 from conftest import make_hf_checkpoint
 
@@ -87,3 +91,46 @@ def test_corrupt_checkpoint_through_the_cli(tmp_path):
     (path / "model.safetensors").write_bytes(b"\x00" * 10)
     result = run("info", "--model", str(path))
     assert result.returncode == 1 and "corrupt or truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["mamba-130m", "mamba2-130m", "pythia-160m"])
+def test_info_of_a_builtin_configuration(capsys, name):
+    config = BUILTIN_CONFIGS[name]
+    assert main(["info", "--model", name, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["random_weights"] is True and info["family"] == config.family
+    assert info["parameters"] == parameter_count(config) and info["weight_bytes"] == 4 * info["parameters"]
+    assert info["state_bytes_per_sequence"] == cost.state_bytes(config, 0)
+    assert main(["info", "--model", name]) == 0
+    assert capsys.readouterr().out.startswith(f"{name}: a built-in configuration, the published shape with random")
+
+
+def test_info_of_a_builtin_configuration_in_int8(capsys):
+    sizes = []
+    for quantize in ([], ["--quantize", "int8"]):
+        assert main(["info", "--model", "mamba-130m", *quantize, "--json"]) == 0
+        sizes.append(json.loads(capsys.readouterr().out)["weight_bytes"])
+    assert sizes[1] < sizes[0]
+
+
+def test_a_local_directory_wins_over_a_builtin_name(tmp_path, monkeypatch, capsys):
+    make_hf_checkpoint(tmp_path / "mamba-130m")
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "--model", "mamba-130m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["random_weights"] is False and info["config"]["d_model"] == 16
+    assert resolve_config("mamba-130m").d_model == 16 and model_for("mamba-130m").config.d_model == 16
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "--model", "mamba-9b"], "nor is it a built-in configuration (mamba-130m, "),
+        (["generate", "--model", "mamba-130m", "--prompt", "x"], "mamba-130m is a built-in configuration with random"),
+        (["serve", "--model", "pythia-160m", "--port", "0"], "pythia-160m is a built-in configuration with random"),
+    ],
+)
+def test_builtin_names_where_they_do_not_fit(args, message):
+    result = run(*args)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr

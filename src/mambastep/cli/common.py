@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 
 from mambastep.evidence.hardware import BUILTIN_HARDWARE, calibrate, get_hardware
-from mambastep.files.checkpoints import CheckpointError, load
+from mambastep.families.presets import BUILTIN_CONFIGS
+from mambastep.files.checkpoints import CheckpointError, builtin_name, model_for
 from mambastep.files.tokenizer import TokenizerError
 from mambastep.models.config import ConfigError
+from mambastep.models.lm import LanguageModel
 from mambastep.models.state import StateError
 from mambastep.runtime.sampling import SamplingParams
 from mambastep.serve.settings import ServeError
@@ -23,11 +25,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, StateError, ServeError, ValueError, FileNotFoundError)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, builtin: bool = False) -> None:
+    """The model, engine and weight flags; ``builtin``: --model takes a built-in configuration too."""
+    names = f", or a built-in configuration ({', '.join(BUILTIN_CONFIGS)}: random weights)" if builtin else ""
     parser.add_argument(
         "--model",
         default=str(DEFAULT_MODEL),
-        help="checkpoint directory or Hugging Face Hub id (default: the bundled model)",
+        help=f"checkpoint directory or Hugging Face Hub id{names} (default: the bundled model)",
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)"
@@ -93,10 +97,43 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
     )
 
 
-def load_model(args: argparse.Namespace):
-    settings = engine_settings(args)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    return load(args.model, dtype=dtype, device=args.device, settings=settings, quantize=args.quantize)
+def load_model(args: argparse.Namespace) -> LanguageModel:
+    """The trained model that --model names (a checkpoint directory or a hub id), to run.
+
+    Raises:
+        CheckpointError: a built-in configuration (``refuse_random_weights``), or no checkpoint.
+    """
+    refuse_random_weights(args.model)
+    return model_for(args.model, _dtype(args), args.device, engine_settings(args), args.quantize)
+
+
+def model_shape(args: argparse.Namespace) -> LanguageModel:
+    """The model that --model names, to look at (sizes, config), never to run: a checkpoint
+    is loaded; a built-in configuration is built on the meta device, where its random weights
+    take neither memory nor time."""
+    if builtin_name(args.model) is None:
+        return load_model(args)
+    settings = EngineSettings(scan="torch", matvec="torch", huge_pages=False)  # nothing runs on the meta device
+    return model_for(args.model, _dtype(args), "meta", settings, args.quantize)
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return DTYPES[args.dtype] if args.dtype else None
+
+
+def refuse_random_weights(model: str) -> None:
+    """Raise ``CheckpointError`` where --model names a built-in configuration: its weights are
+    random, so the text it writes is noise.
+
+    Raises:
+        CheckpointError: ``model`` is a built-in name (and no local directory of that name).
+    """
+    if builtin_name(model) is not None:
+        raise CheckpointError(
+            f"{model} is a built-in configuration with random weights (for info, cost, bench and compare), "
+            "not a trained model: pass a checkpoint directory or a Hugging Face Hub id, "
+            "e.g. --model state-spaces/mamba-130m-hf"
+        )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

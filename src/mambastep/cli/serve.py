@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mambastep.cli.common import DEFAULT_MODEL, add_model_args, load_model
+from mambastep.cli.common import DEFAULT_MODEL, add_model_args, load_model, refuse_random_weights
 from mambastep.files.tokenizer import load_tokenizer
 from mambastep.serve.settings import Limits, ServeSettings, read_keys_file
 
@@ -15,6 +15,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mambastep.serve.app import create_app
 
+    refuse_random_weights(args.model)  # the model loads once the server runs: refused before it starts
     keys = tuple(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else ())
     limits = Limits(
         body_bytes=args.max_body_bytes,

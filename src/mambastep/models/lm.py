@@ -174,7 +174,8 @@ class LanguageModel(nn.Module, ABC):
         """What a user wants to know before running the model: family, size and state cost."""
         params = {id(p): p for p in self.parameters()}.values()  # tied weights once
         int8 = [m.weight_int8 for m in self.modules() if isinstance(m, Int8Linear)]
-        tensors = {t.data_ptr(): t for t in self.state_dict().values()}.values()  # weights, int8 and scales
+        # weights, int8 and scales; a tied weight once (by identity: on the meta device no tensor has an address)
+        tensors = {id(t): t for t in self.state_dict(keep_vars=True).values()}.values()
         return {
             "family": self.config.family,
             "fingerprint": self.config.fingerprint,
