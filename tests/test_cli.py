@@ -1,5 +1,6 @@
 """The command line end to end: output, JSON, and one-line errors with a non-zero status."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 from mambastep.cli import main
+from mambastep.cli.common import add_sampling_args, flag_names, in_flags
 from mambastep.evidence import cost
 from mambastep.families import parameter_count
 from mambastep.families.presets import BUILTIN_CONFIGS
@@ -76,7 +78,10 @@ def test_info_reports_sizes(tmp_path, capsys, family):
         (["info", "--model", "/nonexistent/dir"], "no checkpoint directory at /nonexistent/dir"),
         (["generate", "--prompt", "", "--max-new-tokens", "3"], "empty prompt"),
         (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
-        (["generate", "--prompt", "x", "--top-p", "0"], "top_p"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "error: --top-p must be a finite number > 0"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "error: --max-new-tokens must be an integer >= 1"),
+        (["info", "--threads", "0"], "error: --threads must be a positive integer"),
+        (["bench", "--decode-steps", "0"], "error: --decode-steps must be >= 1, got 0"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(args, message):
@@ -84,6 +89,16 @@ def test_bad_input_is_one_line_and_non_zero(args, message):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_errors_name_flags_only_where_a_field_is_meant():
+    parser = argparse.ArgumentParser()
+    add_sampling_args(parser)
+    flags = flag_names(parser)
+    assert flags["max_new_tokens"] == "--max-new-tokens" and flags["top_k"] == "--top-k"
+    assert in_flags("top_k must be >= 0; max_new_tokens too", flags) == "--top-k must be >= 0; --max-new-tokens too"
+    untouched = "no file at /tmp/max_new_tokens.json, got 'top_k'; the prompt must not be empty"
+    assert in_flags(untouched, flags) == untouched
 
 
 def test_corrupt_checkpoint_through_the_cli(tmp_path):

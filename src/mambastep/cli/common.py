@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +24,24 @@ from mambastep.settings import DECODE_BACKENDS, MATVEC_KERNELS, PROMPT_MATMULS, 
 DEFAULT_MODEL = Path(__file__).parents[1] / "assets" / "default"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, StateError, ServeError, ValueError, FileNotFoundError)
+# A field name in an error message: one with an underscore anywhere (not in a path or quotes),
+# or any that opens the message before "must" ("temperature must be ...").
+_FIELD = re.compile(r"^\w+(?= must )|(?<![\w./'-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![\w/'-])")
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The field each flag of ``parser`` sets (its ``dest``), and the flag (its first long option)."""
+    return {
+        action.dest: next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        for action in parser._actions  # argparse keeps its actions in no public attribute
+        if action.option_strings and action.dest != argparse.SUPPRESS
+    }
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each field it names written as the flag that sets it (``flag_names``):
+    ``max_new_tokens must be ...`` becomes ``--max-new-tokens must be ...``."""
+    return _FIELD.sub(lambda match: flags.get(match.group(0), match.group(0)), message)
 
 
 def add_model_args(parser: argparse.ArgumentParser, builtin: bool = False) -> None:
