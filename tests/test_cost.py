@@ -214,12 +214,18 @@ def test_cost_command_json_schema(tmp_path, capsys):
     assert "hardware a100 (bfloat16)" in text and "decode roofline time by primitive" in text
 
 
-def test_cost_command_errors_are_one_line(capsys):
+def test_cost_command_errors_are_one_line(tmp_path, capsys):
     assert main(["cost", "--model", "mamba-7b"]) == 1
     assert (
         "no checkpoint directory at mamba-7b; nor is it a built-in configuration (mamba-130m" in capsys.readouterr().err
     )
     assert main(["cost", "--model", "mamba-130m", "--hardware", "tpu9"]) == 1
+    assert "no hardware 'tpu9': give one of" in capsys.readouterr().err
+    for missing in (tmp_path / "missing.json", tmp_path / "missing"):
+        assert main(["cost", "--model", "mamba-130m", "--hardware", str(missing)]) == 1
+        assert (
+            capsys.readouterr().err == f"mambastep: error: no hardware profile file at {missing}: it does not exist\n"
+        )
     assert main(["cost", "--model", "mamba-130m", "--context", "0"]) == 1
 
 
