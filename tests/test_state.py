@@ -80,6 +80,22 @@ def test_corrupt_and_missing_state_files(model, tmp_path):
         mambastep.load_state(path, model)
 
 
+def test_a_session_file_is_not_a_state_file(model, tmp_path):
+    path = tmp_path / "chat.session"
+    mambastep.Session(model).save(path)
+    with pytest.raises(StateError, match="a mambastep session file, not a state file: read it with Session.load"):
+        mambastep.load_state(path, model)
+
+
+def test_saving_into_a_missing_folder_names_the_folder(model, tmp_path):
+    for save, name in ((model.new_state(1).save, "s.state"), (mambastep.Session(model).save, "s.session")):
+        path = tmp_path / "missing" / name
+        with pytest.raises(FileNotFoundError) as err:
+            save(path)
+        assert str(err.value) == f"cannot write {path}: there is no folder {path.parent}"
+    assert not (tmp_path / "missing").exists()
+
+
 def test_batch_mismatch_is_an_error(model):
     state = model.new_state(batch_size=2)
     with pytest.raises(StateError, match="2 sequences"):

@@ -38,6 +38,11 @@ STATE_FORMAT = "mambastep-state"
 SESSION_FORMAT = "mambastep-session"
 VERSION = 2  # 2: the weights digest; 1 (still read): the fingerprint only
 READ_VERSIONS = ("1", "2")
+# Each format's kind and reader: named when a file of one is given to the other's reader.
+_KINDS = {
+    STATE_FORMAT: ("state", "mambastep.load_state (ModelState.load)"),
+    SESSION_FORMAT: ("session", "Session.load"),
+}
 _LAYER_TYPES = {cls.__name__: cls for cls in (SSMLayerState, KVLayerState)}
 
 
@@ -53,9 +58,16 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
 
 
 def write_atomically(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` as ``write_safetensors`` does: all of it or nothing."""
+    """Write ``data`` to ``path`` as ``write_safetensors`` does: all of it or nothing.
+
+    Raises:
+        FileNotFoundError: the folder ``path`` would be in does not exist.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"cannot write {path}: there is no folder {path.parent}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -161,8 +173,12 @@ def load_state(path: str | Path, model: LanguageModel, other_weights: bool = Fal
 
 
 def _check_header(metadata: dict[str, str], format: str, kind: str, path: str | Path) -> None:
-    if metadata.get("format") != format:
-        raise StateError(f"{path}: not a mambastep {kind} file (format {metadata.get('format')!r})")
+    found = metadata.get("format")
+    if found in _KINDS and found != format:
+        other, reader = _KINDS[found]
+        raise StateError(f"{path}: a mambastep {other} file, not a {kind} file: read it with {reader}")
+    if found != format:
+        raise StateError(f"{path}: not a mambastep {kind} file (format {found!r})")
     if metadata.get("version") not in READ_VERSIONS:
         raise StateError(
             f"{path}: {kind} format version {metadata.get('version')!r}, "
