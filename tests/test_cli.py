@@ -116,6 +116,8 @@ def test_info_of_a_builtin_configuration(capsys, name):
     assert info["random_weights"] is True and info["family"] == config.family
     assert info["parameters"] == parameter_count(config) and info["weight_bytes"] == 4 * info["parameters"]
     assert info["state_bytes_per_sequence"] == cost.state_bytes(config, 0)
+    assert info["state_bytes_per_token"] == cost.state_bytes(config, 1) - cost.state_bytes(config, 0)
+    assert (info["state_bytes_per_token"] > 0) == (config.family == "gpt_neox")
     assert main(["info", "--model", name]) == 0
     assert capsys.readouterr().out.startswith(f"{name}: a built-in configuration, the published shape with random")
 

@@ -8,7 +8,15 @@ import json
 from mambastep.cli.common import add_model_args, model_shape
 from mambastep.files.checkpoints import builtin_name
 
-KEYS = ("family", "fingerprint", "dtype", "parameters", "weight_bytes", "state_bytes_per_sequence")
+KEYS = (
+    "family",
+    "fingerprint",
+    "dtype",
+    "parameters",
+    "weight_bytes",
+    "state_bytes_per_sequence",
+    "state_bytes_per_token",
+)
 
 
 def run(args: argparse.Namespace) -> int:
