@@ -8,13 +8,15 @@ import sys
 import pytest
 
 from mambastep.cli import main
-from mambastep.cli.common import add_sampling_args, flag_names, in_flags
+from mambastep.cli.common import DEFAULT_MODEL, add_sampling_args, flag_names, in_flags
 from mambastep.evidence import cost
 from mambastep.families import parameter_count
 from mambastep.families.presets import BUILTIN_CONFIGS
 from mambastep.files.checkpoints import model_for, resolve_config
 
 from conftest import make_hf_checkpoint
+
+TASK_MODEL = DEFAULT_MODEL.parent / "tasks" / "selective_copying-s6" / "model"
 
 
 def run(*args):
@@ -82,6 +84,7 @@ def test_info_reports_sizes(tmp_path, capsys, family):
         (["generate", "--prompt", "x", "--max-new-tokens", "0"], "error: --max-new-tokens must be an integer >= 1"),
         (["info", "--threads", "0"], "error: --threads must be a positive integer"),
         (["bench", "--decode-steps", "0"], "error: --decode-steps must be >= 1, got 0"),
+        (["generate", "--model", str(TASK_MODEL), "--prompt", "x"], "vocabulary of 16 tokens is too small for a text"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(args, message):
