@@ -188,9 +188,13 @@ def add_hardware_args(parser: argparse.ArgumentParser, default: str | None) -> N
         "--hardware",
         default=default,
         help=f"profile for the roofline: {', '.join(BUILTIN_HARDWARE)}, or a JSON file "
-        f"(default: {default or 'calibrate this machine'})",
+        f"(default: {default or 'calibrate this machine'}); ignored when --calibrate is given",
     )
-    parser.add_argument("--calibrate", action="store_true", help="measure this machine's bandwidth and peaks instead")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure this machine's bandwidth and peaks instead; wins over --hardware when both are given",
+    )
     parser.add_argument("--save-hardware", type=Path, default=None, help="write the profile used to this JSON file")
 
 
