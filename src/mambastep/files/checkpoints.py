@@ -21,12 +21,11 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from mambastep.families import config_from_dict, config_to_dict, family_of
 from mambastep.families.presets import BUILTIN_CONFIGS, random_model
-from mambastep.files.formats import read_safetensors
+from mambastep.files.formats import read_safetensors, write_atomically, write_safetensors
 from mambastep.models.config import ConfigError, ModelConfig
 from mambastep.models.int8 import Int8Linear, quantize_int8
 from mambastep.models.lm import LanguageModel
@@ -226,8 +225,8 @@ def save(model: LanguageModel, directory: str | Path, extra_config: dict | None 
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_embeddings:
         del tensors[model.head_weight]
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"}, private=False)
+    write_atomically(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode(), private=False)
     return directory
 
 
