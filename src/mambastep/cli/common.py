@@ -12,7 +12,7 @@ import torch
 
 from mambastep.evidence.hardware import BUILTIN_HARDWARE, calibrate, get_hardware
 from mambastep.families.presets import BUILTIN_CONFIGS
-from mambastep.files.checkpoints import CheckpointError, builtin_name, model_for
+from mambastep.files.checkpoints import CheckpointError, builtin_name, load, model_for
 from mambastep.files.tokenizer import TokenizerError
 from mambastep.models.config import ConfigError
 from mambastep.models.lm import LanguageModel
@@ -123,15 +123,19 @@ def load_model(args: argparse.Namespace) -> LanguageModel:
         CheckpointError: a built-in configuration (``refuse_random_weights``), or no checkpoint.
     """
     refuse_random_weights(args.model)
-    return model_for(args.model, _dtype(args), args.device, engine_settings(args), args.quantize)
+    return load(args.model, _dtype(args), args.device, engine_settings(args), args.quantize)
 
 
 def model_shape(args: argparse.Namespace) -> LanguageModel:
     """The model that --model names, to look at (sizes, config), never to run: a checkpoint
     is loaded; a built-in configuration is built on the meta device, where its random weights
-    take neither memory nor time."""
+    take neither memory nor time.
+
+    Raises:
+        CheckpointError: neither; the message lists the built-in names.
+    """
     if builtin_name(args.model) is None:
-        return load_model(args)
+        return model_for(args.model, _dtype(args), args.device, engine_settings(args), args.quantize)
     settings = EngineSettings(scan="torch", matvec="torch", huge_pages=False)  # nothing runs on the meta device
     return model_for(args.model, _dtype(args), "meta", settings, args.quantize)
 
