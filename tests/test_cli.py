@@ -154,3 +154,8 @@ def test_builtin_names_where_they_do_not_fit(args, message):
     result = run(*args)
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_lists_no_builtin_names_it_would_refuse():
+    result = run("generate", "--model", "mamba-9b", "--prompt", "x")
+    assert result.returncode == 1 and result.stderr == "mambastep: error: no checkpoint directory at mamba-9b\n"
