@@ -1,5 +1,6 @@
 """The analytic cost model against what the models really run: FLOPs, state bytes, weight reads."""
 
+import argparse
 import json
 import math
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mambastep.cli import main
+from mambastep.cli import common, main
 from mambastep.evidence import cost
 from mambastep.evidence.hardware import (
     BUILTIN_HARDWARE,
@@ -215,12 +216,29 @@ def test_cost_command_json_schema(tmp_path, capsys):
     assert "hardware a100 (bfloat16)" in text and "decode roofline time by primitive" in text
 
 
-def test_cost_command_errors_are_one_line(capsys):
+def test_calibrate_wins_over_hardware_as_the_help_says(monkeypatch, capsys):
+    measured = BUILTIN_HARDWARE["cpu"]
+    monkeypatch.setattr(common, "calibrate", lambda: measured)
+    args = argparse.Namespace(hardware="h100", calibrate=True, save_hardware=None)
+    assert common.hardware(args) is measured
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ignored when --calibrate is given" in text and "wins over --hardware when both are given" in text
+
+
+def test_cost_command_errors_are_one_line(tmp_path, capsys):
     assert main(["cost", "--model", "mamba-7b"]) == 1
     assert (
         "no checkpoint directory at mamba-7b; nor is it a built-in configuration (mamba-130m" in capsys.readouterr().err
     )
     assert main(["cost", "--model", "mamba-130m", "--hardware", "tpu9"]) == 1
+    assert "no hardware 'tpu9': give one of" in capsys.readouterr().err
+    for missing in (tmp_path / "missing.json", tmp_path / "missing"):
+        assert main(["cost", "--model", "mamba-130m", "--hardware", str(missing)]) == 1
+        assert (
+            capsys.readouterr().err == f"mambastep: error: no hardware profile file at {missing}: it does not exist\n"
+        )
     assert main(["cost", "--model", "mamba-130m", "--context", "0"]) == 1
 
 

@@ -410,7 +410,9 @@ def test_corrupt_truncated_and_foreign_files_are_clear_errors(model, tmp_path):
             Session.load(path, model)
         assert str(path) in str(err.value), name
     model.new_state(1).save(path)  # a plain state file
-    with pytest.raises(StateError, match="not a mambastep session file"):
+    with pytest.raises(
+        StateError, match=r"a mambastep state file, not a session file: read it with mambastep\.load_state"
+    ):
         Session.load(path, model)
     other = mambastep.MambaLM(mambastep.MambaConfig(d_model=8, n_layer=1, vocab_size=300, d_state=4)).eval()
     fed(other, ids(20)).save(path)

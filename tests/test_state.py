@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 import torch
 
@@ -78,6 +81,35 @@ def test_corrupt_and_missing_state_files(model, tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(StateError):
         mambastep.load_state(path, model)
+
+
+def test_a_session_file_is_not_a_state_file(model, tmp_path):
+    path = tmp_path / "chat.session"
+    mambastep.Session(model).save(path)
+    with pytest.raises(StateError, match="a mambastep session file, not a state file: read it with Session.load"):
+        mambastep.load_state(path, model)
+
+
+def test_saving_into_a_missing_folder_names_the_folder(model, tmp_path):
+    for save, name in ((model.new_state(1).save, "s.state"), (mambastep.Session(model).save, "s.session")):
+        path = tmp_path / "missing" / name
+        with pytest.raises(FileNotFoundError) as err:
+            save(path)
+        assert str(err.value) == f"cannot write {path}: there is no folder {path.parent}"
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_checkpoint_gets_the_usual_file_mode_and_a_state_its_owners_only(model, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        mambastep.save(model, tmp_path / "copy")
+        model.new_state(1).save(tmp_path / "s.state")
+    finally:
+        os.umask(umask)
+    files = [*(tmp_path / "copy").iterdir(), tmp_path / "s.state"]
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in files}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644, "s.state": 0o600}
+    assert mambastep.load(tmp_path / "copy").weights_digest() == model.weights_digest()
 
 
 def test_batch_mismatch_is_an_error(model):

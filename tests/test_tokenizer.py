@@ -134,6 +134,21 @@ def test_load_tokenizer_directory_without_tokenizer(tmp_path):
     assert str(tmp_path) in str(err.value) and "--tokenizer EleutherAI/gpt-neox-20b" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "vocab_size, hint",
+    [
+        (16, "Its vocabulary of 16 tokens is too small for a text tokenizer: give it token ids"),
+        (1000, "Pass the tokenizer it was trained with (at most 1000 tokens) with --tokenizer"),
+        (50280, "--tokenizer EleutherAI/gpt-neox-20b"),
+    ],
+)
+def test_the_hint_for_a_missing_tokenizer_fits_the_vocabulary(tmp_path, vocab_size, hint):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "vocab_size": vocab_size}))
+    with pytest.raises(TokenizerError) as err:
+        load_tokenizer(tmp_path)
+    assert hint in str(err.value) and ("gpt-neox" in str(err.value)) == (vocab_size == 50280)
+
+
 def test_load_tokenizer_unknown_named_tokenizer(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"tokenizer": "words"}))
     with pytest.raises(TokenizerError, match="'words' is not understood"):

@@ -219,3 +219,5 @@ def test_generate_and_info_commands_run_on_the_transformer(tmp_path, capsys):
     assert main(["info", "--model", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "gpt_neox" and info["state_bytes_per_sequence"] == 0
+    _, state = mambastep.load(path).prefill(torch.tensor([[1, 2, 3]]))
+    assert info["state_bytes_per_token"] == state.nbytes / 3 == 2 * 2 * 32 * 4  # k and v, 2 layers, d 32, float32

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from mambastep.evidence.hardware import BUILTIN_HARDWARE, calibrate, get_hardware
-from mambastep.files.checkpoints import CheckpointError, load
+from mambastep.families.presets import BUILTIN_CONFIGS
+from mambastep.files.checkpoints import CheckpointError, builtin_name, load, model_for
 from mambastep.files.tokenizer import TokenizerError
 from mambastep.models.config import ConfigError
+from mambastep.models.lm import LanguageModel
 from mambastep.models.state import StateError
 from mambastep.runtime.sampling import SamplingParams
 from mambastep.serve.settings import ServeError
@@ -30,13 +33,33 @@ USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
 )
+# A field name in an error message: one with an underscore anywhere (not in a path or quotes),
+# or any that opens the message before "must" ("temperature must be ...").
+_FIELD = re.compile(r"^\w+(?= must )|(?<![\w./'-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![\w/'-])")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The field each flag of ``parser`` sets (its ``dest``), and the flag (its first long option)."""
+    return {
+        action.dest: next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        for action in parser._actions  # argparse keeps its actions in no public attribute
+        if action.option_strings and action.dest != argparse.SUPPRESS
+    }
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each field it names written as the flag that sets it (``flag_names``):
+    ``max_new_tokens must be ...`` becomes ``--max-new-tokens must be ...``."""
+    return _FIELD.sub(lambda match: flags.get(match.group(0), match.group(0)), message)
+
+
+def add_model_args(parser: argparse.ArgumentParser, builtin: bool = False) -> None:
+    """The model, engine and weight flags; ``builtin``: --model takes a built-in configuration too."""
+    names = f", or a built-in configuration ({', '.join(BUILTIN_CONFIGS)}: random weights)" if builtin else ""
     parser.add_argument(
         "--model",
         default=str(DEFAULT_MODEL),
-        help="checkpoint directory or Hugging Face Hub id (default: the bundled model)",
+        help=f"checkpoint directory or Hugging Face Hub id{names} (default: the bundled model)",
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the checkpoint's)"
@@ -102,10 +125,47 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
     )
 
 
-def load_model(args: argparse.Namespace):
-    settings = engine_settings(args)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    return load(args.model, dtype=dtype, device=args.device, settings=settings, quantize=args.quantize)
+def load_model(args: argparse.Namespace) -> LanguageModel:
+    """The trained model that --model names (a checkpoint directory or a hub id), to run.
+
+    Raises:
+        CheckpointError: a built-in configuration (``refuse_random_weights``), or no checkpoint.
+    """
+    refuse_random_weights(args.model)
+    return load(args.model, _dtype(args), args.device, engine_settings(args), args.quantize)
+
+
+def model_shape(args: argparse.Namespace) -> LanguageModel:
+    """The model that --model names, to look at (sizes, config), never to run: a checkpoint
+    is loaded; a built-in configuration is built on the meta device, where its random weights
+    take neither memory nor time.
+
+    Raises:
+        CheckpointError: neither; the message lists the built-in names.
+    """
+    if builtin_name(args.model) is None:
+        return model_for(args.model, _dtype(args), args.device, engine_settings(args), args.quantize)
+    settings = EngineSettings(scan="torch", matvec="torch", huge_pages=False)  # nothing runs on the meta device
+    return model_for(args.model, _dtype(args), "meta", settings, args.quantize)
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return DTYPES[args.dtype] if args.dtype else None
+
+
+def refuse_random_weights(model: str) -> None:
+    """Raise ``CheckpointError`` where --model names a built-in configuration: its weights are
+    random, so the text it writes is noise.
+
+    Raises:
+        CheckpointError: ``model`` is a built-in name (and no local directory of that name).
+    """
+    if builtin_name(model) is not None:
+        raise CheckpointError(
+            f"{model} is a built-in configuration with random weights (for info, cost, bench and compare), "
+            "not a trained model: pass a checkpoint directory or a Hugging Face Hub id, "
+            "e.g. --model state-spaces/mamba-130m-hf"
+        )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -141,9 +201,13 @@ def add_hardware_args(parser: argparse.ArgumentParser, default: str | None) -> N
         "--hardware",
         default=default,
         help=f"profile for the roofline: {', '.join(BUILTIN_HARDWARE)}, or a JSON file "
-        f"(default: {default or 'calibrate this machine'})",
+        f"(default: {default or 'calibrate this machine'}); ignored when --calibrate is given",
     )
-    parser.add_argument("--calibrate", action="store_true", help="measure this machine's bandwidth and peaks instead")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure this machine's bandwidth and peaks instead; wins over --hardware when both are given",
+    )
     parser.add_argument("--save-hardware", type=Path, default=None, help="write the profile used to this JSON file")
 
 

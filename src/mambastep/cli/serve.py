@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mambastep.cli.common import DEFAULT_MODEL, add_model_args, load_model
+from mambastep.cli.common import DEFAULT_MODEL, add_model_args, load_model, refuse_random_weights
 from mambastep.files.tokenizer import load_tokenizer
 from mambastep.serve.settings import Limits, ServeError, ServeSettings, read_keys_file
 from mambastep.serve.store import StoreUnavailable
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_random_weights(args.model)  # the model loads once the server runs: refused before it starts
     settings = serve_settings(args)  # checked before anything loads: a refused address fails at once
     if args.ray:
         from mambastep.serve import cluster

@@ -72,8 +72,11 @@ class BenchSettings:
         for name in ("batches", "prompts"):
             if any(not isinstance(v, int) or v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must be positive integers, got {getattr(self, name)!r}")
-        if self.decode_steps < 1 or self.repeats < 1 or self.long_context < 0:
-            raise ValueError("decode_steps and repeats must be >= 1, long_context >= 0")
+        for name in ("decode_steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_context < 0:
+            raise ValueError(f"long_context must be >= 0, got {self.long_context}")
 
 
 def _seconds(fn: Callable[[], object]) -> float:

@@ -149,12 +149,16 @@ def get_hardware(name_or_file: str) -> Hardware:
     """A built-in profile by name, or a JSON file.
 
     Raises:
+        FileNotFoundError: a file name (a .json name, or one with a folder) where there is no file.
         HardwareError: neither a known name nor a readable profile file.
     """
     if name_or_file in BUILTIN_HARDWARE:
         return BUILTIN_HARDWARE[name_or_file]
-    if Path(name_or_file).is_file():
-        return Hardware.from_file(name_or_file)
+    path = Path(name_or_file)
+    if path.exists():
+        return Hardware.from_file(path)
+    if path.suffix == ".json" or len(path.parts) > 1:
+        raise FileNotFoundError(f"no hardware profile file at {name_or_file}: it does not exist")
     raise HardwareError(f"no hardware {name_or_file!r}: give one of {sorted(BUILTIN_HARDWARE)} or a JSON file")
 
 

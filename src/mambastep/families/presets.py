@@ -1,9 +1,10 @@
 """Built-in configurations of the published model sizes, for use with random weights, and a
 small byte-level one to train from.
 
-Benchmarks, ``mambastep cost`` and ``mambastep compare`` need only a model's
-shape, not its trained weights, so they run offline on these (``files.checkpoints.model_for``
-takes a preset's name wherever it takes a checkpoint's). The shapes are
+Benchmarks, ``mambastep info``, ``cost`` and ``compare`` need only a model's shape, not
+its trained weights, so they run offline on these (``files.checkpoints.model_for`` and
+``resolve_config`` take a preset's name wherever they take a checkpoint's; a local directory
+of that name wins). The shapes are
 those of the released checkpoints: state-spaces/mamba-*, state-spaces/mamba2-*
 (vocabulary 50,277 padded to a multiple of 8, resp. 16) and EleutherAI/pythia-*
 (vocabulary 50,304, rotary on a quarter of each head, 4x MLP, parallel residual).

@@ -21,12 +21,11 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from mambastep.families import config_from_dict, config_to_dict, family_of
 from mambastep.families.presets import BUILTIN_CONFIGS, random_model
-from mambastep.files.formats import read_safetensors
+from mambastep.files.formats import read_safetensors, write_atomically, write_safetensors
 from mambastep.models.config import ConfigError, ModelConfig
 from mambastep.models.int8 import Int8Linear, quantize_int8
 from mambastep.models.lm import LanguageModel
@@ -50,6 +49,11 @@ QUANTIZATIONS = (None, "int8")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read or matched to its config."""
+
+
+def _check_quantize(quantize: str | None) -> None:
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
 
 
 def resolve(path_or_id: str | Path) -> Path:
@@ -185,8 +189,7 @@ def load(
     Raises:
         CheckpointError: the message names the file and the key or tensor at fault.
     """
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    _check_quantize(quantize)
     directory = resolve(path_or_id)
     config = read_config(directory)
     tensors, source = read_weights(directory)
@@ -222,32 +225,54 @@ def save(model: LanguageModel, directory: str | Path, extra_config: dict | None 
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_embeddings:
         del tensors[model.head_weight]
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"}, private=False)
+    write_atomically(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode(), private=False)
     return directory
 
 
-def resolve_config(name_or_path: str) -> ModelConfig:
-    """A built-in configuration by name (``families.presets``), else the config.json of a
-    checkpoint (directory or hub id)."""
-    if name_or_path in BUILTIN_CONFIGS:
-        return BUILTIN_CONFIGS[name_or_path]
-    return read_config(_checkpoint(name_or_path))
+def builtin_name(name_or_path: str | Path) -> str | None:
+    """The built-in configuration (``families.presets``) that ``name_or_path`` names, or None
+    for a checkpoint. A local directory of a built-in name is a checkpoint: it wins."""
+    text = str(name_or_path)
+    if text in BUILTIN_CONFIGS and not Path(text).expanduser().is_dir():
+        return text
+    return None
+
+
+def resolve_config(name_or_path: str | Path) -> ModelConfig:
+    """The configuration of a built-in name (``builtin_name``), else the config.json of a
+    checkpoint (directory or hub id).
+
+    Raises:
+        CheckpointError: neither; the message lists the built-in names.
+    """
+    name = builtin_name(name_or_path)
+    return BUILTIN_CONFIGS[name] if name else read_config(_checkpoint(name_or_path))
 
 
 def model_for(
-    name_or_path: str,
-    dtype: torch.dtype = torch.float32,
+    name_or_path: str | Path,
+    dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     settings: EngineSettings | None = None,
+    quantize: str | None = None,
 ) -> LanguageModel:
-    """A random-weight model of a built-in configuration, else the checkpoint at ``name_or_path``."""
-    if name_or_path in BUILTIN_CONFIGS:
-        return random_model(name_or_path, dtype, device, settings=settings)
-    return load(_checkpoint(name_or_path), dtype=dtype, device=device, settings=settings)
+    """The model ``name_or_path`` names: a checkpoint (a local directory or a hub id), loaded as
+    ``load`` does; or a built-in configuration (``builtin_name``) with random weights (float32
+    unless ``dtype`` says otherwise), for what depends on the shape only.
+
+    Raises:
+        CheckpointError: neither; the message lists the built-in names.
+    """
+    name = builtin_name(name_or_path)
+    if name is None:
+        return load(_checkpoint(name_or_path), dtype=dtype, device=device, settings=settings, quantize=quantize)
+    _check_quantize(quantize)
+    model = random_model(name, dtype or torch.float32, device, settings=settings)
+    return quantize_int8(model) if quantize == "int8" else model
 
 
-def _checkpoint(path_or_id: str) -> Path:
+def _checkpoint(path_or_id: str | Path) -> Path:
     try:
         return resolve(path_or_id)
     except CheckpointError as err:

@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
@@ -38,38 +40,68 @@ STATE_FORMAT = "mambastep-state"
 SESSION_FORMAT = "mambastep-session"
 VERSION = 2  # 2: the weights digest; 1 (still read): the fingerprint only
 READ_VERSIONS = ("1", "2")
+# Each format's kind and reader: named when a file of one is given to the other's reader.
+_KINDS = {
+    STATE_FORMAT: ("state", "mambastep.load_state (ModelState.load)"),
+    SESSION_FORMAT: ("session", "Session.load"),
+}
 _LAYER_TYPES = {cls.__name__: cls for cls in (SSMLayerState, KVLayerState)}
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str], private: bool = True
+) -> None:
     """Write a safetensors file atomically: a temporary file in the same directory is
-    written, flushed and fsynced, renamed over ``path``, then the directory is fsynced.
+    written, fsynced, renamed over ``path``, then the directory is fsynced.
 
     A crash at any point leaves the previous file or the new one, never a mix; a killed
-    writer may leave a stray ``.{name}.*.tmp`` beside it. The file is readable by its
-    owner only (it may hold a conversation).
+    writer may leave a stray temporary file beside it. ``private``: the file is readable by
+    its owner only (a state or session may hold a conversation); else it gets the usual mode,
+    0666 less the umask (a checkpoint).
     """
-    write_atomically(path, safetensors_bytes(tensors, metadata=metadata))
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), private)
 
 
-def write_atomically(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` as ``write_safetensors`` does: all of it or nothing."""
+def write_atomically(path: str | Path, data: bytes | Callable[[Path], None], private: bool = True) -> None:
+    """Write ``path`` as ``write_safetensors`` does: all of it or nothing.
+
+    Args:
+        data: the file's bytes, or a function that writes the file at the path it is given
+            (such as safetensors' ``save_file``, which streams the tensors and replaces the
+            file it is given with one readable by its owner only: the mode is set again after).
+        private: readable by its owner only (0600), else the usual mode (0666 less the umask).
+
+    Raises:
+        FileNotFoundError: the folder ``path`` would be in does not exist.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:  # the mode, less the umask, is the kernel's doing: the umask is neither read nor changed
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"cannot write {path}: there is no folder {path.parent}") from None
     try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if isinstance(data, bytes):
+                f.write(data)
+        if not isinstance(data, bytes):
+            data(tmp)
+            os.chmod(tmp, mode)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    _fsync(path.parent)  # makes the rename itself durable
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(directory)  # makes the rename itself durable
+        os.fsync(fd)
     finally:
-        os.close(directory)
+        os.close(fd)
 
 
 def read_safetensors(
@@ -161,8 +193,12 @@ def load_state(path: str | Path, model: LanguageModel, other_weights: bool = Fal
 
 
 def _check_header(metadata: dict[str, str], format: str, kind: str, path: str | Path) -> None:
-    if metadata.get("format") != format:
-        raise StateError(f"{path}: not a mambastep {kind} file (format {metadata.get('format')!r})")
+    found = metadata.get("format")
+    if found in _KINDS and found != format:
+        other, reader = _KINDS[found]
+        raise StateError(f"{path}: a mambastep {other} file, not a {kind} file: read it with {reader}")
+    if found != format:
+        raise StateError(f"{path}: not a mambastep {kind} file (format {found!r})")
     if metadata.get("version") not in READ_VERSIONS:
         raise StateError(
             f"{path}: {kind} format version {metadata.get('version')!r}, "

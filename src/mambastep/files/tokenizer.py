@@ -21,6 +21,7 @@ import tokenizers
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 BYTES = "bytes"
 SUGGESTED_TOKENIZER = "EleutherAI/gpt-neox-20b"
+SUGGESTED_TOKENIZER_SIZE = 50277  # its tokens: the vocabulary in the state-spaces checkpoints' config.json
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -141,20 +142,38 @@ def _from_directory(directory: Path) -> Tokenizer:
     if tokenizer_json.is_file():
         return HFTokenizer.from_file(tokenizer_json)
     config_path = directory / "config.json"
-    named = None
+    config = {}
     if config_path.is_file():
         try:
-            named = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer")
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            named = config.get("tokenizer")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
             raise TokenizerError(f"{config_path}: not a readable JSON object ({err})") from err
-    if named == BYTES:
-        return ByteTokenizer()
-    if named is not None:
-        raise TokenizerError(f"{config_path}: tokenizer {named!r} is not understood (only {BYTES!r})")
+        if named == BYTES:
+            return ByteTokenizer()
+        if named is not None:
+            raise TokenizerError(f"{config_path}: tokenizer {named!r} is not understood (only {BYTES!r})")
     raise TokenizerError(
-        f'{directory}: no tokenizer.json (nor a config.json saying "tokenizer": "bytes"). The original '
-        "state-spaces checkpoints ship without one; pass a tokenizer explicitly, e.g. "
-        f"--tokenizer {SUGGESTED_TOKENIZER} (load_tokenizer(path, tokenizer={SUGGESTED_TOKENIZER!r}))."
+        f'{directory}: no tokenizer.json (nor a config.json saying "tokenizer": "bytes"). '
+        + _missing_tokenizer_hint(config.get("vocab_size"))
+    )
+
+
+def _missing_tokenizer_hint(vocab_size: object) -> str:
+    """What to pass for a checkpoint without a tokenizer, by the vocabulary its config.json gives."""
+    if not isinstance(vocab_size, int) or vocab_size >= SUGGESTED_TOKENIZER_SIZE:
+        return (
+            "The original state-spaces checkpoints ship without one; pass a tokenizer explicitly, e.g. "
+            f"--tokenizer {SUGGESTED_TOKENIZER} (load_tokenizer(path, tokenizer={SUGGESTED_TOKENIZER!r}))."
+        )
+    if vocab_size < ByteTokenizer.vocab_size:
+        return (
+            f"Its vocabulary of {vocab_size} tokens is too small for a text tokenizer: give it token ids "
+            "instead (mambastep inspect --ids, mambastep stream --ids)."
+        )
+    return (
+        f"Pass the tokenizer it was trained with (at most {vocab_size} tokens) with --tokenizer "
+        "(a directory, a tokenizer.json file, a hub id, or 'bytes' for byte-level text)."
     )
 
 

@@ -59,14 +59,15 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of ``model`` (in place) by an Int8Linear; return the model.
 
     A tied head keeps its float embedding for the lookup and gets an int8 copy for the product.
-    The model must hold float32 weights on the CPU. Where the float weights were in huge pages
+    The model must hold float32 weights on the CPU (or on the meta device, which holds none:
+    the int8 model's shape and sizes without its values). Where the float weights were in huge pages
     (``memory.place_in_huge_pages``), the int8 ones are placed there too, so the float ones'
     memory is freed.
     """
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     placed = any(in_huge_pages(linear.weight) for _, linear in linears)
     for name, linear in linears:
-        if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
+        if linear.weight.device.type not in ("cpu", "meta") or linear.weight.dtype != torch.float32:
             raise ValueError(
                 f"int8 weights need float32 weights on the CPU; "
                 f"{name} is {linear.weight.dtype} on {linear.weight.device}"

@@ -171,10 +171,13 @@ class LanguageModel(nn.Module, ABC):
         return ModelState(tuple(layers), self.config.fingerprint, self._weights_of)
 
     def info(self) -> dict:
-        """What a user wants to know before running the model: family, size and state cost."""
+        """What a user wants to know before running the model: family, size and state cost (the
+        state of one sequence with no context, and what it grows by per token of context)."""
         params = {id(p): p for p in self.parameters()}.values()  # tied weights once
         int8 = [m.weight_int8 for m in self.modules() if isinstance(m, Int8Linear)]
-        tensors = {t.data_ptr(): t for t in self.state_dict().values()}.values()  # weights, int8 and scales
+        # weights, int8 and scales; a tied weight once (by identity: on the meta device no tensor has an address)
+        tensors = {id(t): t for t in self.state_dict(keep_vars=True).values()}.values()
+        state = self.new_state(batch_size=1)
         return {
             "family": self.config.family,
             "fingerprint": self.config.fingerprint,
@@ -182,7 +185,8 @@ class LanguageModel(nn.Module, ABC):
             "parameters": sum(t.numel() for t in [*params, *int8]),
             "weight_bytes": sum(t.numel() * t.element_size() for t in tensors),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "state_bytes_per_sequence": self.new_state(batch_size=1).nbytes,
+            "state_bytes_per_sequence": state.nbytes,
+            "state_bytes_per_token": state.nbytes_per_token,
         }
 
     @abstractmethod

@@ -7,6 +7,7 @@ batch-first, so ``select`` and ``cat`` work on dimension 0.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -51,6 +52,14 @@ class _BatchTensors:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def nbytes_per_token(self) -> int:
+        """Bytes the state grows by per token (whole batch): 0 for a constant-size state."""
+        if self.seq_dim is None:
+            return 0
+        shapes = ((t.shape[: self.seq_dim] + t.shape[self.seq_dim + 1 :], t) for t in self.tensors().values())
+        return sum(math.prod(shape) * t.element_size() for shape, t in shapes)
 
     @classmethod
     def cat(cls, states: Sequence):
@@ -208,6 +217,12 @@ class ModelState:
     def nbytes(self) -> int:
         """Bytes held by the state tensors (all layers, whole batch)."""
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def nbytes_per_token(self) -> int:
+        """Bytes the state grows by per token of context (all layers, whole batch): a KV
+        cache's keys and values; 0 for the constant-size state of an SSM."""
+        return sum(layer.nbytes_per_token for layer in self.layers)
 
     def _map(self, fn) -> ModelState:
         return self.with_layers([fn(layer) for layer in self.layers])

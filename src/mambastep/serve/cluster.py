@@ -37,7 +37,8 @@ from uvicorn.config import Config
 from uvicorn.lifespan.on import LifespanOn
 
 from mambastep.serve.app import create_app, error_response
-from mambastep.serve.settings import ServeSettings
+from mambastep.serve.settings import ServeError, ServeSettings
+from mambastep.serve.store import StoreUnavailable, open_store
 
 UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 SESSION_PATH = re.compile(r"^/v1/sessions/(sess_[0-9a-f]+)")
@@ -264,6 +265,10 @@ def run(args: argparse.Namespace, settings: ServeSettings) -> int:
     """``mambastep serve --ray``: the application on a Ray cluster (``--ray-address``, or one
     started on this machine) behind Ray Serve's HTTP proxy at ``--host``:``--port``, until
     SIGINT or SIGTERM; then the application is deleted (and a cluster started here stopped)."""
+    try:  # reached from here first: an unreachable database is one line, not every replica's failure
+        open_store(settings.store_url).close()
+    except (StoreUnavailable, ModuleNotFoundError) as err:
+        raise ServeError(str(err)) from None
     ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets handlers of its own
