@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from mambastep.files.checkpoints import read_config
 from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, train
 from mambastep.training.checkpoint import read_train_state
 from mambastep.training.data import is_heldout
+from mambastep.training.loop import TRAIN_STATE_FILE
 from mambastep.training.optim import build_optimizer, lr_factor
 
 TINY = {
@@ -271,6 +274,10 @@ def test_checkpoint_loads_and_generates(corpus, tmp_path):
     model = mambastep.load(out / "model")
     tokenizer = mambastep.load_tokenizer(out / "model")
     assert isinstance(tokenizer, mambastep.ByteTokenizer)
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (out / "model" / "model.safetensors", out / TRAIN_STATE_FILE):  # the usual mode, as others write
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
     # The untrained model: the same run's initial weights (one step at learning rate 0), written the same way.
     train(
         settings(

@@ -23,9 +23,13 @@ def test_serve_on_ray_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--replicas", "2"], "--ray-address and --replicas need --ray"), (["--ray-address", "auto"], "need --ray")],
+    [
+        (["--replicas", "2"], "--ray-address and --replicas need --ray"),
+        (["--ray-address", "auto"], "need --ray"),
+        (["--ray", "--store", "postgresql://nobody@127.0.0.1:1/none"], "cannot reach PostgreSQL at 127.0.0.1:1"),
+    ],
 )
-def test_scale_out_flags_need_ray(args, message, capsys):
+def test_scale_out_flags_are_checked_first(args, message, capsys):
     assert main(["serve", *args]) == 1
     assert message in capsys.readouterr().err
 

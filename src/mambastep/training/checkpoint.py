@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mambastep.files.checkpoints import save
+from mambastep.files.formats import write_atomically
 from mambastep.files.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from mambastep.models import LanguageModel
 from mambastep.training.settings import TrainingError
@@ -52,14 +52,9 @@ def write_model(model: LanguageModel, tokenizer: Tokenizer, directory: Path) -> 
 
 
 def write_train_state(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary sibling, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": TRAIN_STATE_FORMAT, "version": TRAIN_STATE_VERSION, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """``torch.save``, all of it or nothing (``write_atomically``), with the usual file mode."""
+    state = {"format": TRAIN_STATE_FORMAT, "version": TRAIN_STATE_VERSION, **state}
+    write_atomically(path, lambda tmp: torch.save(state, tmp), private=False)
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
