@@ -45,7 +45,7 @@ def test_compiled_decode_equals_eager(tmp_path, family):
             assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("family", ["mamba2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "gpt_neox"])
 def test_compiled_generation_warns_nothing_and_equals_eager(tmp_path, monkeypatch, family):
     """Generation through the compiled step (products by the matvec kernel, whose choice of rows
     torch.compile traces; a growing KV cache) draws eager's tokens, and tracing it raises no warning."""
