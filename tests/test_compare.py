@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mambastep.cli import main
-from mambastep.evidence import compare
+from mambastep.evidence import compare, plots
 from mambastep.evidence.compare import CompareSettings, synthetic_state
 from mambastep.families.presets import random_model
 from mambastep.models.config import GPTNeoXConfig, Mamba2Config
@@ -136,3 +136,22 @@ def test_settings_are_checked():
         CompareSettings(contexts=(0, 5))
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         CompareSettings(repeats=0)
+
+
+def test_a_single_context_shows_the_roofline_as_a_point():
+    """With one context there is no line to draw: the prediction is a marker, as the measurement is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = {
+        "models": [{"model": "m"}],
+        "rows": [{"model": "m", "context": 2048, "decode_ms_per_token": 3.0, "decode_ms_predicted": 2.0}],
+    }
+    fig, ax = plt.subplots()
+    plots._panel(ax, report, "decode_ms_per_token", "decode_ms_predicted", "decode (ms per token)")
+    drawn = {line.get_linestyle(): line for line in ax.get_lines()}
+    plt.close(fig)
+    assert list(drawn["--"].get_ydata()) == [2.0] and drawn["--"].get_marker() not in ("", "None", None)
+    assert list(drawn["-"].get_ydata()) == [3.0] and drawn["-"].get_marker() not in ("", "None", None)

@@ -1,9 +1,12 @@
-"""The bundled default model predicts held-out Python source as well as docs/default-model.md says."""
+"""The bundled default model predicts held-out Python source as well as docs/default-model.md says,
+and writes the samples it shows."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import mambastep
+from mambastep.cli import main
 from mambastep.cli.common import DEFAULT_MODEL
 
 # Four whole files of CPython 3.11.7's Lib/ that the default model's training held out
@@ -19,6 +23,7 @@ from mambastep.cli.common import DEFAULT_MODEL
 # sample does not depend on the Python installed here.
 SAMPLE = Path(__file__).parent / "data" / "stdlib_heldout_sample.txt"
 SAMPLE_SHA256 = "a50251b0faf6363edef1f7fee840e1ee7c1692edd8264c50ec56435203a44f90"
+DOC = Path(__file__).parents[1] / "docs" / "default-model.md"
 WINDOW = 512  # bytes read from a fresh state, as in training and in the documented evaluation
 
 # docs/default-model.md reports 1.637 bits per byte over all 94 held-out files (1.610 for the 93
@@ -74,3 +79,13 @@ def test_a_random_model_of_the_same_config_fails_the_check(tmp_path):
     random = mambastep.load(mambastep.save(type(shipped)(shipped.config), tmp_path / "random"))
     with pytest.raises(AssertionError, match="bits per byte on the held-out sample"):
         check_heldout_bits_per_byte(random)
+
+
+def test_the_documented_samples_are_what_their_commands_print(capsys):
+    """docs/default-model.md shows each sample under its command, exactly as the command prints it."""
+    samples = DOC.read_text().split("## Samples", 1)[1].split("\n## ", 1)[0]
+    pairs = re.findall(r"```bash\n(mambastep generate [^\n]*)\n```\n\n```\n(.*?)```", samples, re.DOTALL)
+    assert len(pairs) == 3
+    for command, printed in pairs:
+        assert main(shlex.split(command)[1:]) == 0
+        assert capsys.readouterr().out == printed, command

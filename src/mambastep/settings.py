@@ -45,10 +45,12 @@ class EngineSettings:
         x86), "auto" oneDNN on x86 CPUs not made by Intel, for which MKL picks slower code
         paths, else PyTorch's.
     decode: "compiled" runs each decode step through torch.compile, which traces the layers'
-        own operations (a one-time compile of a few tens of seconds per model, cached on disk);
-        "eager" starts at once, and where the matvec kernel runs, takes the whole stack of an
-        SSM in one C++ call. Which is faster depends on the model and the machine
-        (BENCHMARKS.md).
+        own operations: every process traces the step at its first one (seconds), and the first
+        process on a machine also compiles it (tens of seconds; Inductor caches that on disk,
+        in ``TORCHINDUCTOR_CACHE_DIR``). "eager" starts at once, and where the matvec kernel
+        runs, takes the whole stack of an SSM in one C++ call, as fast per token as the
+        compiled step or faster; without that kernel the compiled step is faster and repays its
+        start after some hundreds to thousands of tokens (BENCHMARKS.md).
     threads: intra-op threads (None keeps PyTorch's default).
     huge_pages: ``configure`` moves the model's CPU weights into transparent huge pages (Linux;
         ``memory.place_in_huge_pages``): a decode step streams every weight, and TLB misses

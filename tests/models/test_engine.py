@@ -1,6 +1,7 @@
 """Engine settings: each fast path gives what the plain path gives."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from mambastep.ops.products import (
     matvec_rows,
     takes_matvec,
 )
+from mambastep.runtime.generation import generate_tokens
+from mambastep.runtime.sampling import SamplingParams
 from mambastep.settings import EngineSettings
 
 from conftest import make_hf_checkpoint
@@ -40,6 +43,24 @@ def test_compiled_decode_equals_eager(tmp_path, family):
             torch.testing.assert_close(b.layers[-1].ssm, a.layers[-1].ssm, atol=1e-5, rtol=1e-5)
         if batch == 3:  # one graph serves prefilled and stepped states alike
             assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "gpt_neox"])
+def test_compiled_generation_warns_nothing_and_equals_eager(tmp_path, monkeypatch, family):
+    """Generation through the compiled step (products by the matvec kernel, whose choice of rows
+    torch.compile traces; a growing KV cache) draws eager's tokens, and tracing it raises no warning."""
+    path = make_hf_checkpoint(tmp_path / "m", family=family)
+    eager = mambastep.load(path, settings=EngineSettings(matvec="cpp"))
+    compiled = mambastep.load(path, settings=EngineSettings(matvec="cpp", decode="compiled"))
+    prompts = [[5, 17, 3], [40, 2, 9]]  # of one length: a transformer batches no others
+    params = SamplingParams(max_new_tokens=6, seed=0)
+    want = list(generate_tokens(eager, prompts, params))
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # Dynamo warns of a cause once per process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = list(generate_tokens(compiled, prompts, params))
+    assert [str(w.message) for w in caught] == []
+    assert got == want
 
 
 @pytest.mark.parametrize(

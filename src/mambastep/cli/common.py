@@ -97,7 +97,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--decode",
         choices=DECODE_BACKENDS,
         default=engine.decode,
-        help="compiled: torch.compile the decode step (a one-time compile, cached); eager: start at once",
+        help="eager: starts at once; where mambastep's C++ kernels run it is as fast as compiled or faster. "
+        "compiled: torch.compile the decode step, faster per token only without those kernels (e.g. --matvec torch); "
+        "every run first traces it (4-5 s on a 2-core Xeon; the first run on a machine also compiles, 10-20 s more, "
+        "cached in TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), so it pays off after about "
+        "500 tokens of a 130M model, 3,000 of the bundled one (BENCHMARKS.md)",
     )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
     parser.add_argument(

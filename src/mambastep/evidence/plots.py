@@ -11,13 +11,22 @@ def _series(report: dict, model: str, key: str) -> tuple[list[int], list[float]]
 
 
 def _panel(ax, report: dict, measured: str, predicted: str | None, ylabel: str, scale: float = 1.0) -> None:
-    """Measured values as solid lines with markers, predictions as dashed lines in the same colour."""
+    """Measured values as solid lines with filled circles, predictions as dashed lines with open
+    squares in the same colour (the markers show a single context, where there is no line)."""
     for model in [m["model"] for m in report["models"]]:
         x, y = _series(report, model, measured)
         (line,) = ax.plot(x, [v * scale for v in y], marker="o", label=model)
         if predicted:
             px, py = _series(report, model, predicted)
-            ax.plot(px, [v * scale for v in py], linestyle="--", color=line.get_color(), alpha=0.6)
+            ax.plot(
+                px,
+                [v * scale for v in py],
+                linestyle="--",
+                marker="s",
+                markerfacecolor="none",
+                color=line.get_color(),
+                alpha=0.6,
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
@@ -39,7 +48,9 @@ def plot_compare(report: dict, out: Path) -> list[Path]:
     _panel(ttft, report, "ttft_s", "ttft_predicted_s", "time to first token (s)")
     _panel(decode, report, "decode_ms_per_token", "decode_ms_predicted", "decode (ms per token)")
     ttft.legend()
-    fig.suptitle(f"latency against context ({where}; dashed: roofline on '{machine['hardware']['name']}')")
+    fig.suptitle(
+        f"latency against context ({where}; dashed, open squares: roofline on '{machine['hardware']['name']}')"
+    )
     fig.tight_layout()
     latency = out / "latency.png"
     fig.savefig(latency, dpi=120)

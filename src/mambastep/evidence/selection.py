@@ -16,6 +16,7 @@ groups; Mamba-2 has one Δ per head, and every head is its own group.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -342,7 +343,7 @@ def plot_selection(
 
     One heatmap per layer of log10 Δ (tokens along x, channel groups or heads along
     y; one colour scale for all layers), then the state norm of every layer against
-    the token position. Up to 120 tokens every token is labelled with its text
+    the token position (log scale). Up to 120 tokens every token is labelled with its text
     (``labels``, else ``trace.labels``, else the ids); longer inputs get sparse
     position ticks. ``highlight`` ((l,) bool) marks positions on every panel: outlined
     columns on the heatmaps, shaded bands below, red tick labels. A layer whose Δ is
@@ -410,7 +411,9 @@ def plot_selection(
             )
         _mark(ax, runs, outline=True)
     colorbar = fig.colorbar(image, cax=fig.add_subplot(grid[:n_layers, 1]))
-    colorbar.set_label("log10 Δ   (high: take the token in; low: keep the state)", fontsize=8)
+    colorbar.set_label("log10 Δ", fontsize=8)
+    colorbar.ax.set_title("high:\ntake the\ntoken in", fontsize=7, loc="left")  # the meaning at each end,
+    colorbar.ax.set_xlabel("low:\nkeep the\nstate", fontsize=7, loc="left")  # short enough for one layer's height
     colorbar.ax.tick_params(labelsize=7)
 
     positions = range(length)
@@ -425,10 +428,19 @@ def plot_selection(
         )
     _mark(norm_ax, runs, outline=False)
     norm_ax.set_xlim(-0.5, length - 0.5)
-    norm_ax.set_ylabel("SSM state norm\n(Frobenius)", fontsize=8)
+    norm_ax.set_yscale("log", nonpositive="mask")  # layers' norms differ by orders of magnitude
+    norm_ax.set_ylabel("SSM state norm\n(Frobenius, log)", fontsize=8)
     norm_ax.grid(True, alpha=0.3)
     norm_ax.tick_params(axis="y", labelsize=7)
-    norm_ax.legend(fontsize=7, ncol=min(n_layers, 8), loc="upper left", framealpha=0.7)
+    legend_ax = fig.add_subplot(grid[n_layers, 1])  # beside the panel, below the colour bar: not over the lines
+    legend_ax.axis("off")
+    legend_ax.legend(
+        *norm_ax.get_legend_handles_labels(),
+        fontsize=7,
+        ncol=math.ceil(n_layers / 12),
+        loc="upper left",
+        borderaxespad=0,
+    )
 
     if labelled:
         norm_ax.set_xticks(list(positions))

@@ -123,8 +123,10 @@ class LanguageModel(nn.Module, ABC):
             torch.set_num_threads(settings.threads)
         self.settings = settings
         self._backend = ops.resolve(settings, self.device)  # an explicit kernel that cannot run fails here
-        # Compiled at the first step (cached on disk); dynamic shapes, so a new batch size compiles at most once more.
-        self._compiled_step = torch.compile(self._step_logits, dynamic=True) if settings.decode == "compiled" else None
+        # Traced at the first step of every process; Inductor's code is cached on disk. Static shapes at first
+        # (dynamic=True would make the norms' eps symbolic, and Dynamo traces twice to undo it); a second
+        # batch size compiles once more, with the batch dynamic from then on (batch 1 keeps a graph of its own).
+        self._compiled_step = torch.compile(self._step_logits, dynamic=None) if settings.decode == "compiled" else None
         moved = place_in_huge_pages(self) if settings.huge_pages else 0
         log.info(
             "engine: %s (%s)%s",

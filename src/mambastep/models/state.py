@@ -157,6 +157,7 @@ class KVLayerState(_BatchTensors):
         """Tokens held."""
         return self.k.shape[1]
 
+    @torch.compiler.disable  # Dynamo cannot trace the lock of the room's reserve: a compiled step runs this as is
     def append(self, k: Tensor, v: Tensor) -> KVLayerState:
         """This cache followed by ``k``, ``v`` (b, l', h, p); ``self`` is left as it was.
 

@@ -93,19 +93,28 @@ def wants_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-@cache
+def _native_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes this CPU multiplies and convolves natively (see ``computes_in``)."""
+    native = {torch.float32, torch.float64}
+    if torch.backends.mkldnn.is_available():
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            native.add(torch.bfloat16)
+        if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            native.add(torch.float16)
+    return frozenset(native)
+
+
+# Asked once, at import: a decode step asks for every product, also inside torch.compile's
+# trace, which reads a constant set where it would warn about a cached function.
+NATIVE_DTYPES = _native_dtypes()
+
+
 def computes_in(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies and convolves ``dtype`` natively: always for float32 and
     float64; bfloat16 and float16 through oneDNN's kernels for them, which need AVX-512 (BF16,
     FP16) or AMX. Elsewhere PyTorch's CPU matmul and conv in those dtypes are slow reference
     loops, so the ops compute in float32 instead."""
-    if dtype in (torch.float32, torch.float64):
-        return True
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return dtype in NATIVE_DTYPES
 
 
 @cache

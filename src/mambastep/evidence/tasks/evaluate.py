@@ -205,7 +205,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
     for i, entry in enumerate(report["models"]):
         points = [
             (r["length"], r["accuracy"])
@@ -220,8 +220,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{report['task']}: accuracy by length (dotted: training length)")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig.legend(loc="outside right upper")  # beside the axes: inside, it covers lines that stay at 100%
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
