@@ -235,6 +235,7 @@ def build(args: argparse.Namespace) -> serve.Application:
     engine = Engine.options(
         **scale,
         max_ongoing_requests=settings.limits.queue,  # the engine's own queue answers 429 beyond
+        health_check_period_s=1,  # a replica gone is dropped from routing within about a second
         ray_actor_options={"num_cpus": args.threads or 1},
     ).bind(args)
     largest = max(settings.limits.body_bytes, settings.limits.import_bytes)
