@@ -16,6 +16,7 @@ One JSON document on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -124,6 +125,13 @@ def takeover(url: str, store_url: str, trials: int) -> dict:
 
 
 def main() -> int:
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages: stdout is the report's
+        report = measure()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def measure() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mamba-130m", choices=sorted(BUILTIN_CONFIGS), help="random weights")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -184,8 +192,7 @@ def main() -> int:
     report["replica_per_core_over_one_replica"] = round(
         report["replica_per_core"]["tokens_per_s"] / report["one_replica"]["tokens_per_s"], 3
     )
-    print(json.dumps(report, indent=1))
-    return 0
+    return report
 
 
 if __name__ == "__main__":

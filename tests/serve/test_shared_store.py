@@ -13,12 +13,14 @@ from servers import KEYS, client, start_server
 GREEDY = {"max_tokens": 6, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def two_servers(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def two_servers(request, tmp_path_factory):
+    """Two servers on one store: a SQLite file both open, or a PostgreSQL database."""
     data = tmp_path_factory.mktemp("shared")
-    first = start_server(data, "--api-key", KEYS[0])
+    store = request.getfixturevalue("postgres").create_database() if request.param == "postgresql" else None
+    first = start_server(data / "first" if store else data, "--api-key", KEYS[0], store=store)
     try:
-        second = start_server(data, "--api-key", KEYS[0])
+        second = start_server(data / "second" if store else data, "--api-key", KEYS[0], store=store)
     except BaseException:
         first.stop()
         raise
