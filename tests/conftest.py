@@ -3,6 +3,12 @@ model in process, and PostgreSQL servers (`mambastep.serve.local_postgres`)."""
 
 from __future__ import annotations
 
+import os
+
+# Triton's kernels run through its interpreter on the CPU unless a run asks for the GPU with
+# TRITON_INTERPRET=0 (benchmarks/gpu_check.sh). Read when triton is imported: before torch is.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 

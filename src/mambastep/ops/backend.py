@@ -11,6 +11,7 @@ turn them on for that device in ``resolve``.
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 from dataclasses import dataclass
 from functools import cache
@@ -34,6 +35,8 @@ class Backend:
     matvec_kernel: mambastep's matvec for products with a few activation rows, and the
         decode step of a whole stack of layers in one call.
     onednn_prompts: oneDNN's matmul for wide float32 prompt products (CPU).
+    triton_kernels: the Triton kernels (``ops.triton``) for the scans, the state updates and the
+        conv step, where no gradient is wanted (CUDA).
     scan_chunk: tokens per block of the chunked PyTorch scans.
     """
 
@@ -41,13 +44,15 @@ class Backend:
     sequence_kernels: bool = False
     matvec_kernel: bool = False
     onednn_prompts: bool = False
+    triton_kernels: bool = False
     scan_chunk: int = 64
 
     def __str__(self) -> str:
         kernels = {True: "mambastep", False: "torch"}
         return (
             f"{self.device}: scans {kernels[self.sequence_kernels]}, matvec {kernels[self.matvec_kernel]}, "
-            f"prompt matmul {'onednn' if self.onednn_prompts else 'torch'}"
+            f"prompt matmul {'onednn' if self.onednn_prompts else 'torch'}, "
+            f"triton {'on' if self.triton_kernels else 'off'}"
         )
 
 
@@ -71,7 +76,30 @@ def resolve(settings: EngineSettings, device: torch.device | str) -> Backend:
         sequence_kernels=_takes_cpp("scan", settings.scan, device),
         matvec_kernel=_takes_cpp("matvec", settings.matvec, device),
         onednn_prompts=device.type == "cpu" and uses_onednn(settings.prompt_matmul),
+        triton_kernels=device.type == "cuda" and settings.scan != "torch" and _has_triton(),
         scan_chunk=settings.scan_chunk,
+    )
+
+
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def load_triton():
+    """``ops.triton``, imported on first use (triton is needed on a GPU only)."""
+    from mambastep.ops import triton
+
+    return triton
+
+
+def takes_triton(backend: Backend, state: Tensor, *inputs: Tensor | None) -> bool:
+    """Whether a scan or a step takes the Triton kernels: where the backend has them, for a
+    float32 state and inputs the kernels read, when no gradient is wanted."""
+    return (
+        backend.triton_kernels
+        and state.dtype == torch.float32
+        and all(t is None or t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in inputs)
+        and not wants_grad(state, *inputs)
     )
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambastep.ops import kernels
-from mambastep.ops.backend import TORCH, Backend, computes_in, wants_grad
+from mambastep.ops.backend import TORCH, Backend, computes_in, load_triton, wants_grad
 
 
 def causal_conv(
@@ -60,7 +60,10 @@ def causal_conv_silu(
         y: (b, l, c) in x's dtype; state: (b, k-1, c).
     """
     if x.shape[1] == 1:
-        y, state = causal_conv_step(x[:, 0], weight, bias, state)  # (b, c)
+        step = causal_conv_step
+        if backend.triton_kernels and x.dtype in KERNEL_DTYPES and not wants_grad(x, weight, bias, state):
+            step = load_triton().conv_step
+        y, state = step(x[:, 0], weight, bias, state)  # (b, c)
         return F.silu(y[:, None]), state
     if backend.sequence_kernels and x.dtype in KERNEL_DTYPES and not wants_grad(x, weight, bias, state):
         return kernels.causal_conv_silu(x, weight, bias, state)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambastep.ops import kernels
-from mambastep.ops.backend import TORCH, Backend
+from mambastep.ops.backend import TORCH, Backend, load_triton, takes_triton
 from mambastep.ops.step import gate, selective_step
 
 DEFAULT_CHUNK = 64
@@ -58,8 +58,13 @@ def selective_scan(
         state = x.new_zeros(x.shape[0], x.shape[2], A.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
     if x.shape[1] == 1:
         one = None if z is None else z[:, 0]
-        y, state = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state, z=one, dt_softplus=dt_softplus)
+        step = selective_step
+        if takes_triton(backend, state, x, dt, A, B, C, D, z):
+            step = load_triton().mamba_state_update
+        y, state = step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state, z=one, dt_softplus=dt_softplus)
         return y[:, None], state  # (b, 1, e)
+    if takes_triton(backend, state, x, dt, A, B, C, D, z):
+        return load_triton().mamba_scan(x, dt, A, B, C, D, state, z=z, dt_softplus=dt_softplus)
     if backend.sequence_kernels:
         return kernels.selective_scan(x, dt, A, B, C, D, state, z, dt_softplus)
     y, state = selective_scan_chunked(x, F.softplus(dt) if dt_softplus else dt, A, B, C, D, state, backend.scan_chunk)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mambastep.ops import kernels
-from mambastep.ops.backend import TORCH, Backend, wants_grad
+from mambastep.ops.backend import TORCH, Backend, load_triton, takes_triton, wants_grad
 from mambastep.ops.step import gate, ssd_step
 
 
@@ -62,8 +62,11 @@ def ssd_scan(
         state = x.new_zeros(b, nh, p, B.shape[3], dtype=torch.promote_types(x.dtype, torch.float32))
     if x.shape[1] == 1:
         one = None if z is None else z[:, 0]
-        y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state, z=one)
+        step = load_triton().mamba2_state_update if takes_triton(backend, state, x, dt, A, B, C, D, z) else ssd_step
+        y, state = step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state, z=one)
         return y[:, None], state  # (b, 1, h, p)
+    if takes_triton(backend, state, x, dt, A, B, C, D, z):
+        return load_triton().mamba2_scan(x, dt, A, B, C, D, state, z=z)
     if backend.sequence_kernels and not wants_grad(x, dt, A, B, C, D, state, z):
         return kernels.ssd_scan(x, dt, A, B, C, D, state, z)
     y, state = ssd_scan_chunked(x, dt, A, B, C, D, state, backend.scan_chunk)
