@@ -43,6 +43,7 @@ Modules:
     stack_step  the decode step of a whole stack of layers in one call
     library     the mambastep:: operator schemas; kernels: their calls
     cpu         the C++ implementations for the CPU, built on first use
+    triton      the Triton kernels for the GPU (scans, state updates, conv step), imported on use
 """
 
 from mambastep.ops.backend import TORCH, Backend, resolve
