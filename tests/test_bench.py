@@ -8,6 +8,7 @@ import torch
 
 from mambastep.cli import main
 from mambastep.evidence.bench import BenchSettings, markdown, matmul_flops_per_token, run_bench
+from mambastep.ops.cpu import build
 
 from conftest import make_hf_checkpoint
 
@@ -40,6 +41,9 @@ def test_report_schema_and_ratios(report):
     assert report["context"]["long_context"] == 40
     assert report["weight_bytes"] > 0 and report["state_bytes_per_sequence"] > 0
     assert "| batch |" in markdown(report)
+    # The path every figure took: the C++ kernels of this build's instruction set, where they ran.
+    assert report["kernels"]["cpu_isa"] == build.load() and "matvec mambastep" in report["kernels"]["backend"]
+    assert f"{build.load()} kernels" in markdown(report)
 
 
 def test_bench_cli_appends_markdown(tmp_path, capsys):
@@ -77,6 +81,7 @@ def test_bench_cli_appends_markdown(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert "transformers_ms_per_step" not in report["decode"][0] and "context" not in report
     assert report["engine"]["matvec"] == "torch" and report["engine"]["huge_pages"] is False
+    assert "matvec torch" in report["kernels"]["backend"]
     assert "int8 weights" in out.read_text() and "matvec torch" in out.read_text() and "4 KiB pages" in out.read_text()
 
 

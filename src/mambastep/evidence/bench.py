@@ -33,7 +33,8 @@ from mambastep.files.checkpoints import model_for, save
 from mambastep.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from mambastep.models.int8 import Int8Linear, quantize_int8
 from mambastep.models.lm import LanguageModel
-from mambastep.ops.backend import computes_in, uses_onednn
+from mambastep.ops.backend import Backend, computes_in, uses_onednn
+from mambastep.ops.cpu import build
 from mambastep.ops.products import onednn_linear
 from mambastep.settings import EngineSettings
 
@@ -188,6 +189,7 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
         "schema": SCHEMA,
         "settings": asdict(s),
         "engine": asdict(ours.settings),
+        "kernels": kernels_taken(ours.backend),
         "threads": torch.get_num_threads(),
         "machine": {
             **cpu_description(),
@@ -277,6 +279,13 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
     return report
 
 
+def kernels_taken(backend: Backend) -> dict:
+    """Which kernels the measured model took: the backend's choice, and the instruction set the
+    C++ CPU kernels were built for (None where none of them runs), so a figure names its path."""
+    uses_cpp = backend.device == "cpu" and (backend.sequence_kernels or backend.matvec_kernel)
+    return {"backend": str(backend), "cpu_isa": build.load() if uses_cpp else None}
+
+
 def markdown(report: dict) -> str:
     """The report as a Markdown section for BENCHMARKS.md."""
     s = report["settings"]
@@ -285,6 +294,7 @@ def markdown(report: dict) -> str:
         f"{s['model']}, {s['dtype']}{', int8 weights' if s['quantize'] else ''}, {report['threads']} threads, "
         f"decode {engine['decode']}, matvec {engine['matvec']}, prompt matmul {engine['prompt_matmul']}"
         f"{'' if engine['huge_pages'] else ', 4 KiB pages'}"
+        f"{', ' + report['kernels']['cpu_isa'] + ' kernels' if report['kernels']['cpu_isa'] else ''}"
     )
     lines = [
         f"### {title}",
