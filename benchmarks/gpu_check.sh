@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 PYTHO
 python3 -c 'import json, torch, triton, transformers; print(json.dumps({"gpu": torch.cuda.get_device_name(),
   "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__}))' \
   | tee "$out/environment.json"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/ops/test_triton.py tests/test_gpu.py -m "gpu or not gpu" \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/ops/test_triton.py tests/test_gpu.py \
   2>&1 | tee "$out/gpu_tests.log"
 tests=$?
 timeout 300 python3 benchmarks/gpu_bench.py > "$out/gpu_bench.json" 2> "$out/gpu_bench.log"
