@@ -5,8 +5,8 @@ settings, and the size the model adds to the package. One JSON document on stdou
 
 The held-out files are the training run's (docs/default-model.md): this Python's standard
 library, `*.py` outside site-packages, text only, held out by the split rule (seed 0, holdout
-0.05). Bits per byte are read as training evaluates: windows of 512 bytes, each from a fresh
-state, every byte but a window's first predicted.
+0.05). Bits per byte are read as training evaluates: windows of 512 tokens, each from a fresh
+state, every token but the text's first predicted (``mambastep.evidence.likelihood``).
 
     python benchmarks/default_quality.py [--model DIR] [--threads 2]
 """
@@ -18,20 +18,18 @@ import codeop
 import gzip
 import json
 import lzma
-import math
 import sys
 import sysconfig
 import time
 import warnings
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import mambastep
 from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.evidence.hardware import cpu_description
+from mambastep.evidence.likelihood import text_bits
 from mambastep.settings import EngineSettings
 from mambastep.training.data import find_files, is_heldout
 from mambastep.training.settings import DataSettings
@@ -60,26 +58,6 @@ def heldout_files() -> list[tuple[str, bytes]]:
     return files
 
 
-@torch.no_grad()
-def nll_bits(model, data: bytes) -> tuple[float, int]:
-    """Total bits the model needs for ``data`` (byte tokens) and the bytes it predicted."""
-    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    pieces = [tokens[start : start + WINDOW + 1] for start in range(0, len(tokens) - 1, WINDOW)]
-    bits, count = 0.0, 0
-    full = [p for p in pieces if len(p) == WINDOW + 1]
-    for batch in range(0, len(full), 32):  # full windows in batches, the last short one alone
-        rows = torch.stack(full[batch : batch + 32])
-        logits, _ = model(rows[:, :-1])
-        bits += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum").item()
-        count += rows[:, 1:].numel()
-    for piece in pieces:
-        if len(piece) < WINDOW + 1 and len(piece) > 1:
-            logits, _ = model(piece[None, :-1])
-            bits += F.cross_entropy(logits[0].float(), piece[1:], reduction="sum").item()
-            count += len(piece) - 1
-    return bits / math.log(2), count
-
-
 def compressed_bits(data: bytes) -> dict:
     return {"xz_-9": 8 * len(lzma.compress(data, preset=9)), "gzip_-9": 8 * len(gzip.compress(data, 9))}
 
@@ -91,8 +69,7 @@ def syntax(model, tokenizer) -> dict:
     passed, failures = 0, []
     for prompt in PROMPTS:
         for seed in range(SAMPLES_PER_PROMPT):
-            params = mambastep.SamplingParams(max_new_tokens=SAMPLE_BYTES, temperature=0.8, seed=seed, ignore_eos=True)
-            text = prompt + "".join(mambastep.generate(model, tokenizer, prompt, params))
+            text = prompt + sample(model, tokenizer, prompt, seed)
             lines = text.split("\n")[:-1]  # complete lines only
             source = ("def _():\n" if prompt.startswith(" ") else "") + "\n".join(lines) + "\n"
             try:
@@ -106,11 +83,27 @@ def syntax(model, tokenizer) -> dict:
     return {"samples": total, "passed": passed, "share": round(passed / total, 3), "failures": failures[:8]}
 
 
-def decode_speed(model, tokenizer, tokens: int = 400) -> float:
+def sample(model, tokenizer, prompt: str, seed: int) -> str:
+    """The first SAMPLE_BYTES bytes (whole characters) the model writes after ``prompt``."""
+    params = mambastep.SamplingParams(max_new_tokens=SAMPLE_BYTES, temperature=0.8, seed=seed, ignore_eos=True)
+    written = b""
+    for piece in mambastep.generate(model, tokenizer, prompt, params):  # a token is at least one byte
+        written += piece.encode("utf-8")
+        if len(written) >= SAMPLE_BYTES:
+            break
+    return written[:SAMPLE_BYTES].decode("utf-8", errors="ignore")
+
+
+def decode_speed(model, tokenizer, tokens: int = 400) -> dict:
+    """Tokens and bytes per second of 400 new tokens after ``def `` (prefill included)."""
     params = mambastep.SamplingParams(max_new_tokens=tokens, temperature=0.8, seed=0, ignore_eos=True)
     start = time.perf_counter()
-    produced = sum(1 for _ in mambastep.generate(model, tokenizer, "def ", params))
-    return round(produced / (time.perf_counter() - start), 1)
+    ids = [token for _, token in mambastep.generate_tokens(model, [tokenizer.encode("def ")], params)]
+    seconds = time.perf_counter() - start
+    return {
+        "tokens_per_s": round(len(ids) / seconds, 1),
+        "bytes_per_s": round(len(tokenizer.decode(ids).encode("utf-8")) / seconds, 1),
+    }
 
 
 def main() -> int:
@@ -122,24 +115,25 @@ def main() -> int:
     tokenizer = mambastep.load_tokenizer(args.model)
     files = heldout_files()
     joined = b"".join(data for _, data in files)
-    bits, count = nll_bits(model, joined)
-    whole = {"bytes": len(joined), "model_bits_per_byte": round(bits / count, 4)}
+    cost = text_bits(model, tokenizer, joined.decode("utf-8"), WINDOW)
+    whole = {"bytes": len(joined), "tokens": cost.tokens, "model_bits_per_byte": round(cost.bits_per_byte, 4)}
     whole |= {f"{k}_bits_per_byte": round(v / len(joined), 4) for k, v in compressed_bits(joined).items()}
     by_file = {"model": 0.0, "xz_-9": 0, "gzip_-9": 0, "bytes": 0, "predicted": 0, "files_below_xz": 0}
     for _, data in tqdm(files, desc="held-out files", file=sys.stderr, disable=None):
-        file_bits, file_count = nll_bits(model, data)
+        cost = text_bits(model, tokenizer, data.decode("utf-8"), WINDOW)
         packed = compressed_bits(data)
-        by_file["model"] += file_bits
-        by_file["predicted"] += file_count
+        by_file["model"] += cost.bits
+        by_file["predicted"] += cost.predicted_bytes
         by_file["bytes"] += len(data)
         by_file["xz_-9"] += packed["xz_-9"]
         by_file["gzip_-9"] += packed["gzip_-9"]
-        by_file["files_below_xz"] += file_bits / max(file_count, 1) < packed["xz_-9"] / len(data)
+        by_file["files_below_xz"] += cost.bits_per_byte < packed["xz_-9"] / len(data)
     report = {
         "model": str(args.model),
         "machine": cpu_description(),
         "threads": args.threads,
         "parameters": model.info()["parameters"],
+        "tokenizer": "bytes" if isinstance(tokenizer, mambastep.ByteTokenizer) else f"{tokenizer.vocab_size} tokens",
         "package_bytes": sum(p.stat().st_size for p in Path(args.model).iterdir() if p.is_file()),
         "heldout_files": len(files),
         "concatenated": whole,
@@ -151,7 +145,7 @@ def main() -> int:
             "gzip_-9_bits_per_byte": round(by_file["gzip_-9"] / by_file["bytes"], 4),
         },
         "syntax": syntax(model, tokenizer),
-        "decode_tokens_per_s": decode_speed(model, tokenizer),
+        "decode": decode_speed(model, tokenizer),
     }
     print(json.dumps(report, indent=1))
     return 0

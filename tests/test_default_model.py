@@ -4,18 +4,17 @@ and writes the samples it shows."""
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mambastep
 from mambastep.cli import main
 from mambastep.cli.common import DEFAULT_MODEL
+from mambastep.evidence.likelihood import text_bits
 
 # Four whole files of CPython 3.11.7's Lib/ that the default model's training held out
 # (seed 0, holdout 0.05): asyncio/trsock.py, cmd.py, ctypes/test/test_keeprefs.py and
@@ -43,25 +42,10 @@ def _one_thread(one_thread):
     """A small model: intra-op threads only wait on each other."""
 
 
-@torch.no_grad()
-def bits_per_byte(model, text: str) -> float:
-    """Cross-entropy in bits per byte of the byte-level ``model`` on ``text``, read in windows of
-    `WINDOW` bytes, each from a fresh state; every byte but the first is predicted."""
-    tokens = torch.tensor(mambastep.load_tokenizer(DEFAULT_MODEL).encode(text), dtype=torch.int64)
-    assert len(tokens) == len(text.encode())  # one token per byte
-    nll, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, WINDOW):
-        piece = tokens[start : start + WINDOW + 1]
-        logits, _ = model(piece[None, :-1])  # (1, q, 256)
-        nll += F.cross_entropy(logits[0].float(), piece[1:], reduction="sum").item()
-        count += len(piece) - 1
-    return nll / count / math.log(2)
-
-
 def check_heldout_bits_per_byte(model) -> float:
     data = SAMPLE.read_bytes()
     assert hashlib.sha256(data).hexdigest() == SAMPLE_SHA256, f"{SAMPLE} changed"
-    bpb = bits_per_byte(model, data.decode("utf-8"))
+    bpb = text_bits(model, mambastep.load_tokenizer(DEFAULT_MODEL), data.decode("utf-8"), WINDOW).bits_per_byte
     assert bpb <= THRESHOLD_BPB, f"{bpb:.4f} bits per byte on the held-out sample, above {THRESHOLD_BPB:.3f}"
     return bpb
 

@@ -19,6 +19,7 @@ from mambastep.cli import main
 from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.families.presets import builtin_config
 from mambastep.files.checkpoints import read_config
+from mambastep.files.tokenizer import train_bpe
 from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, train
 from mambastep.training.checkpoint import read_train_state
 from mambastep.training.data import is_heldout
@@ -152,6 +153,41 @@ def test_the_byte_level_preset_has_the_bundled_models_shape_and_trains_without_a
     with caplog.at_level(logging.WARNING, logger=loop.__name__):
         record = train(settings(corpus, tmp_path / "out", "mamba2-bytes", steps=2, eval_every=0))
     assert record["model"]["parameters"] == 690_064 and not caplog.messages
+
+
+def test_a_bpe_tokenizer_is_learned_from_the_training_files_saved_and_kept_on_resume(corpus, tmp_path, monkeypatch):
+    config = tmp_path / "bpe.json"
+    config.write_text(json.dumps({**TINY["mamba2"], "vocab_size": 300}))
+    data = DataSettings(paths=(str(corpus),), holdout=0.2, seq_len=16, tokenizer="bpe:300")
+    out = tmp_path / "out"
+    record = train(settings(corpus, out, str(config), data=data, stop_after=3))
+    learned = mambastep.load_tokenizer(out / "model")
+    assert learned.vocab_size == 300 and learned.eos_token_id == 0
+    # Learned from the training files only, in path order: the same as train_bpe on them.
+    names = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.py"))
+    training = [(corpus / n).read_text() for n in names if not is_heldout(n, 0, 0.2)]
+    assert learned.tokenizer.to_str() == train_bpe(training, 300).tokenizer.to_str()
+    text = "def f3_7(x):\n    return x * 7 + 3\n"
+    assert len(learned.encode(text)) < len(text.encode()) and learned.decode(learned.encode(text)) == text
+    assert record["data"]["train_tokens"] < record["data"]["train_bytes"]
+    # Resumed, the run reads the saved tokenizer instead of learning one again.
+    saved = (out / "model" / "tokenizer.json").read_bytes()
+    monkeypatch.setattr(loop, "train_bpe", lambda *_: pytest.fail("learned again on resume"))
+    train(settings(corpus, out, str(config), data=data, resume=True))
+    assert (out / "model" / "tokenizer.json").read_bytes() == saved
+    model = mambastep.load(out / "model")
+    params = mambastep.SamplingParams(max_new_tokens=5, temperature=0)
+    assert len(list(mambastep.generate(model, learned, "def ", params))) == 5
+
+
+def test_train_bpe_encodes_any_text_and_is_deterministic():
+    texts = ["def f(x):\n    return x\n" * 20, "class A:\n    pass\n" * 20]
+    one, two = train_bpe(texts, 280), train_bpe(texts, 280)
+    assert one.tokenizer.to_str() == two.tokenizer.to_str()
+    for text in ("déjà vu ☃ 🐍\n\t", "def f(x):\n    return x\n", "\x00\x7f"):
+        assert one.decode(one.encode(text)) == text
+    with pytest.raises(ValueError, match="at least 257 tokens"):
+        train_bpe(texts, 256)
 
 
 def test_warmup_longer_than_the_run_is_warned_of(corpus, tmp_path, caplog):
@@ -347,6 +383,12 @@ def test_bad_inputs_fail_before_training(corpus, tmp_path):
         train(settings(corpus, tmp_path / "d", str(tmp_path / "missing.json")))
     with pytest.raises(TrainingError, match="seq_len must be an integer >= 2"):
         DataSettings(paths=(str(corpus),), seq_len=1)
+    for spec in ("bpe:", "bpe:x", "bpe:100"):
+        with pytest.raises(TrainingError, match="bpe:N needs a whole number N of at least 257"):
+            DataSettings(paths=(str(corpus),), tokenizer=spec)
+    bpe = DataSettings(paths=(str(corpus),), holdout=0.2, seq_len=16, tokenizer="bpe:512")
+    with pytest.raises(TrainingError, match="the tokenizer has 512 tokens but the model's vocab_size is 256"):
+        train(settings(corpus, tmp_path / "f", config, data=bpe))
     assert not (tmp_path / "b" / "train_state.pt").exists()
     # The command line reports the same errors as one line, with a non-zero status.
     assert main(["train", str(empty), "--config", config, "--out", str(tmp_path / "e"), "--no-progress"]) == 1

@@ -82,7 +82,10 @@ def add_parser(sub) -> None:
     )
     source.add_argument("--init", help="checkpoint to fine-tune")
     tr.add_argument(
-        "--tokenizer", default=None, help="'bytes', tokenizer.json or checkpoint (default: --init's, else bytes)"
+        "--tokenizer",
+        default=None,
+        help="'bytes', 'bpe:N' (a byte-level BPE of N tokens learned from the training files, saved with the "
+        "model), tokenizer.json or checkpoint (default: --init's, else bytes)",
     )
     tr.add_argument(
         "--include", action="append", default=[], help="glob on paths relative to a folder, e.g. '*.py' (repeatable)"

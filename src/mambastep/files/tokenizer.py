@@ -2,7 +2,8 @@
 
 Mamba checkpoints on the hub ship the GPT-NeoX tokenizer as ``tokenizer.json``
 (the original state-spaces ones ship none: pass ``EleutherAI/gpt-neox-20b``).
-mambastep's own byte-level models say ``"tokenizer": "bytes"`` in config.json.
+mambastep's own byte-level models say ``"tokenizer": "bytes"`` in config.json;
+``train_bpe`` makes a byte-level BPE tokenizer from text (what ``train --tokenizer bpe:N`` uses).
 
 ``TextStream`` turns a stream of token ids into a stream of text pieces, holding
 back bytes until they form whole UTF-8 characters.
@@ -11,7 +12,7 @@ back bytes until they form whole UTF-8 characters.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -100,6 +101,31 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens included (ids the vocabulary lacks are dropped by `tokenizers`)."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenization) of ``vocab_size`` tokens learned from ``texts``.
+
+    Every byte has a token, so any text encodes; id 0 is ``<|endoftext|>``, the end-of-sequence
+    token. The result depends only on the texts and their order.
+
+    Raises:
+        ValueError: ``vocab_size`` too small to hold the 256 bytes and the special token.
+    """
+    least = len(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + 1
+    if vocab_size < least:
+        raise ValueError(f"a byte-level BPE vocabulary needs at least {least} tokens, got {vocab_size}")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[EOS_TOKENS[0]],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return HFTokenizer(tokenizer)
 
 
 def _find_eos(tokenizer: tokenizers.Tokenizer) -> int | None:

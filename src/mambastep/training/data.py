@@ -131,8 +131,16 @@ def _split(texts: list[tuple[TextFile, bytes]], tokenizer: Tokenizer) -> Split:
     return Split(tuple(f.name for f, _ in texts), tokens, sum(len(data) for _, data in texts))
 
 
-def load_corpus(settings: DataSettings, tokenizer: Tokenizer) -> Corpus:
-    """Read, check, split and tokenize the training text.
+@dataclass(frozen=True)
+class SplitTexts:
+    """The selected files with their bytes, on each side of the split, in path order."""
+
+    train: list[tuple[TextFile, bytes]]
+    heldout: list[tuple[TextFile, bytes]]
+
+
+def read_texts(settings: DataSettings) -> SplitTexts:
+    """Read, check and split the training text.
 
     Raises:
         TrainingError: missing paths, no files, binary files (unless skipped), no text,
@@ -148,7 +156,13 @@ def load_corpus(settings: DataSettings, tokenizer: Tokenizer) -> Corpus:
             f"no file of the {len(texts)} fell in the held-out split (holdout {settings.holdout}); "
             "add files, raise --holdout, or pass --holdout 0 to train without evaluation"
         )
-    return Corpus(_split(train, tokenizer), _split(heldout, tokenizer), b"".join(d for _, d in heldout))
+    return SplitTexts(train, heldout)
+
+
+def tokenize(texts: SplitTexts, tokenizer: Tokenizer) -> Corpus:
+    """Both sides of the split as token streams."""
+    heldout_text = b"".join(d for _, d in texts.heldout)
+    return Corpus(_split(texts.train, tokenizer), _split(texts.heldout, tokenizer), heldout_text)
 
 
 class Lanes:

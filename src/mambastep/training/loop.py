@@ -25,14 +25,14 @@ from tqdm import tqdm
 from mambastep.families import config_from_dict, family_of, parameter_count
 from mambastep.families.presets import BUILTIN_CONFIGS, BYTE_CONFIG, builtin_config
 from mambastep.files.checkpoints import load, read_config, resolve
-from mambastep.files.tokenizer import BYTES, Tokenizer, load_tokenizer
+from mambastep.files.tokenizer import BYTES, Tokenizer, load_tokenizer, train_bpe
 from mambastep.models.config import ConfigError, ModelConfig
 from mambastep.models.lm import LanguageModel
 from mambastep.settings import EngineSettings
 from mambastep.training import distributed
 from mambastep.training.budget import check_fits
 from mambastep.training.checkpoint import read_train_state, write_model, write_train_state
-from mambastep.training.data import Corpus, Lanes, load_corpus
+from mambastep.training.data import Corpus, Lanes, SplitTexts, read_texts, tokenize
 from mambastep.training.distributed import Placement
 from mambastep.training.init import init_for_training
 from mambastep.training.optim import build_optimizer, build_scheduler, lr_factor
@@ -87,20 +87,21 @@ class _Run:
         s, place = self.settings, self.place
         saved = self._saved_state()
         tokenizer_source = s.data.tokenizer or (s.init if s.init is not None else BYTES)
-        self.tokenizer: Tokenizer = load_tokenizer(tokenizer_source)
+        bpe_size = s.data.bpe_vocab_size
+        given = load_tokenizer(tokenizer_source) if bpe_size is None else None
         config = read_config(resolve(s.init)) if s.init is not None else model_config(s.config)
-        if self.tokenizer.vocab_size > config.vocab_size:
-            raise TrainingError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens "
-                f"but the model's vocab_size is {config.vocab_size}"
-            )
+        tokens = bpe_size or given.vocab_size
+        if tokens > config.vocab_size:
+            raise TrainingError(f"the tokenizer has {tokens} tokens but the model's vocab_size is {config.vocab_size}")
         if s.batch_size % place.world:
             raise TrainingError(f"batch_size {s.batch_size} is not a multiple of the {place.world} processes")
         self.local_batch = s.batch_size // place.world
         self.memory_estimate = check_fits(
             config, self.local_batch, self.seq_len, place.world, place.local_world, place.device
         )
-        self.corpus: Corpus = load_corpus(s.data, self.tokenizer)
+        texts = read_texts(s.data)
+        self.tokenizer: Tokenizer = given or self._learned_tokenizer(texts, bpe_size, resuming=saved is not None)
+        self.corpus: Corpus = tokenize(texts, self.tokenizer)
         self.train_lanes = Lanes(
             self.corpus.train.tokens, s.batch_size, self.seq_len, place.rank, place.world, "training", self.seq_len + 1
         )
@@ -129,6 +130,12 @@ class _Run:
         self.net = DistributedDataParallel(model) if place.world > 1 else model
         if place.main:
             self.log = RunLog(self.out, self._header(), RunLog.read(self.out) if saved else None, since=self.step)
+
+    def _learned_tokenizer(self, texts: SplitTexts, vocab_size: int, resuming: bool) -> Tokenizer:
+        """The "bpe:N" tokenizer: learned from the training files, or, on resume, the one saved with the model."""
+        if resuming:
+            return load_tokenizer(self.out / MODEL_DIR)
+        return train_bpe((data.decode("utf-8") for _, data in texts.train), vocab_size)
 
     def _warn_of_traps(self, config: ModelConfig, tokenizer_source: str) -> None:
         """One line on stderr for each setting that runs but does not train as it is likely meant to."""

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 PRECISIONS = ("fp32", "bf16")
+BPE_PREFIX = "bpe:"  # tokenizer "bpe:N": learn a byte-level BPE of N tokens from the training split
+BPE_MIN_VOCAB = 257  # the 256 bytes and the end-of-sequence token
 
 
 class TrainingError(ValueError):
@@ -36,8 +38,9 @@ class DataSettings:
     include / exclude: glob patterns on each file's path relative to its folder;
         a file is read when it matches an include pattern and no exclude pattern.
     skip_binary: leave out files that are not UTF-8 text (else they are an error).
-    tokenizer: "bytes" (byte-level), a tokenizer.json file or a checkpoint directory;
-        None takes the fine-tuned checkpoint's tokenizer, or "bytes".
+    tokenizer: "bytes" (byte-level), "bpe:N" (a byte-level BPE tokenizer of N tokens learned
+        from the training side of the split, saved with the model), a tokenizer.json file or a
+        checkpoint directory; None takes the fine-tuned checkpoint's tokenizer, or "bytes".
     holdout: share of files held out for evaluation, chosen by a hash of
         ``f"{seed}/{relative path}"``, so the split never depends on the order files are found in.
     seed: seeds the split, the model's initialisation and the training windows' offsets.
@@ -66,6 +69,20 @@ class DataSettings:
         _check(self, "holdout", 0.0, 0.5, integer=False)
         _check(self, "seed", 0, 2**31 - 1)
         _check(self, "seq_len", 2)
+        if self.tokenizer is not None and self.tokenizer.startswith(BPE_PREFIX):
+            size = self.tokenizer.removeprefix(BPE_PREFIX)
+            if not size.isdigit() or int(size) < BPE_MIN_VOCAB:
+                raise TrainingError(
+                    f"tokenizer {self.tokenizer!r}: {BPE_PREFIX}N needs a whole number N of at least "
+                    f"{BPE_MIN_VOCAB} (the 256 bytes and an end-of-sequence token), e.g. {BPE_PREFIX}8192"
+                )
+
+    @property
+    def bpe_vocab_size(self) -> int | None:
+        """N of a "bpe:N" tokenizer, else None."""
+        if self.tokenizer is None or not self.tokenizer.startswith(BPE_PREFIX):
+            return None
+        return int(self.tokenizer.removeprefix(BPE_PREFIX))
 
 
 @dataclass(frozen=True)
