@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mambastep
-from mambastep.files.tokenizer import ByteTokenizer
+from mambastep.files.tokenizer import ByteTokenizer, train_bpe
 from mambastep.runtime.generation import StopFilter, generate, generate_batch, generate_tokens
 from mambastep.runtime.sampling import SamplingParams, _draw, _outside_nucleus, sample
 
@@ -403,3 +403,34 @@ def test_generate_rejects_bad_input(byte_model):
         generate(byte_model, tok, "a", max_tokens=3)
     with pytest.raises(ValueError, match="temperature"):
         generate(byte_model, tok, "a", temperature=-1)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A BPE tokenizer of 300 tokens, and a random Mamba-2 of that vocabulary."""
+    text = "def f(x):\n    return x + 1\n\nclass A:\n    def g(self):\n        pass\n" * 30
+    torch.manual_seed(0)
+    config = mambastep.Mamba2Config(d_model=16, n_layer=2, vocab_size=300, d_state=4, head_dim=8)
+    return mambastep.Mamba2LM(config).eval(), train_bpe([text], 300)
+
+
+def test_a_prompt_ending_in_a_whitespace_token_is_healed(bpe):
+    model, tok = bpe
+    ids = tok.encode("def ")
+    assert tok.decode(ids[-1:]) == " " and len(ids) == 2  # "def" then a lone space
+    # The reference: read "def", then the first token drawn among those that start with " ".
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    logits, state = model.prefill(torch.tensor([ids[:-1]]))
+    starts = torch.tensor([tok.decode([i]).startswith(" ") for i in range(model.config.vocab_size)])
+    generated = [int(logits[0].masked_fill(~starts, -math.inf).argmax())]
+    for _ in range(5):
+        logits, state = model.step(torch.tensor(generated[-1:]), state)
+        generated.append(int(logits[0].argmax()))
+    expected = tok.decode(generated)
+    assert expected.startswith(" ")
+    assert "".join(generate(model, tok, "def ", params)) == expected[1:]  # the prompt's space is not said twice
+    # A prompt whose last token is not whitespace alone is read whole.
+    ids = tok.encode("def f")
+    whole = tok.decode([t for _, t in generate_tokens(model, [ids], params)])
+    assert "".join(generate(model, tok, "def f", params)) == whole
+    assert generate_batch(model, tok, ["def ", "def f"], params) == [expected[1:], whole]

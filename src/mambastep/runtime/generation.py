@@ -6,6 +6,11 @@ decodes one token per live sequence; a finished sequence leaves the batch.
 ``generate_from_state`` runs the same decoding from a sequence already read into a
 state (its last logits and state), which is how a ``Session`` continues a stream.
 
+A text prompt that ends in a token of whitespace alone ("def " is "def", " " to a BPE
+tokenizer, which joins a space to the word after it) is healed: the space goes back out of
+the prompt, and the first new token must start with it. Its text leaves out the space the
+prompt already holds, so the completion reads on from the prompt as it was written.
+
     for piece in generate(model, tok, "Mamba is", max_new_tokens=50):
         print(piece, end="", flush=True)
 """
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mambastep.files.tokenizer import TextStream, Tokenizer
+from mambastep.files.tokenizer import ByteTokenizer, TextStream, Tokenizer
 from mambastep.models.lm import LanguageModel
 from mambastep.models.state import ModelState
 from mambastep.runtime.sampling import SamplingParams, generator, sample
@@ -151,7 +156,9 @@ def generate(
     params = _resolve(tokenizer, params, overrides)
     ids = [_encode(tokenizer, prompt)]
     _check_prompts(model, ids, params)
-    pieces = _text_pieces(model, tokenizer, partial(_prefill, model, ids), _seen(ids, params), params)
+    read, healed = zip(*(_heal(tokenizer, prompt) for prompt in ids))
+    start = _healed_start(model, tokenizer, partial(_prefill, model, list(read)), healed)
+    pieces = _text_pieces(model, tokenizer, start, _seen(ids, params), params, healed=healed)
     return (piece for _, piece in pieces)
 
 
@@ -227,8 +234,10 @@ def generate_batch(
     params = _resolve(tokenizer, params, overrides)
     ids = [_encode(tokenizer, prompt, i) for i, prompt in enumerate(prompts)]
     _check_prompts(model, ids, params)
+    read, healed = zip(*(_heal(tokenizer, prompt) for prompt in ids))
+    start = _healed_start(model, tokenizer, partial(_prefill, model, list(read)), healed)
     pieces: list[list[str]] = [[] for _ in prompts]
-    for i, piece in _text_pieces(model, tokenizer, partial(_prefill, model, ids), _seen(ids, params), params):
+    for i, piece in _text_pieces(model, tokenizer, start, _seen(ids, params), params, healed=healed):
         pieces[i].append(piece)
     return ["".join(p) for p in pieces]
 
@@ -255,6 +264,37 @@ def _encode(tokenizer: Tokenizer, prompt: str, index: int = 0) -> list[int]:
     return tokenizer.encode(prompt)
 
 
+def _heal(tokenizer: Tokenizer, ids: list[int]) -> tuple[list[int], str]:
+    """A prompt's ids to read, and the whitespace its last token held if that token is taken back
+    out (see the module's docstring; "" when the prompt is read whole: byte-level tokenizers, a
+    prompt of one token, a last token that is not whitespace alone)."""
+    if isinstance(tokenizer, ByteTokenizer) or len(ids) < 2:
+        return ids, ""
+    tail = tokenizer.decode(ids[-1:])
+    return (ids[:-1], tail) if tail.isspace() else (ids, "")
+
+
+def _healed_start(
+    model: LanguageModel, tokenizer: Tokenizer, start: Callable[[], tuple[Tensor, ModelState]], healed: Sequence[str]
+) -> Callable[[], tuple[Tensor, ModelState]]:
+    """``start``, with the first logits of each healed sequence limited to tokens that begin with its text."""
+    if not any(healed):
+        return start
+
+    def healed_start() -> tuple[Tensor, ModelState]:
+        logits, state = start()  # (b, vocab)
+        texts = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+        logits = logits.clone()
+        for row, text in enumerate(healed):
+            if text:
+                allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                allowed[[i for i, t in enumerate(texts) if t.startswith(text)]] = True
+                logits[row].masked_fill_(~allowed, float("-inf"))
+        return logits, state
+
+    return healed_start
+
+
 def _text_pieces(
     model: LanguageModel,
     tokenizer: Tokenizer,
@@ -262,11 +302,21 @@ def _text_pieces(
     seen: list[set[int]],
     params: SamplingParams,
     on_token: Callable[[int, int], None] | None = None,
+    healed: Sequence[str] = (),
 ) -> Iterator[tuple[int, str]]:
     """(sequence index, text piece) as tokens arrive; stop strings end a sequence.
 
-    ``start`` and ``seen`` are as for ``_decode``; ``on_token(index, token)`` sees every token."""
+    ``start`` and ``seen`` are as for ``_decode``; ``on_token(index, token)`` sees every token;
+    ``healed[i]``: text the prompt already holds that sequence i's first token begins with."""
     cancelled: set[int] = set()
+    skip = [len(text) for text in healed] or [0] * len(seen)  # characters not to emit again
+
+    def unsaid(i: int, piece: str) -> str:
+        """``piece`` without what is left of sequence i's healed text."""
+        cut = min(skip[i], len(piece))
+        skip[i] -= cut
+        return piece[cut:]
+
     streams = [TextStream(tokenizer) for _ in seen]
     filters = [StopFilter(params.stop) for _ in seen]
     eos = None if params.ignore_eos else params.eos_token_id
@@ -275,13 +325,13 @@ def _text_pieces(
             on_token(i, token)
         if token == eos:
             continue  # ends the sequence; not part of the text
-        piece = filters[i].push(streams[i].push(token))
+        piece = filters[i].push(unsaid(i, streams[i].push(token)))
         if filters[i].stopped:
             cancelled.add(i)
         if piece:
             yield i, piece
     for i, (stream, stop_filter) in enumerate(zip(streams, filters)):
-        piece = stop_filter.push(stream.flush()) + stop_filter.flush()
+        piece = stop_filter.push(unsaid(i, stream.flush())) + stop_filter.flush()
         if piece:
             yield i, piece
 
