@@ -17,13 +17,16 @@ import torch
 
 import mambastep
 from mambastep import ops
-from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.serve.local_postgres import PostgresServer
 from mambastep.settings import EngineSettings
 
 # PyTorch's operators only, and mambastep's C++ kernels (built on first use): the two backends
 # every fast path is tested between. CPP is resolved by the ``cpp`` fixture, which builds them.
 TORCH = ops.TORCH
+
+# A trained byte-level Mamba-2 (690k parameters, the bundled default model until 2026-12-04;
+# tests/data/README.md): the servers and sessions of the tests read text one byte per token.
+BYTE_MODEL = Path(__file__).parent / "data" / "byte-model"
 
 # Tolerances per dtype for fast ops against the float64 reference.
 TOL = {
@@ -189,9 +192,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def local(one_thread):
-    """The bundled model and its tokenizer in this process, on one thread (as the test servers run)."""
-    model = mambastep.load(DEFAULT_MODEL, settings=EngineSettings(threads=1))
-    return model, mambastep.load_tokenizer(DEFAULT_MODEL)
+    """The byte-level test model and its tokenizer in this process, on one thread (as the test servers run)."""
+    model = mambastep.load(BYTE_MODEL, settings=EngineSettings(threads=1))
+    return model, mambastep.load_tokenizer(BYTE_MODEL)
 
 
 @pytest.fixture

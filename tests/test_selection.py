@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import mambastep
 from mambastep.cli import main
+from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.evidence.selection import (
     SelectionTrace,
     escape_label,
@@ -255,15 +257,17 @@ def test_cli_ids_on_a_tiny_model_without_tokenizer(tmp_path, capsys):
 
 def test_cli_text_on_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "sel.png"
-    assert main(["inspect", "--input", "The cat sat on the mat.\n", "--highlight-ids", "32", "--out", str(out)]) == 0
+    [period] = mambastep.load_tokenizer(DEFAULT_MODEL).encode(".")
+    text = "The cat sat on the mat.\n"
+    assert main(["inspect", "--input", text, "--highlight-ids", str(period), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out}" in printed and "layer 5" in printed and "highlighted / other" in printed
+    assert f"wrote {out}" in printed and "layer 7" in printed and "highlighted / other" in printed
     read_png(out)
     text = tmp_path / "in.txt"
     text.write_text("hello\n", encoding="utf-8")
     assert main(["inspect", "--input-file", str(text), "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["family"] == "mamba2" and summary["tokens"] == 6 and len(summary["layers"]) == 6
+    assert summary["family"] == "mamba2" and summary["tokens"] == 2 and len(summary["layers"]) == 8  # "hello", "\n"
 
 
 @pytest.mark.parametrize(
@@ -274,7 +278,7 @@ def test_cli_text_on_the_bundled_model(tmp_path, capsys):
             "inspect needs a state space model (mamba, mamba_lti, mamba2), got gpt_neox",
         ),
         (["--input", ""], "empty input"),
-        (["--ids", "1,256"], "token id 256 is outside the model's vocabulary [0, 256)"),
+        (["--ids", "1,8192"], "token id 8192 is outside the model's vocabulary [0, 8192)"),
         (["--ids", "1,x"], "--ids takes comma-separated integer token ids"),
         (["--input-file", "/nonexistent/in.txt"], "no input file at /nonexistent/in.txt"),
         (["--model", "/nonexistent/dir", "--ids", "1"], "no checkpoint directory at /nonexistent/dir"),

@@ -1,4 +1,7 @@
-"""`mambastep stream` end to end through pipes: reports, save, resume, continuations, Ctrl-C."""
+"""`mambastep stream` end to end through pipes: reports, save, resume, continuations, Ctrl-C.
+
+Bytes go to a small byte-level model with random weights (the stream's mechanics do not need
+trained ones); text lines go to the bundled default model through its tokenizer."""
 
 import io
 import json
@@ -22,17 +25,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return mambastep.load(DEFAULT_MODEL)
+def model_dir(tmp_path_factory):
+    """A byte-level Mamba-2 of 2 layers, random weights."""
+    torch.manual_seed(0)
+    small = mambastep.Mamba2LM(mambastep.Mamba2Config(d_model=32, n_layer=2, vocab_size=256, d_state=8, head_dim=16))
+    return mambastep.save(small, tmp_path_factory.mktemp("bytes"), extra_config={"tokenizer": "bytes"})
 
 
-def stream(*args, data: bytes, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mambastep.cli", "stream", "--threads", "1", *args],
-        input=data,
-        capture_output=True,
-        timeout=timeout,
-    )
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return mambastep.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def command(model_dir) -> list[str]:
+    return [sys.executable, "-m", "mambastep.cli", "stream", "--model", str(model_dir), "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def stream(command):
+    """Runs `mambastep stream` on the byte-level model with ``data`` on stdin."""
+
+    def run(*args, data: bytes, timeout: int = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *args], input=data, capture_output=True, timeout=timeout)
+
+    return run
 
 
 def reports(stderr: bytes) -> list[dict]:
@@ -40,7 +57,7 @@ def reports(stderr: bytes) -> list[dict]:
     return [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
 
 
-def test_a_pipe_is_read_saved_and_resumed(model, tmp_path):
+def test_a_pipe_is_read_saved_and_resumed(model, stream, tmp_path):
     first, second = tmp_path / "a.session", tmp_path / "b.session"
     result = stream("--save-state", str(first), "--json", "--report-every", "0", data=TEXT[:1500])
     assert result.returncode == 0, result.stderr
@@ -58,7 +75,7 @@ def test_a_pipe_is_read_saved_and_resumed(model, tmp_path):
     torch.testing.assert_close(resumed.logits, direct.logits, atol=1e-4, rtol=1e-4)
 
 
-def test_a_session_file_is_never_replaced_unasked(model, tmp_path):
+def test_a_session_file_is_never_replaced_unasked(model, stream, tmp_path):
     path = tmp_path / "s.session"
     assert stream("--save-state", str(path), data=TEXT[:300]).returncode == 0
     saved = path.read_bytes()
@@ -86,9 +103,10 @@ def test_saving_over_another_session_is_checked_before_reading(model, tmp_path):
     StreamSettings(resume=first, save_state=second, overwrite=True)
 
 
-def test_reports_continue_while_the_input_is_idle(tmp_path):
-    command = [sys.executable, "-m", "mambastep.cli", "stream", "--threads", "1", "--json", "--report-every", "0.2"]
-    child = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+def test_reports_continue_while_the_input_is_idle(command):
+    child = subprocess.Popen(
+        [*command, "--json", "--report-every", "0.2"], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         child.stdin.write(TEXT[:100])
         child.stdin.flush()
@@ -106,14 +124,14 @@ def test_reports_continue_while_the_input_is_idle(tmp_path):
         child.stderr.close()
 
 
-def test_continuations_come_from_a_fork(model, tmp_path):
+def test_continuations_come_from_a_fork(model, stream, tmp_path):
     path = tmp_path / "s.session"
     args = ["--generate-every", "64", "--temperature", "0", "--max-new-tokens", "8", "--ignore-eos"]
     result = stream(*args, "--save-state", str(path), "--json", data=TEXT[:200])
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert [line["tokens"] for line in lines] == [64, 128, 192]
-    session = Session(model, mambastep.load_tokenizer(DEFAULT_MODEL))
+    session = Session(model, mambastep.ByteTokenizer())
     for line in lines:
         session.feed(TEXT[session.position : line["tokens"]])
         assert "".join(session.fork().generate(SamplingParams(temperature=0, max_new_tokens=8))) == line["continuation"]
@@ -121,7 +139,7 @@ def test_continuations_come_from_a_fork(model, tmp_path):
 
 
 def test_continuations_in_text_are_marked(model):
-    tok, out = mambastep.load_tokenizer(DEFAULT_MODEL), io.StringIO()
+    tok, out = mambastep.ByteTokenizer(), io.StringIO()
     params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
     settings = StreamSettings(input="bytes", generate_every=100, params=params)
     run_stream(settings, model, tok, io.BytesIO(TEXT[:250]), out, io.StringIO())
@@ -129,7 +147,7 @@ def test_continuations_in_text_are_marked(model):
     assert headers == ["--- continuation after 100 tokens ---", "--- continuation after 200 tokens ---"]
 
 
-def test_token_ids(model, tmp_path):
+def test_token_ids(model, stream, tmp_path):
     path = tmp_path / "s.session"
     result = stream("--ids", "--save-state", str(path), data=b"1 2 3\n4 5\n6")
     assert result.returncode == 0, result.stderr
@@ -140,22 +158,10 @@ def test_token_ids(model, tmp_path):
     assert "Traceback" not in result.stderr.decode()
 
 
-def test_ctrl_c_saves_the_state(model, tmp_path):
+def test_ctrl_c_saves_the_state(model, command, tmp_path):
     path = tmp_path / "s.session"
     child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mambastep.cli",
-            "stream",
-            "--threads",
-            "1",
-            "--save-state",
-            str(path),
-            "--json",
-            "--report-every",
-            "0",
-        ],
+        [*command, "--save-state", str(path), "--json", "--report-every", "0"],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -184,8 +190,8 @@ def run(model, tokenizer, data: bytes, **settings) -> tuple[int, str, list[dict]
     return status, out.getvalue(), reports(err.getvalue().encode())
 
 
-def test_text_lines_go_through_the_tokenizer(model):
-    tok = mambastep.load_tokenizer(DEFAULT_MODEL)
+def test_text_lines_go_through_the_tokenizer():
+    model, tok = mambastep.load(DEFAULT_MODEL), mambastep.load_tokenizer(DEFAULT_MODEL)
     status, _, events = run(model, tok, TEXT[:300], input="text")
     assert status == 0 and events[-1]["tokens"] == len(tok.encode(TEXT[:300].decode()))
     with pytest.raises(ValueError, match="not UTF-8 text"):

@@ -147,12 +147,17 @@ def test_a_vocabulary_larger_than_the_tokenizers_is_warned_of(corpus, tmp_path, 
     assert "--config mamba2-bytes" in line
 
 
-def test_the_byte_level_preset_has_the_bundled_models_shape_and_trains_without_a_warning(corpus, tmp_path, caplog):
-    assert builtin_config("mamba2-bytes") == read_config(DEFAULT_MODEL)
-    assert isinstance(mambastep.load_tokenizer(DEFAULT_MODEL), mambastep.ByteTokenizer)
+def test_the_byte_level_preset_trains_without_a_warning(corpus, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger=loop.__name__):
         record = train(settings(corpus, tmp_path / "out", "mamba2-bytes", steps=2, eval_every=0))
     assert record["model"]["parameters"] == 690_064 and not caplog.messages
+
+
+def test_the_bpe_preset_and_tokenizer_are_the_bundled_models():
+    """docs/default-model.md trains the bundled model with --config mamba2-bpe8k --tokenizer bpe:8192."""
+    assert builtin_config("mamba2-bpe8k") == read_config(DEFAULT_MODEL)
+    tokenizer = mambastep.load_tokenizer(DEFAULT_MODEL)
+    assert isinstance(tokenizer, mambastep.HFTokenizer) and tokenizer.vocab_size == 8192
 
 
 def test_a_bpe_tokenizer_is_learned_from_the_training_files_saved_and_kept_on_resume(corpus, tmp_path, monkeypatch):

@@ -13,9 +13,10 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from mambastep import SamplingParams, Session
-from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.serve.cluster import REPLICA_HEADER, app_builder, creates_session, session_of
 from mambastep.serve.process import free_port
+
+from conftest import BYTE_MODEL
 
 GREEDY = {"max_tokens": 8, "temperature": 0}
 
@@ -94,7 +95,7 @@ def test_the_documented_config_file_builds(tmp_path):
     assert getattr(importlib.import_module(module), name) is app_builder
     keys = tmp_path / "keys"
     keys.write_text("a-key-of-enough-length\n")
-    built = app_builder({**app["args"], "model": str(DEFAULT_MODEL), "api_keys_file": str(keys)})
+    built = app_builder({**app["args"], "model": str(BYTE_MODEL), "api_keys_file": str(keys)})
     assert isinstance(built, serve.Application)
     with pytest.raises(SystemExit):  # a key that is not a flag is refused as the command line refuses it
         app_builder({"no_such_flag": 2})

@@ -12,9 +12,9 @@ import httpx
 
 import mambastep
 from mambastep import Session
-from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.serve.sqlite_store import SQLiteStore
 
+from conftest import BYTE_MODEL
 from servers import start_server
 
 FEEDS = [f"values.append({i} * {i})\n" for i in range(400)]
@@ -109,7 +109,7 @@ def test_servers_on_one_postgresql_database_share_sessions_and_outlive_its_outag
             assert http.get(f"/v1/sessions/{sid}").status_code == 503
 
             own_postgres.start()
-            assert http.get("/health").json() == {"status": "ok", "model": "mambastep-default"}
+            assert http.get("/health").json() == {"status": "ok", "model": BYTE_MODEL.name}
             after = http.post(f"/v1/sessions/{sid}/feed", json={"text": "text.split()"}).json()
             assert (after["position"], after["version"]) == (fed["position"] + len("text.split()"), fed["version"] + 1)
     finally:
@@ -127,7 +127,7 @@ def test_health_is_503_while_the_model_loads(tmp_path):
 
     def load():
         loaded.wait(60)
-        return mambastep.load(DEFAULT_MODEL), mambastep.load_tokenizer(DEFAULT_MODEL)
+        return mambastep.load(BYTE_MODEL), mambastep.load_tokenizer(BYTE_MODEL)
 
     app = create_app(ServeSettings(data_dir=tmp_path / "data"), load)
     with TestClient(app) as http:
@@ -151,7 +151,7 @@ def test_idle_sessions_hold_no_lock(tmp_path):
 
     app = create_app(
         ServeSettings(data_dir=tmp_path / "data", sessions_in_memory=2),
-        lambda: (mambastep.load(DEFAULT_MODEL), mambastep.load_tokenizer(DEFAULT_MODEL)),
+        lambda: (mambastep.load(BYTE_MODEL), mambastep.load_tokenizer(BYTE_MODEL)),
     )
     with TestClient(app) as http:
         deadline = time.monotonic() + 60

@@ -101,7 +101,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "compiled: torch.compile the decode step, faster per token only without those kernels (e.g. --matvec torch); "
         "every run first traces it (4-5 s on a 2-core Xeon; the first run on a machine also compiles, 10-20 s more, "
         "cached in TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), so it pays off after about "
-        "500 tokens of a 130M model, 3,000 of the bundled one (BENCHMARKS.md)",
+        "500 tokens of a 130M model, 3,000 of a 690k-parameter one (BENCHMARKS.md)",
     )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's)")
     parser.add_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mambastep.families.presets import BYTE_CONFIG
+from mambastep.families.presets import BPE_CONFIG, BYTE_CONFIG
 from mambastep.training import DataSettings, OptimSettings, TrainSettings, train
 from mambastep.training.settings import PRECISIONS
 
@@ -77,8 +77,9 @@ def add_parser(sub) -> None:
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--config",
-        help=f"built-in config name ({BYTE_CONFIG}: the bundled model's shape, byte-level, 690k parameters, "
-        "a start for text read as bytes), or a config.json file (Hugging Face or state-spaces format)",
+        help=f"built-in config name ({BYTE_CONFIG}: byte-level, 690k parameters, a start for text read as bytes; "
+        f"{BPE_CONFIG}: the bundled model's shape, 5.6M parameters, for --tokenizer bpe:8192), or a config.json "
+        "file (Hugging Face or state-spaces format)",
     )
     source.add_argument("--init", help="checkpoint to fine-tune")
     tr.add_argument(

@@ -1,5 +1,5 @@
-"""Built-in configurations of the published model sizes, for use with random weights, and a
-small byte-level one to train from.
+"""Built-in configurations of the published model sizes, for use with random weights, and two
+small ones to train from.
 
 Benchmarks, ``mambastep info``, ``cost`` and ``compare`` need only a model's shape, not
 its trained weights, so they run offline on these (``files.checkpoints.model_for`` and
@@ -10,9 +10,10 @@ those of the released checkpoints: state-spaces/mamba-*, state-spaces/mamba2-*
 (vocabulary 50,304, rotary on a quarter of each head, 4x MLP, parallel residual).
 Their vocabularies are those of the GPT-NeoX tokenizer, not of bytes.
 
-``mamba2-bytes`` (``BYTE_CONFIG``) is the shape of the bundled default model
-(``assets/default``): a byte-level Mamba-2 of 690k parameters, a start for ``mambastep train``
-on text read as bytes, its default tokenizer.
+``mamba2-bytes`` (``BYTE_CONFIG``) is a byte-level Mamba-2 of 690k parameters, a start for
+``mambastep train`` on text read as bytes, its default tokenizer. ``mamba2-bpe8k``
+(``BPE_CONFIG``) is the shape of the bundled default model (``assets/default``): a Mamba-2 of
+5.6M parameters for a tokenizer of 8,192 tokens (``train --tokenizer bpe:8192``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _PYTHIA = {
 }
 
 BYTE_CONFIG = "mamba2-bytes"
+BPE_CONFIG = "mamba2-bpe8k"
 
 BUILTIN_CONFIGS: dict[str, ModelConfig] = {
     **{f"mamba-{size}": MambaConfig(d_model=d, n_layer=n, vocab_size=50280) for size, (d, n) in _MAMBA.items()},
@@ -47,6 +49,7 @@ BUILTIN_CONFIGS: dict[str, ModelConfig] = {
         for size, (d, n, h) in _PYTHIA.items()
     },
     BYTE_CONFIG: Mamba2Config(d_model=128, n_layer=6, vocab_size=256, d_state=32, head_dim=32, expand=2),
+    BPE_CONFIG: Mamba2Config(d_model=256, n_layer=8, vocab_size=8192, d_state=64, head_dim=64, expand=2),
 }
 
 
