@@ -116,7 +116,8 @@ PUBLISHED_SIZES = {
     "pythia-1b": 1.0e9,
     "pythia-1.4b": 1.4e9,
     "pythia-2.8b": 2.8e9,
-    "mamba2-bytes": 690_064,  # the bundled default model's shape (docs/default-model.md)
+    "mamba2-bytes": 690_064,  # a byte-level start for `mambastep train`
+    "mamba2-bpe8k": 5_553_600,  # the bundled default model's shape (docs/default-model.md)
 }
 
 

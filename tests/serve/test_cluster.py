@@ -23,14 +23,15 @@ GREEDY = {"max_tokens": 8, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def cluster(postgres):
-    """The application on a local Ray cluster (2 CPUs): two replicas, one thread each, their
-    sessions in PostgreSQL (made by ``app_builder``, as ``serve run`` and config files do)."""
+    """The application on a local Ray cluster (2 CPUs): two replicas of the byte-level test model,
+    one thread each, their sessions in PostgreSQL (made by ``app_builder``, as ``serve run`` and config files do)."""
     port = free_port()
     store = postgres.create_database()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app_builder({"replicas": 2, "threads": 1, "store": store}), name="mambastep", route_prefix="/")
+        app = app_builder({"model": str(BYTE_MODEL), "replicas": 2, "threads": 1, "store": store})
+        serve.run(app, name="mambastep", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             yield http
     finally:
