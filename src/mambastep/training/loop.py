@@ -100,7 +100,9 @@ class _Run:
             config, self.local_batch, self.seq_len, place.world, place.local_world, place.device
         )
         texts = read_texts(s.data)
-        self.tokenizer: Tokenizer = given or self._learned_tokenizer(texts, bpe_size, resuming=saved is not None)
+        if given is None:
+            given = self._learned_tokenizer(texts, bpe_size, resuming=saved is not None)
+        self.tokenizer: Tokenizer = given
         self.corpus: Corpus = tokenize(texts, self.tokenizer)
         self.train_lanes = Lanes(
             self.corpus.train.tokens, s.batch_size, self.seq_len, place.rank, place.world, "training", self.seq_len + 1

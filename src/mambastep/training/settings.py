@@ -69,20 +69,29 @@ class DataSettings:
         _check(self, "holdout", 0.0, 0.5, integer=False)
         _check(self, "seed", 0, 2**31 - 1)
         _check(self, "seq_len", 2)
-        if self.tokenizer is not None and self.tokenizer.startswith(BPE_PREFIX):
-            size = self.tokenizer.removeprefix(BPE_PREFIX)
-            if not size.isdigit() or int(size) < BPE_MIN_VOCAB:
-                raise TrainingError(
-                    f"tokenizer {self.tokenizer!r}: {BPE_PREFIX}N needs a whole number N of at least "
-                    f"{BPE_MIN_VOCAB} (the 256 bytes and an end-of-sequence token), e.g. {BPE_PREFIX}8192"
-                )
+        _bpe_vocab_size(self.tokenizer)  # a malformed "bpe:N" fails here
 
     @property
     def bpe_vocab_size(self) -> int | None:
         """N of a "bpe:N" tokenizer, else None."""
-        if self.tokenizer is None or not self.tokenizer.startswith(BPE_PREFIX):
-            return None
-        return int(self.tokenizer.removeprefix(BPE_PREFIX))
+        return _bpe_vocab_size(self.tokenizer)
+
+
+def _bpe_vocab_size(tokenizer: str | None) -> int | None:
+    """N of a "bpe:N" tokenizer, else None.
+
+    Raises:
+        TrainingError: "bpe:" followed by anything but a whole number of at least ``BPE_MIN_VOCAB``.
+    """
+    if tokenizer is None or not tokenizer.startswith(BPE_PREFIX):
+        return None
+    size = tokenizer.removeprefix(BPE_PREFIX)
+    if not size.isdigit() or int(size) < BPE_MIN_VOCAB:
+        raise TrainingError(
+            f"tokenizer {tokenizer!r}: {BPE_PREFIX}N needs a whole number N of at least "
+            f"{BPE_MIN_VOCAB} (the 256 bytes and an end-of-sequence token), e.g. {BPE_PREFIX}8192"
+        )
+    return int(size)
 
 
 @dataclass(frozen=True)
