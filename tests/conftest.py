@@ -37,6 +37,42 @@ TOL = {
 }
 
 
+ACTIVATION_MAX = 127 * 128  # int8 weights multiply activations rounded to integers of this size
+
+
+def activations_as_multiplied(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """What the matvec kernel multiplies weights of each storage by (in x's dtype): the
+    activations as they are (float32 weights), as the sum of the bfloat16 nearest to them and the
+    bfloat16 nearest to the rest (bfloat16 weights), or rounded per row to integers of at most
+    ACTIVATION_MAX times the row's largest magnitude / ACTIVATION_MAX (int8 weights)."""
+    if weight_dtype is torch.bfloat16:
+        x32 = x.float()
+        high = x32.bfloat16().float()
+        return (high + (x32 - high).bfloat16().float()).to(x.dtype)
+    if weight_dtype is torch.int8:  # in float32 operations, as the kernel computes q and the scale
+        x32 = x.float()
+        largest = x32.abs().amax(-1, keepdim=True)
+        q = (x32 * (ACTIVATION_MAX / largest)).round().clamp(-ACTIVATION_MAX, ACTIVATION_MAX)
+        return torch.where(largest > 0, q.double() * (largest / ACTIVATION_MAX).double(), 0.0).to(x.dtype)
+    return x
+
+
+def round_product_inputs(model: torch.nn.Module, weight_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Make a reference model's linear layers take their inputs as the matvec kernel does for
+    weights of ``weight_dtype`` (each layer's own weights' where None), whatever path their
+    products then take."""
+    from mambastep.models.int8 import Int8Linear
+    from mambastep.models.linear import Linear
+
+    for module in model.modules():
+        if isinstance(module, (Linear, Int8Linear)):
+            dtype = weight_dtype or (torch.int8 if isinstance(module, Int8Linear) else module.weight.dtype)
+            module.register_forward_pre_hook(
+                lambda _, args, d=dtype: (activations_as_multiplied(args[0], d), *args[1:])
+            )
+    return model
+
+
 def _perturb(model: torch.nn.Module, seed: int) -> None:
     """Move every weight off its initial value so that no term is trivially zero or one."""
     gen = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ import mambastep
 from mambastep.models.int8 import Int8Linear
 from mambastep.ops.products import CONVERTED_ROWS
 
-from conftest import TORCH, make_hf_checkpoint
+from conftest import TORCH, activations_as_multiplied, make_hf_checkpoint
 
 
 @pytest.mark.parametrize("out_features", [36, 2 * CONVERTED_ROWS + 17])  # one block; two and a part
@@ -39,7 +39,9 @@ def test_int8_model_stays_close_to_float(tmp_path, family):
     last, state = int8.prefill(tokens[:, :10])
     for t in range(10, 30):
         last, state = int8.step(tokens[:, t], state)
-    torch.testing.assert_close(last, got[:, -1], atol=1e-4, rtol=1e-4)
+    # The steps' products take their inputs rounded per row to 15-bit integers (the matvec
+    # kernel); the whole forward's (120 rows) multiply them as they are.
+    torch.testing.assert_close(last, got[:, -1], atol=2e-3, rtol=2e-3)
 
 
 def test_int8_refuses_what_it_cannot_do(tmp_path):
@@ -63,5 +65,9 @@ def test_int8_linear_takes_the_kernel_up_to_its_row_limit(cpp):
             x = torch.randn(rows, 40)
             assert takes_matvec(x, q.weight_int8, cpp) == (rows <= WIDE_MATVEC_ROWS)
             want = torch.nn.functional.linear(x, q.dequantized(), linear.bias)
-            for backend in (cpp, TORCH):
-                torch.testing.assert_close(q(x, backend), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(q(x, TORCH), want, atol=1e-5, rtol=1e-5)
+            if takes_matvec(x, q.weight_int8, cpp):  # its inputs rounded per row to 15-bit integers
+                want = torch.nn.functional.linear(
+                    activations_as_multiplied(x, torch.int8), q.dequantized(), linear.bias
+                )
+            torch.testing.assert_close(q(x, cpp), want, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from mambastep.ops import kernels
 from mambastep.ops.reference import selective_scan_ref
 
+from conftest import activations_as_multiplied
+
 pytestmark = pytest.mark.usefixtures("cpp")  # the kernels, built and loaded
 
 
@@ -263,24 +265,66 @@ def _matvec_inputs(m, k, n, dtype, seed=0):
         (64, 100, 34),
         (17, 40, 9),
         (21, 33, 8),
+        (3, 130, 47),
+        (40, 64, 32),
     ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matvec_matches_reference(dtype, m, k, n, with_bias):
     """Every weight storage; row counts across the 8-row groups and, from 16 rows, the blocks
     (4 activation rows x 3 weight rows, 2 x 6 for float32 weights on AVX2) with every partial
-    block of each; lengths around the 8- and 16-lane vectors."""
+    block of each; lengths around the 8- and 16-lane vectors. With AMX (bfloat16 and int8
+    weights, from 2 rows): blocks of 16 weight rows with a partial last one, groups of up to 16
+    activation rows, and rows of k past the last whole tile (32 bfloat16, 64 int8 weights)."""
     matvec = kernels.matvec
     x, weight, scale, bias = _matvec_inputs(m, k, n, dtype)
     bias = bias if with_bias else None
     w64 = weight.double() * (scale.double()[:, None] if scale is not None else 1)  # (n, k)
-    expected = x.double() @ w64.T + (bias.double() if with_bias else 0)
+    x64 = activations_as_multiplied(x.double(), dtype)
+    expected = x64 @ w64.T + (bias.double() if with_bias else 0)
     got = matvec(x, weight, scale, bias)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     # float32 products and sums (-ffast-math orders them freely): a few float32 roundings of
     # the sum of |terms|.
-    bound = 4e-7 * (x.double().abs() @ w64.abs().T) * (k**0.5 + 1) + 1e-6
+    bound = 4e-7 * (x64.abs() @ w64.abs().T) * (k**0.5 + 1) + 1e-6
     assert ((got.double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_matvec_int8_sums_are_exact_over_long_rows_and_a_bad_row_stays_bad(m):
+    """Rows of 6,000 activations at the largest magnitudes (the tiles' int32 sums, the high and
+    low bytes recombined in 64 bits), and a row holding a NaN or an infinity: NaN out, the
+    other rows untouched."""
+    matvec = kernels.matvec
+    k, n = 6000, 20
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(m, k, generator=g).sign() * 3.0
+    weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    weight[:, : k // 2] = 127
+    scale = torch.rand(n, generator=g) / 127
+    x64, w64 = activations_as_multiplied(x.double(), torch.int8), weight.double() * scale.double()[:, None]
+    bound = 4e-7 * (x64.abs() @ w64.abs().T) * (k**0.5 + 1)  # as test_matvec_matches_reference
+    assert ((matvec(x, weight, scale, None).double() - x64 @ w64.T).abs() <= bound).all()
+    for bad in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[0, 17] = bad
+        got = matvec(x_bad, weight, scale, None)
+        assert got[0].isnan().all()
+        if m > 1:
+            assert torch.equal(got[1:], matvec(x[1:], weight, scale, None))
+
+
+def test_matvec_reports_each_weight_types_path():
+    """float32 weights take the build's vector kernels; bfloat16 and int8 weights the AMX tiles
+    where the CPU has them, the build uses them and Linux grants them (from 2 rows)."""
+    paths = torch.ops.mambastep.cpu_matvec_paths()
+    isa = torch.ops.mambastep.cpu_kernels_isa()
+    tiles = (
+        "amx from 2 rows"
+        if " amx_bf16 " in _cpu_flags() and os.environ.get("MAMBASTEP_CPU_ISA", "native") == "native"
+        else isa
+    )
+    assert paths == f"float32 {isa}, bfloat16 {tiles}, int8 {tiles}"
 
 
 def test_matvec_keeps_leading_dimensions_and_takes_any_float_input():
@@ -337,11 +381,13 @@ KERNEL_TESTS = [
 @pytest.mark.skipif(
     os.environ.get("MAMBASTEP_CPU_ISA", "native") != "native", reason="run from the native build's tests"
 )
-@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_every_kernel_test_passes_in_a_narrower_build(isa):
     """The kernels' tests again, in a process whose kernels are built for a narrower instruction
-    set (AVX-512 off; AVX2 off too: the plain loops), so that every branch of the C++ code is
-    compiled and tested on a machine that has the wider one."""
+    set (AMX off; AVX-512 off too; AVX2 off too: the plain loops), so that every branch of the
+    C++ code is compiled and tested on a machine that has the wider one."""
+    if isa == "avx512" and " amx_bf16 " not in _cpu_flags():
+        pytest.skip("this CPU has no AMX: the native build is the AVX-512 one")
     if isa == "avx2" and " avx2 " not in _cpu_flags():
         pytest.skip("this CPU has no AVX2")
     root = Path(__file__).parents[2]

@@ -280,10 +280,15 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
 
 
 def kernels_taken(backend: Backend) -> dict:
-    """Which kernels the measured model took: the backend's choice, and the instruction set the
-    C++ CPU kernels were built for (None where none of them runs), so a figure names its path."""
+    """Which kernels the measured model took: the backend's choice, the instruction set the C++
+    CPU kernels were built for, and the path each weight type's products take (None where none
+    of them runs), so a figure names its path."""
     uses_cpp = backend.device == "cpu" and (backend.sequence_kernels or backend.matvec_kernel)
-    return {"backend": str(backend), "cpu_isa": build.load() if uses_cpp else None}
+    return {
+        "backend": str(backend),
+        "cpu_isa": build.load() if uses_cpp else None,
+        "matvec_paths": torch.ops.mambastep.cpu_matvec_paths() if uses_cpp and backend.matvec_kernel else None,
+    }
 
 
 def markdown(report: dict) -> str:
@@ -295,6 +300,7 @@ def markdown(report: dict) -> str:
         f"decode {engine['decode']}, matvec {engine['matvec']}, prompt matmul {engine['prompt_matmul']}"
         f"{'' if engine['huge_pages'] else ', 4 KiB pages'}"
         f"{', ' + report['kernels']['cpu_isa'] + ' kernels' if report['kernels']['cpu_isa'] else ''}"
+        f"{' (products: ' + report['kernels']['matvec_paths'] + ')' if report['kernels'].get('matvec_paths') else ''}"
     )
     lines = [
         f"### {title}",

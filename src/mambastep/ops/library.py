@@ -39,8 +39,10 @@ SCHEMAS = (
     "Tensor[] ssm_states, float eps, int reuse_bytes) -> Tensor[]",
     "mamba2_layers_step(Tensor residual, Tensor?[] params, Tensor?[] head, Tensor[] conv_states, "
     "Tensor[] ssm_states, float eps, int n_groups, float dt_min, float dt_max, int reuse_bytes) -> Tensor[]",
-    # what the CPU build is: its instruction set, and the names of its layers' parameter lists
+    # what the CPU build is: its instruction set, the path of each weight type's products, and the
+    # names of its layers' parameter lists
     "cpu_kernels_isa() -> str",
+    "cpu_matvec_paths() -> str",
     "cpu_layers_step_params(str kind) -> str[]",
 )
 

@@ -9,9 +9,9 @@ well under a second, without the build tools. A build says so in one line, and i
 second line counts the seconds until it ends.
 
 ``MAMBASTEP_CPU_ISA`` chooses the instruction set of the build: "native" (the default: this
-CPU's widest), "avx2" (AVX-512 switched off) or "portable" (neither AVX2 nor AVX-512: the
-kernels' plain loops). The tests build every one, so every branch of the kernels is compiled
-and tested on any x86 machine.
+CPU's widest, AMX tiles included), "avx512" (the AMX tiles switched off), "avx2" (AVX-512
+switched off too) or "portable" (neither AVX2 nor AVX-512: the kernels' plain loops). The
+tests build every one the CPU can run, so every branch of the kernels is compiled and tested.
 """
 
 from __future__ import annotations
@@ -35,13 +35,22 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [
-    HERE / name for name in ("selective_scan.cpp", "ssd_scan.cpp", "causal_conv.cpp", "matvec.cpp", "mamba_step.cpp")
+    HERE / name
+    for name in (
+        "selective_scan.cpp",
+        "ssd_scan.cpp",
+        "causal_conv.cpp",
+        "matvec.cpp",
+        "amx_matmul.cpp",
+        "mamba_step.cpp",
+    )
 ]
-HEADERS = [HERE / "vector_math.h"]
+HEADERS = [HERE / "vector_math.h", HERE / "amx_matmul.h"]
 COMMON_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {
     "native": ["-march=native", "-mprefer-vector-width=512"],
+    "avx512": ["-march=native", "-mprefer-vector-width=512", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"],
     "avx2": ["-march=native", "-mno-avx512f"],  # also switches off every AVX-512 extension
     "portable": ["-march=x86-64-v2"] if X86 else [],
 }

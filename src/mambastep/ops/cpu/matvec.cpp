@@ -4,20 +4,33 @@
 // its speed is the speed at which the weights stream from memory. This kernel reads each
 // weight element once per call, whatever its storage (float32, bfloat16, or int8 with a
 // float32 scale per output row), converts it to float32 in registers and multiplies it into
-// up to kGroup activation rows at a time; the activations and the accumulation stay float32.
-// A weight row is re-read from L1 for each further group of kGroup activation rows.
-// Threads split the output rows.
+// up to kGroup activation rows at a time, accumulating in float32. A weight row is re-read
+// from L1 for each further group of kGroup activation rows. Threads split the output rows.
+//
+// What the weights multiply, in every path: float32 weights the activations as they are;
+// bfloat16 weights the activations as the sum of two bfloat16 (16 significant bits; a
+// bfloat16 model's activations as they are); int8 weights the activations rounded per row to
+// integers of about 15 bits times a scale. These forms let CPUs with AMX multiply in tiles
+// (amx_matmul.cpp), where a batch of sequences costs the weights' reading alone; elsewhere the
+// same values go through the float32 kernels, so that every path computes the same products.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
+#include "amx_matmul.h"
 #include "vector_math.h"
 
 namespace {
+
+using mambastep::kActivationMax;
 
 constexpr int kGroup = 8;  // activation rows multiplied per pass over a weight row
 // From this many activation rows (a batch of sequences) the products go by blocks of activation
@@ -289,6 +302,62 @@ void matvec_impl(const float* x, const W* w, const float* scale, const float* bi
   });
 }
 
+// x as the sum of two bfloat16 (bf16_pair), as float32 (exact): what bfloat16 weights multiply.
+std::vector<float> as_bf16_pairs(const float* x, int64_t count) {
+  std::vector<float> out(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const auto pair = mambastep::bf16_pair(x[i]);
+    out[i] = mambastep::bf16_value(pair.high) + mambastep::bf16_value(pair.low);
+  }
+  return out;
+}
+
+// x (m, k) as integers q of at most kActivationMax times a scale per row: what int8 weights
+// multiply. A row holding a NaN or an infinity gets a NaN scale, so its products are NaN.
+struct QuantizedRows {
+  std::vector<int16_t> q;     // (m, k)
+  std::vector<float> scale;   // (m,)
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k) {
+  QuantizedRows out{std::vector<int16_t>(m * k), std::vector<float>(m)};
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    float largest = 0.f;
+    bool finite = true;
+    for (int64_t i = 0; i < k; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &row[i], sizeof bits);
+      finite &= (bits & 0x7f800000u) != 0x7f800000u;
+      largest = std::max(largest, std::abs(row[i]));
+    }
+    const float inverse = finite && largest > 0.f ? kActivationMax / largest : 0.f;
+    out.scale[r] = finite ? largest / kActivationMax : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t i = 0; i < k; ++i) {
+      const long v = std::lrint(row[i] * inverse);
+      out.q[r * k + i] = static_cast<int16_t>(std::clamp<long>(v, -kActivationMax, kActivationMax));
+    }
+  }
+  return out;
+}
+
+// q * scale per row, as float32: the quantized activations for the float32 kernels.
+std::vector<float> dequantized(const QuantizedRows& x, int64_t m, int64_t k) {
+  std::vector<float> out(m * k);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < k; ++i) out[r * k + i] = x.q[r * k + i] * x.scale[r];
+  return out;
+}
+
+#if defined(MAMBASTEP_AMX)
+// From this many activation rows products with bfloat16 and int8 weights go to the AMX tiles
+// where the OS grants them. A single row streams its weights faster through the vector
+// kernels (int8 5.6-5.9 against 7.8 ms for mamba-130m's products, bfloat16 level at 12.2 ms;
+// 8 rows: int8 14.2-14.4 against 8.5-9.2 ms, bfloat16 15.1-16.4 against 11.9; BENCHMARKS.md).
+constexpr int64_t kAmxFrom = 2;
+bool takes_amx(int64_t m) { return m >= kAmxFrom && mambastep::amx::available(); }
+#endif
+
 }  // namespace
 
 // x: (m, k) float32; weight: (n, k) float32, bfloat16 or int8; scale: (n,) float32, required
@@ -325,13 +394,30 @@ torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& weight,
     case torch::kFloat32:
       matvec_impl(xp, weight.data_ptr<float>(), scale_ptr, bias_ptr, yp, m, k, n);
       break;
-    case torch::kBFloat16:
-      matvec_impl(xp, reinterpret_cast<const uint16_t*>(weight.data_ptr()), scale_ptr, bias_ptr,
-                  yp, m, k, n);
+    case torch::kBFloat16: {
+      const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+#if defined(MAMBASTEP_AMX)
+      if (takes_amx(m)) {
+        mambastep::amx::matmul_bf16(xp, w, bias_ptr, yp, m, k, n);
+        break;
+      }
+#endif
+      matvec_impl(as_bf16_pairs(xp, m * k).data(), w, scale_ptr, bias_ptr, yp, m, k, n);
       break;
-    case torch::kInt8:
-      matvec_impl(xp, weight.data_ptr<int8_t>(), scale_ptr, bias_ptr, yp, m, k, n);
+    }
+    case torch::kInt8: {
+      const auto quantized = quantize_rows(xp, m, k);
+      const int8_t* w = weight.data_ptr<int8_t>();
+#if defined(MAMBASTEP_AMX)
+      if (takes_amx(m)) {
+        mambastep::amx::matmul_int8(quantized.q.data(), quantized.scale.data(), w, scale_ptr, bias_ptr, yp,
+                                    m, k, n);
+        break;
+      }
+#endif
+      matvec_impl(dequantized(quantized, m, k).data(), w, scale_ptr, bias_ptr, yp, m, k, n);
       break;
+    }
     default:
       TORCH_CHECK(false, "matvec: weights must be float32, bfloat16 or int8, got ",
                   weight.scalar_type());
@@ -350,5 +436,18 @@ std::string cpu_kernels_isa() {
 #endif
 }
 
+// The path each weight type's products take on this CPU, e.g. "float32 avx512, bfloat16 amx,
+// int8 amx": what a benchmark records beside its figures.
+std::string cpu_matvec_paths() {
+  std::string vector = cpu_kernels_isa(), tiles = vector;
+#if defined(MAMBASTEP_AMX)
+  if (mambastep::amx::available()) tiles = kAmxFrom > 1 ? "amx from " + std::to_string(kAmxFrom) + " rows" : "amx";
+#endif
+  return "float32 " + vector + ", bfloat16 " + tiles + ", int8 " + tiles;
+}
+
 TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("matvec", &matvec); }
-TORCH_LIBRARY_IMPL(mambastep, CompositeExplicitAutograd, m) { m.impl("cpu_kernels_isa", &cpu_kernels_isa); }
+TORCH_LIBRARY_IMPL(mambastep, CompositeExplicitAutograd, m) {
+  m.impl("cpu_kernels_isa", &cpu_kernels_isa);
+  m.impl("cpu_matvec_paths", &cpu_matvec_paths);
+}

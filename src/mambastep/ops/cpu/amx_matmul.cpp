@@ -1,0 +1,217 @@
+// AMX products for matvec.cpp: y = x W^T for up to 16 activation rows at a time.
+//
+// A tile multiply takes 16 weight rows x 64 bytes of them (32 bfloat16 or 64 int8 weights per
+// row) against the same stretch of every activation row, so a decode step's products cost the
+// weights' reading and almost nothing else: the FMAs of a batch of 8 sequences, which bound
+// the AVX-512 kernels, are gone. The activations are laid out as the tiles want them (pairs of
+// bfloat16, quadruples of int8, per activation row) once per call; the weights are read as
+// they are stored. Result tile: 16 weight rows x the activation rows, float32 or int32.
+#include "amx_matmul.h"
+
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+
+#if defined(MAMBASTEP_AMX)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#if defined(MAMBASTEP_AMX)
+namespace mambastep::amx {
+namespace {
+
+constexpr int kTileRows = 16;   // weight rows per tile multiply
+constexpr int kTileBytes = 64;  // bytes of each of them per tile multiply
+constexpr int kMaxCols = 16;    // activation rows per result tile
+
+// GCC's tile intrinsics name only the first 8 bytes of the memory they read or write, so the
+// compiler may drop stores into a buffer before a tile reads it, or keep stale values of one
+// a tile wrote: every such buffer is passed through this barrier.
+inline void memory_barrier() { asm volatile("" ::: "memory"); }
+
+// Tiles 0 and 1: results (weight rows x activation rows, 4 bytes each); 2: weights; 3 and 4:
+// activations. The configuration belongs to the thread, so each thread's share sets it up
+// and releases the tiles at its end.
+class Tiles {
+ public:
+  explicit Tiles(int cols) {
+    struct alignas(64) {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t colsb[16] = {};
+      uint8_t rows[16] = {};
+    } config;
+    for (int t = 0; t < 5; ++t) {
+      config.rows[t] = kTileRows;
+      config.colsb[t] = t == 2 ? kTileBytes : static_cast<uint16_t>(4 * cols);
+    }
+    memory_barrier();
+    _tile_loadconfig(&config);
+  }
+  ~Tiles() { _tile_release(); }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+};
+
+// The weights of one block of 16 rows: the matrix's own rows, or (for a last block of fewer)
+// a zero-padded copy; and the last stretch of each row zero-padded to a whole tile. While the
+// first pass over a block loads it, the next block's lines are asked into L2 at the same pace.
+template <typename W>
+class WeightBlock {
+ public:
+  static constexpr int64_t kStep = kTileBytes / sizeof(W);  // weights of a row per tile multiply
+
+  WeightBlock(const W* w, int64_t k, int64_t n) : k_(k), w_(w), end_(reinterpret_cast<const char*>(w + n * k)) {}
+
+  // Points at the block of rows from `row`, `rows` of them (<= 16).
+  void select(int64_t row, int rows) {
+    rows_ = w_ + row * k_;
+    next_ = reinterpret_cast<const char*>(rows_ + kTileRows * k_);
+    if (rows < kTileRows) {
+      padded_.assign(kTileRows * k_, W(0));
+      std::copy(rows_, rows_ + rows * k_, padded_.begin());
+      rows_ = padded_.data();
+    }
+  }
+  // Loads the stretch from column i into tile 2; with `ahead`, asks for the next block's
+  // share of lines for this stretch.
+  void load(int64_t i, bool ahead) {
+    if (ahead) {
+      const char* line = next_ + (i / kStep) * kTileRows * kTileBytes;
+      for (int l = 0; l < kTileRows && line < end_; ++l, line += kTileBytes) _mm_prefetch(line, _MM_HINT_T1);
+    }
+    if (i + kStep <= k_) {
+      _tile_loadd(2, rows_ + i, k_ * sizeof(W));
+      return;
+    }
+    std::fill(&edge_[0][0], &edge_[0][0] + kTileRows * kStep, W(0));
+    for (int r = 0; r < kTileRows; ++r) std::copy(rows_ + r * k_ + i, rows_ + (r + 1) * k_, edge_[r]);
+    memory_barrier();
+    _tile_loadd(2, edge_, kTileBytes);
+  }
+
+ private:
+  int64_t k_;
+  const W* w_;
+  const char* end_;
+  const W* rows_ = nullptr;
+  const char* next_ = nullptr;
+  std::vector<W> padded_;
+  alignas(64) W edge_[kTileRows][kStep];
+};
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// For each block of 16 weight rows (threads split them) and each group of `cols` activation
+// rows: results zeroed, multiply(group, i) for every stretch i of k with the weights in tile
+// 2, then emit(group, first weight row, weight rows). A block's weights are read from memory
+// once, for the first group; the others find them in cache.
+template <typename W, typename Multiply, typename Emit>
+void tile_products(const W* w, int64_t k, int64_t n, int cols, int64_t groups, Multiply multiply, Emit emit) {
+  constexpr int64_t kStep = WeightBlock<W>::kStep;
+  const int64_t kp = round_up(k, kStep);
+  const int64_t blocks = (n + kTileRows - 1) / kTileRows;
+  // Blocks per thread task: enough weights (~16k) to be worth a thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kTileRows * std::max<int64_t>(k, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    Tiles tiles(cols);
+    WeightBlock<W> weights(w, k, n);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t o = block * kTileRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, n - o));
+      weights.select(o, rows);
+      for (int64_t g = 0; g < groups; ++g) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t i = 0; i < kp; i += kStep) {
+          weights.load(i, g == 0 && block + 1 < end);
+          multiply(g, i);
+        }
+        emit(g, o, rows);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool available() {
+  // Linux hands out the tiles' 8 KiB of register state per process on request.
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                        18 /* XFEATURE_XTILEDATA */) == 0;
+  return permitted;
+}
+
+// Activation rows go by groups of up to 16 (the result tile's columns), each group packed as
+// the tiles take it: (k / per, cols, per) for `per` values of k per 4 bytes; rows past m are zeros.
+void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t k,
+                 int64_t n) {
+  const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
+  const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<uint16_t>::kStep);
+  // x = high + low, both bfloat16, multiplied separately: per group (kp / 2, cols, 2) each.
+  std::vector<uint16_t> high(groups * kp * cols, 0), low(groups * kp * cols, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t group = (r / cols) * kp * cols, c = r % cols;
+    for (int64_t i = 0; i < k; ++i) {
+      const auto pair = bf16_pair(x[r * k + i]);
+      const int64_t at = group + (i / 2) * 2 * cols + 2 * c + i % 2;
+      high[at] = pair.high;
+      low[at] = pair.low;
+    }
+  }
+  tile_products(
+      w, k, n, cols, groups,
+      [&](int64_t g, int64_t i) {
+        _tile_loadd(3, high.data() + g * kp * cols + i * cols, 4 * cols);
+        _tile_loadd(4, low.data() + g * kp * cols + i * cols, 4 * cols);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(0, 2, 4);
+      },
+      [&](int64_t g, int64_t o, int rows) {
+        alignas(64) float out[kTileRows][kMaxCols];
+        _tile_stored(0, out, sizeof out[0]);
+        memory_barrier();
+        for (int64_t c = 0; c < cols && g * cols + c < m; ++c)
+          for (int r = 0; r < rows; ++r) y[(g * cols + c) * n + o + r] = out[r][c] + (bias ? bias[o + r] : 0.f);
+      });
+}
+
+void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const float* w_scale,
+                 const float* bias, float* y, int64_t m, int64_t k, int64_t n) {
+  const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
+  const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<int8_t>::kStep);
+  // q = 128 hi + lo, both signed bytes, multiplied separately: per group (kp / 4, cols, 4) each.
+  std::vector<int8_t> hi(groups * kp * cols, 0), lo(groups * kp * cols, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t group = (r / cols) * kp * cols, c = r % cols;
+    for (int64_t i = 0; i < k; ++i) {
+      const int v = q[r * k + i], low = ((v + 64) & 127) - 64;
+      const int64_t at = group + (i / 4) * 4 * cols + 4 * c + i % 4;
+      lo[at] = static_cast<int8_t>(low);
+      hi[at] = static_cast<int8_t>((v - low) / 128);
+    }
+  }
+  tile_products(
+      w, k, n, cols, groups,
+      [&](int64_t g, int64_t i) {
+        _tile_loadd(3, hi.data() + g * kp * cols + i * cols, 4 * cols);
+        _tile_loadd(4, lo.data() + g * kp * cols + i * cols, 4 * cols);
+        _tile_dpbssd(0, 2, 3);
+        _tile_dpbssd(1, 2, 4);
+      },
+      [&](int64_t g, int64_t o, int rows) {
+        alignas(64) int32_t out_hi[kTileRows][kMaxCols], out_lo[kTileRows][kMaxCols];
+        _tile_stored(0, out_hi, sizeof out_hi[0]);
+        _tile_stored(1, out_lo, sizeof out_lo[0]);
+        memory_barrier();
+        for (int64_t c = 0; c < cols && g * cols + c < m; ++c)
+          for (int r = 0; r < rows; ++r) {
+            const auto sum = static_cast<float>(int64_t{out_hi[r][c]} * 128 + out_lo[r][c]);
+            y[(g * cols + c) * n + o + r] = sum * q_scale[g * cols + c] * w_scale[o + r] + (bias ? bias[o + r] : 0.f);
+          }
+      });
+}
+
+}  // namespace mambastep::amx
+#endif
