@@ -10,6 +10,8 @@
 
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(MAMBASTEP_AMX)
@@ -134,6 +136,24 @@ void tile_products(const W* w, int64_t k, int64_t n, int cols, int64_t groups, M
   });
 }
 
+// The activations (m, k) as the tiles take them, each value split in two parts by
+// split(row, i) -> (first, second): by groups of `cols` rows, per group (kp / per, cols, per)
+// for the `per` values of a row in 4 bytes; rows past m and columns past k are zeros.
+template <typename T, typename Split>
+std::pair<std::vector<T>, std::vector<T>> split_and_pack(int64_t m, int64_t k, int cols, int64_t kp, Split split) {
+  constexpr int64_t per = 4 / sizeof(T);
+  const int64_t groups = (m + cols - 1) / cols;
+  std::vector<T> first(groups * kp * cols, T(0)), second(groups * kp * cols, T(0));
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t group = (r / cols) * kp * cols, c = r % cols;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t at = group + (i / per) * per * cols + per * c + i % per;
+      std::tie(first[at], second[at]) = split(r, i);
+    }
+  }
+  return {std::move(first), std::move(second)};
+}
+
 }  // namespace
 
 bool available() {
@@ -143,23 +163,16 @@ bool available() {
   return permitted;
 }
 
-// Activation rows go by groups of up to 16 (the result tile's columns), each group packed as
-// the tiles take it: (k / per, cols, per) for `per` values of k per 4 bytes; rows past m are zeros.
+// Activation rows go by groups of up to 16 (the result tile's columns), packed by split_and_pack.
 void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t k,
                  int64_t n) {
   const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
   const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<uint16_t>::kStep);
-  // x = high + low, both bfloat16, multiplied separately: per group (kp / 2, cols, 2) each.
-  std::vector<uint16_t> high(groups * kp * cols, 0), low(groups * kp * cols, 0);
-  for (int64_t r = 0; r < m; ++r) {
-    const int64_t group = (r / cols) * kp * cols, c = r % cols;
-    for (int64_t i = 0; i < k; ++i) {
-      const auto pair = bf16_pair(x[r * k + i]);
-      const int64_t at = group + (i / 2) * 2 * cols + 2 * c + i % 2;
-      high[at] = pair.high;
-      low[at] = pair.low;
-    }
-  }
+  // x = high + low, both bfloat16, multiplied separately.
+  const auto [high, low] = split_and_pack<uint16_t>(m, k, cols, kp, [&](int64_t r, int64_t i) {
+    const auto pair = bf16_pair(x[r * k + i]);
+    return std::pair{pair.high, pair.low};
+  });
   tile_products(
       w, k, n, cols, groups,
       [&](int64_t g, int64_t i) {
@@ -181,17 +194,11 @@ void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const 
                  const float* bias, float* y, int64_t m, int64_t k, int64_t n) {
   const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
   const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<int8_t>::kStep);
-  // q = 128 hi + lo, both signed bytes, multiplied separately: per group (kp / 4, cols, 4) each.
-  std::vector<int8_t> hi(groups * kp * cols, 0), lo(groups * kp * cols, 0);
-  for (int64_t r = 0; r < m; ++r) {
-    const int64_t group = (r / cols) * kp * cols, c = r % cols;
-    for (int64_t i = 0; i < k; ++i) {
-      const int v = q[r * k + i], low = ((v + 64) & 127) - 64;
-      const int64_t at = group + (i / 4) * 4 * cols + 4 * c + i % 4;
-      lo[at] = static_cast<int8_t>(low);
-      hi[at] = static_cast<int8_t>((v - low) / 128);
-    }
-  }
+  // q = 128 hi + lo, both signed bytes, multiplied separately.
+  const auto [hi, lo] = split_and_pack<int8_t>(m, k, cols, kp, [&](int64_t r, int64_t i) {
+    const int v = q[r * k + i], low = ((v + 64) & 127) - 64;
+    return std::pair{static_cast<int8_t>((v - low) / 128), static_cast<int8_t>(low)};
+  });
   tile_products(
       w, k, n, cols, groups,
       [&](int64_t g, int64_t i) {
