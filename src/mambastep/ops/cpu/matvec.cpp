@@ -39,12 +39,7 @@ constexpr int64_t kBlockedFrom = 16;
 
 inline float to_float(float w) { return w; }
 inline float to_float(int8_t w) { return static_cast<float>(w); }
-inline float to_float(uint16_t w) {  // bfloat16 bits: the high half of a float32
-  const uint32_t bits = static_cast<uint32_t>(w) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+inline float to_float(uint16_t w) { return mambastep::bf16_value(w); }  // bfloat16 bits
 
 // The vector instructions a build has: SimdF32 holds kLanes floats and loads kLanes weights
 // of any storage as floats. AVX-512 and AVX2 (with FMA) builds get one; others the portable loop.
@@ -436,12 +431,12 @@ std::string cpu_kernels_isa() {
 #endif
 }
 
-// The path each weight type's products take on this CPU, e.g. "float32 avx512, bfloat16 amx,
-// int8 amx": what a benchmark records beside its figures.
+// The path each weight type's products take on this CPU, e.g. "float32 avx512, bfloat16 amx
+// from 2 rows, int8 amx from 2 rows": what a benchmark records beside its figures.
 std::string cpu_matvec_paths() {
   std::string vector = cpu_kernels_isa(), tiles = vector;
 #if defined(MAMBASTEP_AMX)
-  if (mambastep::amx::available()) tiles = kAmxFrom > 1 ? "amx from " + std::to_string(kAmxFrom) + " rows" : "amx";
+  if (mambastep::amx::available()) tiles = "amx from " + std::to_string(kAmxFrom) + " rows";
 #endif
   return "float32 " + vector + ", bfloat16 " + tiles + ", int8 " + tiles;
 }
