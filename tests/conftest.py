@@ -45,10 +45,14 @@ def activations_as_multiplied(x: torch.Tensor, weight_dtype: torch.dtype) -> tor
     activations as they are (float32 weights), as the sum of the bfloat16 nearest to them and the
     bfloat16 nearest to the rest (bfloat16 weights), or rounded per row to integers of at most
     ACTIVATION_MAX times the row's largest magnitude / ACTIVATION_MAX (int8 weights)."""
-    if weight_dtype is torch.bfloat16:
+    if weight_dtype is torch.bfloat16:  # infinities and NaNs as they are; finite beyond bfloat16's range: its largest
         x32 = x.float()
         high = x32.bfloat16().float()
-        return (high + (x32 - high).bfloat16().float()).to(x.dtype)
+        truncated = (x32.view(torch.int32) & -65536).view(torch.float32)
+        finite = x32.isfinite()
+        high = torch.where(finite & high.isinf(), truncated, high)
+        rest = torch.where(finite, x32 - high, 0.0).bfloat16().float()
+        return (high + rest).to(x.dtype)
     if weight_dtype is torch.int8:  # in float32 operations, as the kernel computes q and the scale
         x32 = x.float()
         largest = x32.abs().amax(-1, keepdim=True)

@@ -314,6 +314,29 @@ def test_matvec_int8_sums_are_exact_over_long_rows_and_a_bad_row_stays_bad(m):
             assert torch.equal(got[1:], matvec(x[1:], weight, scale, None))
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_matvec_bfloat16_weights_take_infinities_and_the_edges_of_the_range(m):
+    """Against bfloat16 weights an infinite activation gives infinities of the right signs (not
+    NaN), a NaN gives NaN, a float32 one step above a bfloat16 keeps that step (the low part of
+    the pair), and a finite activation beyond the largest bfloat16 stays finite."""
+    matvec = kernels.matvec
+    weight = torch.tensor([[1.0], [-2.0]]).bfloat16()  # (2, 1)
+    above_three = torch.nextafter(torch.tensor(3.0), torch.tensor(4.0)).item()
+    # halfway between the largest bfloat16 and infinity: rounds to infinity as one bfloat16
+    past_bfloat16 = torch.tensor(0x7F7F8000, dtype=torch.int32).view(torch.float32).item()
+    for value, expected in [
+        (float("inf"), [float("inf"), float("-inf")]),
+        (float("-inf"), [float("-inf"), float("inf")]),
+        (above_three, [above_three, -2 * above_three]),
+        (past_bfloat16, [past_bfloat16, float("-inf")]),  # -2x overflows float32 as it would anyway
+    ]:
+        x = torch.full((m, 1), value)
+        got = matvec(x, weight, None, None)
+        assert torch.equal(got, torch.tensor([expected] * m)), (value, got)
+        assert torch.equal(activations_as_multiplied(x, torch.bfloat16), x)
+    assert matvec(torch.full((m, 1), float("nan")), weight, None, None).isnan().all()
+
+
 def test_matvec_reports_each_weight_types_path():
     """float32 weights take the build's vector kernels; bfloat16 and int8 weights the AMX tiles
     where the CPU has them, the build uses them and Linux grants them (from 2 rows)."""

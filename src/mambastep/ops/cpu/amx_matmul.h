@@ -29,14 +29,20 @@ inline float bf16_value(uint16_t bits) {
 
 // The activations that multiply bfloat16 weights: f as the sum of two bfloat16, high = the
 // nearest to f and low = the nearest to the rest (16 significant bits; f itself where it is
-// a bfloat16 already, as in a bfloat16 model).
+// a bfloat16 already, as in a bfloat16 model). A finite f beyond the largest bfloat16 takes
+// that largest one as its high part; an infinity or a NaN is its own high part, with no rest.
+// (The bit tests stand where f == f would: -ffast-math folds that to true.)
 struct Bf16Pair {
   uint16_t high, low;
 };
 inline Bf16Pair bf16_pair(float f) {
-  const uint16_t high = bf16_bits(f);
-  const float rest = f - bf16_value(high);
-  return {high, rest == rest ? bf16_bits(rest) : uint16_t{0}};  // an infinity or a NaN has no rest
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  constexpr uint32_t kExponent = 0x7f800000u;
+  if ((bits & kExponent) == kExponent) return {bf16_bits(f), 0};
+  uint16_t high = bf16_bits(f);
+  if ((high & 0x7f80u) == 0x7f80u) high = static_cast<uint16_t>(bits >> 16);  // rounded up to infinity
+  return {high, bf16_bits(f - bf16_value(high))};
 }
 
 // The activations that multiply int8 weights are integers of at most this magnitude times a
