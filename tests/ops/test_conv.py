@@ -109,6 +109,17 @@ def test_fused_conv_silu_matches_reference(b, l, c, k, with_bias, dtype):
     torch.testing.assert_close(new_state.double(), state_ref, atol=0, rtol=0)  # a copy of inputs
 
 
+def test_fused_conv_silu_rounds_bfloat16_as_pytorch_does():
+    """bfloat16 in and out: the float32 kernel's result on the same values, rounded to the
+    nearest bfloat16 (ties to even) as PyTorch rounds, NaN and infinities included."""
+    x, w, bias, state = _inputs(2, 37, 45, 4, torch.bfloat16)
+    x[0, 5, 7], x[1, 9, 3], x[1, 20, 0] = float("nan"), float("inf"), float("-inf")
+    y, _ = kernels.causal_conv_silu(x, w, bias, state)
+    y32, _ = kernels.causal_conv_silu(x.float(), w, bias, state.float())
+    assert torch.equal(y.float().nan_to_num(), y32.bfloat16().float().nan_to_num())
+    assert torch.equal(y.isnan(), y32.isnan())
+
+
 def test_fused_conv_silu_in_pieces_equals_one_call():
     x, w, bias, state = _inputs(2, 13, 6, 4, torch.float32)
     y, final = kernels.causal_conv_silu(x, w, bias, state)

@@ -5,27 +5,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vector_math.h"
+
 // AMX kernels where the build may use the tiles (Linux grants them per process, on request).
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
 #define MAMBASTEP_AMX 1
 #endif
 
 namespace mambastep {
-
-// The bfloat16 nearest to f (ties to even), as PyTorch rounds.
-inline uint16_t bf16_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays NaN
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-inline float bf16_value(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
-}
 
 // The activations that multiply bfloat16 weights: f as the sum of two bfloat16, high = the
 // nearest to f and low = the nearest to the rest (16 significant bits; f itself where it is

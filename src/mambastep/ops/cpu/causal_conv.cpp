@@ -44,11 +44,11 @@ void conv_silu(const T* xp, const T* sp, const float* w, const float* bp, T* yp,
           const float* w_i = w + i * c;
           float* a = acc.data();
 #pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) a[ch] += w_i[ch] * static_cast<float>(row[ch]);
+          for (int64_t ch = 0; ch < c; ++ch) a[ch] += w_i[ch] * mambastep::widen(row[ch]);
         }
         T* y_t = yp + (bi * l + t) * c;
 #pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) y_t[ch] = static_cast<T>(mambastep::silu_inline(acc[ch]));
+        for (int64_t ch = 0; ch < c; ++ch) y_t[ch] = mambastep::narrow<T>(mambastep::silu_inline(acc[ch]));
       }
     }
   });

@@ -1,5 +1,6 @@
-// exp, SiLU and softplus in float32, inlined so that the kernels' loops over channels vectorise
-// without a library call per element or per vector. GCC's vector expf (a libmvec call per 8 or
+// exp, SiLU and softplus in float32, and the conversions of bfloat16, inlined so that the
+// kernels' loops over channels vectorise without a library call or a branch per element or
+// per vector. GCC's vector expf (a libmvec call per 8 or
 // 16 lanes) made the Mamba-1 scan markedly slower on an AVX2 CPU, and log1pf has no vector form.
 #pragma once
 
@@ -7,6 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -68,5 +72,34 @@ inline float softplus_inline(float v) {
 
 // SiLU(v) = v sigmoid(v).
 inline float silu_inline(float v) { return v / (1.f + exp_inline(-v)); }
+
+// The bfloat16 nearest to f (ties to even), as PyTorch rounds.
+inline uint16_t bf16_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;  // stays NaN (quiet); a select, not a branch
+  return static_cast<uint16_t>(nan ? (bits >> 16) | 0x40u : (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_value(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+// A value of the kernels' storage types as float32, and float32 rounded to them (c10's
+// bfloat16 conversions take a branch per value, which keeps the loops around them scalar).
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) { return bf16_value(v.x); }
+inline float widen(c10::Half v) { return static_cast<float>(v); }
+template <typename T>
+inline T narrow(float f) {
+  return static_cast<T>(f);
+}
+template <>
+inline c10::BFloat16 narrow(float f) {
+  return c10::BFloat16(bf16_bits(f), c10::BFloat16::from_bits());
+}
 
 }  // namespace mambastep
