@@ -10,7 +10,7 @@
 
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <tuple>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -136,19 +136,28 @@ void tile_products(const W* w, int64_t k, int64_t n, int cols, int64_t groups, M
   });
 }
 
-// The activations (m, k) as the tiles take them, each value split in two parts by
-// split(row, i) -> (first, second): by groups of `cols` rows, per group (kp / per, cols, per)
-// for the `per` values of a row in 4 bytes; rows past m and columns past k are zeros.
-template <typename T, typename Split>
-std::pair<std::vector<T>, std::vector<T>> split_and_pack(int64_t m, int64_t k, int cols, int64_t kp, Split split) {
+// The activations (m, k) as the tiles take them, each value split in two parts: by groups of
+// `cols` rows, per group (kp / per, cols, per) for the `per` values of a row in 4 bytes; rows
+// past m and columns past k are zeros. split_row(r, first, second) writes row r's k parts
+// contiguously (a loop that vectorises); each group's rows are then transposed 4 bytes at a
+// time, reading `cols` rows in step and writing the packed parts in order.
+template <typename T, typename SplitRow>
+std::pair<std::vector<T>, std::vector<T>> split_and_pack(int64_t m, int64_t k, int cols, int64_t kp,
+                                                         SplitRow split_row) {
   constexpr int64_t per = 4 / sizeof(T);
-  const int64_t groups = (m + cols - 1) / cols;
+  const int64_t groups = (m + cols - 1) / cols, words = kp / per;
+  std::vector<T> rows_first(m * kp, T(0)), rows_second(m * kp, T(0));  // (m, kp); zeros past k
+  for (int64_t r = 0; r < m; ++r) split_row(r, &rows_first[r * kp], &rows_second[r * kp]);
   std::vector<T> first(groups * kp * cols, T(0)), second(groups * kp * cols, T(0));
-  for (int64_t r = 0; r < m; ++r) {
-    const int64_t group = (r / cols) * kp * cols, c = r % cols;
-    for (int64_t i = 0; i < k; ++i) {
-      const int64_t at = group + (i / per) * per * cols + per * c + i % per;
-      std::tie(first[at], second[at]) = split(r, i);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = g * cols, rows = std::min<int64_t>(cols, m - r0);
+    for (int64_t word = 0; word < words; ++word) {
+      const int64_t to = (g * words + word) * cols * per;
+      for (int64_t c = 0; c < rows; ++c) {
+        const int64_t from = (r0 + c) * kp + word * per;
+        std::memcpy(&first[to + c * per], &rows_first[from], 4);
+        std::memcpy(&second[to + c * per], &rows_second[from], 4);
+      }
     }
   }
   return {std::move(first), std::move(second)};
@@ -169,9 +178,13 @@ void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y,
   const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
   const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<uint16_t>::kStep);
   // x = high + low, both bfloat16, multiplied separately.
-  const auto [high, low] = split_and_pack<uint16_t>(m, k, cols, kp, [&](int64_t r, int64_t i) {
-    const auto pair = bf16_pair(x[r * k + i]);
-    return std::pair{pair.high, pair.low};
+  const auto [high, low] = split_and_pack<uint16_t>(m, k, cols, kp, [&](int64_t r, uint16_t* hi, uint16_t* lo) {
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i) {
+      const auto pair = bf16_pair(x[r * k + i]);
+      hi[i] = pair.high;
+      lo[i] = pair.low;
+    }
   });
   tile_products(
       w, k, n, cols, groups,
@@ -195,9 +208,13 @@ void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const 
   const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
   const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<int8_t>::kStep);
   // q = 128 hi + lo, both signed bytes, multiplied separately.
-  const auto [hi, lo] = split_and_pack<int8_t>(m, k, cols, kp, [&](int64_t r, int64_t i) {
-    const int v = q[r * k + i], low = ((v + 64) & 127) - 64;
-    return std::pair{static_cast<int8_t>((v - low) / 128), static_cast<int8_t>(low)};
+  const auto [hi, lo] = split_and_pack<int8_t>(m, k, cols, kp, [&](int64_t r, int8_t* high, int8_t* low) {
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i) {
+      const int v = q[r * k + i], rest = ((v + 64) & 127) - 64;
+      high[i] = static_cast<int8_t>((v - rest) >> 7);  // v - rest: a multiple of 128
+      low[i] = static_cast<int8_t>(rest);
+    }
   });
   tile_products(
       w, k, n, cols, groups,

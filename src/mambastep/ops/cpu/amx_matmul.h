@@ -25,11 +25,12 @@ struct Bf16Pair {
 inline Bf16Pair bf16_pair(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
-  constexpr uint32_t kExponent = 0x7f800000u;
-  if ((bits & kExponent) == kExponent) return {bf16_bits(f), 0};
-  uint16_t high = bf16_bits(f);
-  if ((high & 0x7f80u) == 0x7f80u) high = static_cast<uint16_t>(bits >> 16);  // rounded up to infinity
-  return {high, bf16_bits(f - bf16_value(high))};
+  const bool special = (bits & 0x7f800000u) == 0x7f800000u;  // selects, not branches: loops over
+  const uint16_t nearest = bf16_bits(f);                      // activations vectorise
+  const bool overflows = !special && (nearest & 0x7f80u) == 0x7f80u;  // rounded up to infinity
+  const uint16_t high = overflows ? static_cast<uint16_t>(bits >> 16) : nearest;
+  const uint16_t low = bf16_bits(f - bf16_value(high));
+  return {high, special ? uint16_t{0} : low};
 }
 
 // The activations that multiply int8 weights are integers of at most this magnitude times a

@@ -162,21 +162,33 @@ std::array<torch::Tensor, 2> conv_step_silu(const float* x_new, int64_t stride, 
   const float* cs = conv_state.data_ptr<float>();
   float* nc = next.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // The loops over channels are innermost, so they vectorise (SiLU's exp included).
+  // The loops over channels are innermost, so they vectorise (SiLU's exp included); each
+  // block's taps are first laid out tap by tap, so those loops read them contiguously.
   at::parallel_for(0, c, kChannelGrain, [&](int64_t c0, int64_t c1) {
+    const int64_t width = c1 - c0;
+    std::vector<float> taps(k * width);  // (k, width): tap j of channel c0 + i at j * width + i
+    for (int64_t i = 0; i < width; ++i)
+      for (int64_t j = 0; j < k; ++j) taps[j * width + i] = cw[(c0 + i) * k + j];
+    const float* last = taps.data() + (k - 1) * width;
+    std::vector<float> sums(width);
+    float* acc = sums.data();
     for (int64_t bi = 0; bi < b; ++bi) {
-      const float* window = cs + bi * (k - 1) * c;
-      const float* x = x_new + bi * stride;
+      const float* window = cs + bi * (k - 1) * c + c0;
+      const float* x = x_new + bi * stride + c0;
+      float* o = op + bi * c + c0;
 #pragma omp simd
-      for (int64_t i = c0; i < c1; ++i) {
-        float acc = cb[i] + cw[i * k + k - 1] * x[i];
-        for (int64_t j = 0; j < k - 1; ++j) acc += cw[i * k + j] * window[j * c + i];
-        op[bi * c + i] = silu_inline(acc);
+      for (int64_t i = 0; i < width; ++i) acc[i] = cb[c0 + i] + last[i] * x[i];
+      for (int64_t j = 0; j < k - 1; ++j) {  // a loop of taps around the loop of channels: both vectorise
+        const float* tap = taps.data() + j * width;
+        const float* row = window + j * c;
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) acc[i] += tap[i] * row[i];
       }
-      float* shifted = nc + bi * (k - 1) * c;  // the window without its oldest row, then x
-      for (int64_t j = 0; j + 1 < k - 1; ++j)
-        std::copy(window + (j + 1) * c + c0, window + (j + 1) * c + c1, shifted + j * c + c0);
-      if (k > 1) std::copy(x + c0, x + c1, shifted + (k - 2) * c + c0);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) o[i] = silu_inline(acc[i]);
+      float* shifted = nc + bi * (k - 1) * c + c0;  // the window without its oldest row, then x
+      for (int64_t j = 0; j + 1 < k - 1; ++j) std::copy(window + (j + 1) * c, window + (j + 1) * c + width, shifted + j * c);
+      if (k > 1) std::copy(x, x + width, shifted + (k - 2) * c);
     }
   });
   return {out, next};

@@ -300,6 +300,7 @@ void matvec_impl(const float* x, const W* w, const float* scale, const float* bi
 // x as the sum of two bfloat16 (bf16_pair), as float32 (exact): what bfloat16 weights multiply.
 std::vector<float> as_bf16_pairs(const float* x, int64_t count) {
   std::vector<float> out(count);
+#pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const auto pair = mambastep::bf16_pair(x[i]);
     out[i] = mambastep::bf16_value(pair.high) + mambastep::bf16_value(pair.low);
@@ -319,19 +320,26 @@ QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k) {
   for (int64_t r = 0; r < m; ++r) {
     const float* row = x + r * k;
     float largest = 0.f;
-    bool finite = true;
+    uint32_t special = 0;  // an infinity or a NaN in the row (bit tests: -ffast-math assumes none)
+#pragma omp simd reduction(max : largest) reduction(| : special)
     for (int64_t i = 0; i < k; ++i) {
       uint32_t bits;
       std::memcpy(&bits, &row[i], sizeof bits);
-      finite &= (bits & 0x7f800000u) != 0x7f800000u;
+      special |= (bits & 0x7f800000u) == 0x7f800000u;
       largest = std::max(largest, std::abs(row[i]));
     }
-    const float inverse = finite && largest > 0.f ? kActivationMax / largest : 0.f;
-    out.scale[r] = finite ? largest / kActivationMax : std::numeric_limits<float>::quiet_NaN();
-    for (int64_t i = 0; i < k; ++i) {
-      const long v = std::lrint(row[i] * inverse);
-      out.q[r * k + i] = static_cast<int16_t>(std::clamp<long>(v, -kActivationMax, kActivationMax));
+    int16_t* q = out.q.data() + r * k;
+    if (special) {  // its products are NaN whatever q holds
+      out.scale[r] = std::numeric_limits<float>::quiet_NaN();
+      std::fill(q, q + k, int16_t{0});
+      continue;
     }
+    out.scale[r] = largest / kActivationMax;
+    const float inverse = largest > 0.f ? kActivationMax / largest : 0.f;
+    constexpr float kMax = kActivationMax;
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i)  // to nearest, ties to even
+      q[i] = static_cast<int16_t>(std::clamp(std::nearbyint(row[i] * inverse), -kMax, kMax));
   }
   return out;
 }
