@@ -328,7 +328,7 @@ def _tiny_ssm(family: str, n_layer: int = 2):
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
 def test_fused_step_follows_changes_to_the_weights(family):
-    """A model prepares its layers' weights for the fused step once (float32 copies, A = -exp(A_log))
+    """A model prepares its layers' weights for the fused step once (float32 copies, conv taps, A = -exp(A_log))
     and keeps them while they match its parameters: after an in-place update, a replaced layer or a
     dtype change, its next step is still the one its current weights give."""
     from mambastep.models.int8 import quantize_int8
@@ -356,6 +356,7 @@ def test_fused_step_follows_changes_to_the_weights(family):
     mixer = model.backbone.layers[1].mixer
     with torch.no_grad():  # an optimizer step, or load_state_dict, writes in place
         mixer.A_log.add_(0.5)
+        mixer.conv1d.weight.mul_(1.5)  # the step reads its taps from a (k, c) copy
         model.backbone.layers[0].norm.weight.mul_(2.0)
     assert not prepared.current()
     prepared = check_step()

@@ -73,7 +73,7 @@ class MambaLayerWeights(NamedTuple):
         return [
             ("norm", f(self.norm)),
             *_prepared(prepare, "in_proj", self.in_proj),
-            ("conv.weight", f(self.conv_weight)),
+            ("conv.taps", prepare.conv_taps(self.conv_weight)),
             ("conv.bias", f(self.conv_bias)),
             ("x_proj.weight", x_w),
             ("x_proj.scale", x_s),
@@ -107,7 +107,7 @@ class Mamba2LayerWeights(NamedTuple):
         return [
             ("norm", f(self.norm)),
             *_prepared(prepare, "in_proj", self.in_proj),
-            ("conv.weight", f(self.conv_weight)),
+            ("conv.taps", prepare.conv_taps(self.conv_weight)),
             ("conv.bias", f(self.conv_bias)),
             ("dt_bias", f(self.dt_bias)),
             ("A", prepare.decay_rates(self.A_log)),
@@ -203,6 +203,12 @@ class PreparedStack:
             return t
         self._track(t)
         return f32(t)
+
+    def conv_taps(self, weight: Tensor) -> Tensor:
+        """A depthwise conv's weight (c, 1, k) or (c, k) as (k, c) float32 taps: tap j of every
+        channel contiguous, as the step's loops over channels read them."""
+        self._track(weight)
+        return weight.reshape(weight.shape[0], -1).t().float().contiguous()
 
     def decay_rates(self, A_log: Tensor) -> Tensor:
         """A = -exp(A_log) in float32, as the mixers' forward computes it."""

@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #if defined(MAMBASTEP_AMX)
@@ -136,32 +135,49 @@ void tile_products(const W* w, int64_t k, int64_t n, int cols, int64_t groups, M
   });
 }
 
-// The activations (m, k) as the tiles take them, each value split in two parts: by groups of
-// `cols` rows, per group (kp / per, cols, per) for the `per` values of a row in 4 bytes; rows
-// past m and columns past k are zeros. split_row(r, first, second) writes row r's k parts
-// contiguously (a loop that vectorises); each group's rows are then transposed 4 bytes at a
-// time, reading `cols` rows in step and writing the packed parts in order.
-template <typename T, typename SplitRow>
-std::pair<std::vector<T>, std::vector<T>> split_and_pack(int64_t m, int64_t k, int cols, int64_t kp,
-                                                         SplitRow split_row) {
-  constexpr int64_t per = 4 / sizeof(T);
-  const int64_t groups = (m + cols - 1) / cols, words = kp / per;
-  std::vector<T> rows_first(m * kp, T(0)), rows_second(m * kp, T(0));  // (m, kp); zeros past k
-  for (int64_t r = 0; r < m; ++r) split_row(r, &rows_first[r * kp], &rows_second[r * kp]);
-  std::vector<T> first(groups * kp * cols, T(0)), second(groups * kp * cols, T(0));
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t r0 = g * cols, rows = std::min<int64_t>(cols, m - r0);
-    for (int64_t word = 0; word < words; ++word) {
-      const int64_t to = (g * words + word) * cols * per;
-      for (int64_t c = 0; c < rows; ++c) {
-        const int64_t from = (r0 + c) * kp + word * per;
-        std::memcpy(&first[to + c * per], &rows_first[from], 4);
-        std::memcpy(&second[to + c * per], &rows_second[from], 4);
+// The activations (m, k) as the tiles take them, each value split in two parts (first and
+// second): by groups of `cols` rows, per group (kp / per, cols, per) for the `per` values of a
+// row in 4 bytes; rows past m and columns past k are zeros.
+template <typename T>
+class PackedActivations {
+ public:
+  // split_row(r, first, second) writes row r's k parts contiguously (a loop that vectorises);
+  // each group's rows are then transposed 4 bytes at a time, reading `cols` rows in step and
+  // writing the packed parts in order.
+  template <typename SplitRow>
+  PackedActivations(int64_t m, int64_t k, int cols, int64_t kp, SplitRow split_row) : cols_(cols), kp_(kp) {
+    const int64_t groups = (m + cols - 1) / cols, words = kp / kPer;
+    std::vector<T> rows_first(m * kp, T(0)), rows_second(m * kp, T(0));  // (m, kp); zeros past k
+    for (int64_t r = 0; r < m; ++r) split_row(r, &rows_first[r * kp], &rows_second[r * kp]);
+    first_.assign(groups * kp * cols, T(0));
+    second_.assign(groups * kp * cols, T(0));
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t r0 = g * cols, rows = std::min<int64_t>(cols, m - r0);
+      for (int64_t word = 0; word < words; ++word) {
+        const int64_t to = (g * words + word) * cols * kPer;
+        for (int64_t c = 0; c < rows; ++c) {
+          const int64_t from = (r0 + c) * kp + word * kPer;
+          std::memcpy(&first_[to + c * kPer], &rows_first[from], 4);
+          std::memcpy(&second_[to + c * kPer], &rows_second[from], 4);
+        }
       }
     }
+    memory_barrier();  // the tiles read these parts
   }
-  return {std::move(first), std::move(second)};
-}
+
+  // Group g's stretch from column i: the first parts into tile 3, the second into tile 4.
+  void load(int64_t g, int64_t i) const {
+    const int64_t at = g * kp_ * cols_ + i * cols_;
+    _tile_loadd(3, first_.data() + at, 4 * cols_);
+    _tile_loadd(4, second_.data() + at, 4 * cols_);
+  }
+
+ private:
+  static constexpr int64_t kPer = 4 / sizeof(T);
+  int cols_;
+  int64_t kp_;
+  std::vector<T> first_, second_;
+};
 
 }  // namespace
 
@@ -172,13 +188,13 @@ bool available() {
   return permitted;
 }
 
-// Activation rows go by groups of up to 16 (the result tile's columns), packed by split_and_pack.
+// Activation rows go by groups of up to 16 (the result tile's columns), packed by PackedActivations.
 void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t k,
                  int64_t n) {
   const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
   const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<uint16_t>::kStep);
   // x = high + low, both bfloat16, multiplied separately.
-  const auto [high, low] = split_and_pack<uint16_t>(m, k, cols, kp, [&](int64_t r, uint16_t* hi, uint16_t* lo) {
+  const PackedActivations<uint16_t> x_pairs(m, k, cols, kp, [&](int64_t r, uint16_t* hi, uint16_t* lo) {
 #pragma omp simd
     for (int64_t i = 0; i < k; ++i) {
       const auto pair = bf16_pair(x[r * k + i]);
@@ -189,8 +205,7 @@ void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y,
   tile_products(
       w, k, n, cols, groups,
       [&](int64_t g, int64_t i) {
-        _tile_loadd(3, high.data() + g * kp * cols + i * cols, 4 * cols);
-        _tile_loadd(4, low.data() + g * kp * cols + i * cols, 4 * cols);
+        x_pairs.load(g, i);
         _tile_dpbf16ps(0, 2, 3);
         _tile_dpbf16ps(0, 2, 4);
       },
@@ -208,7 +223,7 @@ void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const 
   const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
   const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<int8_t>::kStep);
   // q = 128 hi + lo, both signed bytes, multiplied separately.
-  const auto [hi, lo] = split_and_pack<int8_t>(m, k, cols, kp, [&](int64_t r, int8_t* high, int8_t* low) {
+  const PackedActivations<int8_t> q_bytes(m, k, cols, kp, [&](int64_t r, int8_t* high, int8_t* low) {
 #pragma omp simd
     for (int64_t i = 0; i < k; ++i) {
       const int v = q[r * k + i], rest = ((v + 64) & 127) - 64;
@@ -219,8 +234,7 @@ void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const 
   tile_products(
       w, k, n, cols, groups,
       [&](int64_t g, int64_t i) {
-        _tile_loadd(3, hi.data() + g * kp * cols + i * cols, 4 * cols);
-        _tile_loadd(4, lo.data() + g * kp * cols + i * cols, 4 * cols);
+        q_bytes.load(g, i);
         _tile_dpbssd(0, 2, 3);
         _tile_dpbssd(1, 2, 4);
       },

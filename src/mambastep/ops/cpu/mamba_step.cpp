@@ -112,13 +112,13 @@ c10::optional<torch::Tensor> opt_f32(const c10::optional<torch::Tensor>& t) {
 
 // One layer's parameters, in the order of the flat list each operator takes.
 enum MambaParam {
-  kNorm, kInW, kInScale, kInBias, kConvW, kConvB, kXW, kXScale, kDtW, kDtScale, kDtB, kA, kD,
+  kNorm, kInW, kInScale, kInBias, kConvTaps, kConvB, kXW, kXScale, kDtW, kDtScale, kDtB, kA, kD,
   kOutW, kOutScale, kOutBias, kMambaParams
 };
 // The final norm and the output product, after the last layer.
 enum HeadParam { kHeadNorm, kHeadW, kHeadScale, kHeadBias, kHeadParams };
 enum Mamba2Param {
-  k2Norm, k2InW, k2InScale, k2InBias, k2ConvW, k2ConvB, k2DtBias, k2A, k2D, k2GateNorm, k2OutW,
+  k2Norm, k2InW, k2InScale, k2InBias, k2ConvTaps, k2ConvB, k2DtBias, k2A, k2D, k2GateNorm, k2OutW,
   k2OutScale, k2OutBias, kMamba2Params
 };
 
@@ -149,41 +149,38 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 }
 
 // The causal conv's step over c channels, then SiLU. x_new: row bi's new input at
-// x_new + bi * stride; conv_w: (c, k); conv_b: (c,); conv_state: (b, k-1, c), oldest first.
-// Returns SiLU(conv) (b, c) and the next conv state (b, k-1, c).
+// x_new + bi * stride; taps: (k, c), tap j of every channel contiguous; conv_b: (c,);
+// conv_state: (b, k-1, c), oldest first. Returns SiLU(conv) (b, c) and the next conv state
+// (b, k-1, c).
 std::array<torch::Tensor, 2> conv_step_silu(const float* x_new, int64_t stride, int64_t b,
-                                            const torch::Tensor& conv_w, const torch::Tensor& conv_b,
+                                            const torch::Tensor& taps, const torch::Tensor& conv_b,
                                             const torch::Tensor& conv_state) {
-  const int64_t c = conv_w.size(0), k = conv_w.size(1);
+  const int64_t k = taps.size(0), c = taps.size(1);
   auto out = torch::empty({b, c}, conv_state.options());
   auto next = torch::empty_like(conv_state);
-  const float* cw = conv_w.data_ptr<float>();
+  const float* tp = taps.data_ptr<float>();
   const float* cb = conv_b.data_ptr<float>();
   const float* cs = conv_state.data_ptr<float>();
   float* nc = next.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // The loops over channels are innermost, so they vectorise (SiLU's exp included); each
-  // block's taps are first laid out tap by tap, so those loops read them contiguously.
+  // A loop of taps around each loop of channels: the channel loops vectorise (SiLU's exp included).
   at::parallel_for(0, c, kChannelGrain, [&](int64_t c0, int64_t c1) {
     const int64_t width = c1 - c0;
-    std::vector<float> taps(k * width);  // (k, width): tap j of channel c0 + i at j * width + i
-    for (int64_t i = 0; i < width; ++i)
-      for (int64_t j = 0; j < k; ++j) taps[j * width + i] = cw[(c0 + i) * k + j];
-    const float* last = taps.data() + (k - 1) * width;
     std::vector<float> sums(width);
     float* acc = sums.data();
     for (int64_t bi = 0; bi < b; ++bi) {
       const float* window = cs + bi * (k - 1) * c + c0;
       const float* x = x_new + bi * stride + c0;
-      float* o = op + bi * c + c0;
+      const float* last = tp + (k - 1) * c + c0;  // the tap of the new input
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) acc[i] = cb[c0 + i] + last[i] * x[i];
-      for (int64_t j = 0; j < k - 1; ++j) {  // a loop of taps around the loop of channels: both vectorise
-        const float* tap = taps.data() + j * width;
+      for (int64_t j = 0; j < k - 1; ++j) {
+        const float* tap = tp + j * c + c0;
         const float* row = window + j * c;
 #pragma omp simd
         for (int64_t i = 0; i < width; ++i) acc[i] += tap[i] * row[i];
       }
+      float* o = op + bi * c + c0;
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) o[i] = silu_inline(acc[i]);
       float* shifted = nc + bi * (k - 1) * c + c0;  // the window without its oldest row, then x
@@ -276,11 +273,12 @@ std::array<torch::Tensor, 2> mamba_mixer_step(const torch::Tensor& u, const Laye
   const auto x_w = layer.required(kXW, "x_proj weight");
   const auto dt_w = layer.required(kDtW, "dt_proj weight");
   const auto out_w = layer.required(kOutW, "out_proj weight");
-  const auto conv_any = layer.required(kConvW, "conv weight");
+  const auto taps_any = layer.required(kConvTaps, "conv taps");
   const auto A_any = layer.required(kA, "A");
-  const int64_t b = u.size(0), d = u.size(1), e = conv_any.size(0), k = conv_any.size(-1);
+  TORCH_CHECK(taps_any.dim() == 2, "mamba_layers_step: the conv taps must be (k, e), got ", taps_any.sizes());
+  const int64_t b = u.size(0), d = u.size(1), k = taps_any.size(0), e = taps_any.size(1);
   const int64_t n = A_any.size(-1), r = dt_w.size(1);
-  const auto conv_w = f32(conv_any.reshape({e, k}), "conv weight (e, k)", {e, k});  // from (e, 1, k)
+  const auto taps = f32(taps_any, "conv taps (k, e)", {k, e});
   const auto A = f32(A_any, "A (e, n)", {e, n});
   const auto dt_b = f32(layer.required(kDtB, "dt_proj bias"), "dt bias (e,)", {e});
   const auto conv_state = f32(conv_state_in, "conv state (b, k-1, e)", {b, k - 1, e});
@@ -294,7 +292,7 @@ std::array<torch::Tensor, 2> mamba_mixer_step(const torch::Tensor& u, const Laye
 
   const auto xz = matvec(u, in_w, layer.get(kInScale), opt_f32(layer.get(kInBias)));  // (b, 2e): x then z
   const float* xz_p = xz.data_ptr<float>();
-  const auto [xs, next_conv] = conv_step_silu(xz_p, 2 * e, b, conv_w, conv_bias, conv_state);  // the SSM's input
+  const auto [xs, next_conv] = conv_step_silu(xz_p, 2 * e, b, taps, conv_bias, conv_state);  // the SSM's input
   const float* xs_p = xs.data_ptr<float>();
 
   const auto dbc = matvec(xs, x_w, layer.get(kXScale), c10::nullopt);  // (b, r + 2n): dt low rank, B, C
@@ -352,17 +350,18 @@ std::array<torch::Tensor, 2> mamba2_mixer_step(const torch::Tensor& u, const Lay
                                                int64_t groups, double dt_min, double dt_max) {
   const auto in_w = layer.required(k2InW, "in_proj weight");
   const auto out_w = layer.required(k2OutW, "out_proj weight");
-  const auto conv_any = layer.required(k2ConvW, "conv weight");
+  const auto taps_any = layer.required(k2ConvTaps, "conv taps");
   const auto gate_norm = layer.required(k2GateNorm, "gated norm weight");
   TORCH_CHECK(ssm_state_in.dim() == 4, "mamba2_layers_step: the SSM state must be (b, h, p, n), got ",
               ssm_state_in.sizes());
-  const int64_t b = u.size(0), d = u.size(1), c = conv_any.size(0), k = conv_any.size(-1);
+  TORCH_CHECK(taps_any.dim() == 2, "mamba2_layers_step: the conv taps must be (k, c), got ", taps_any.sizes());
+  const int64_t b = u.size(0), d = u.size(1), k = taps_any.size(0), c = taps_any.size(1);
   const int64_t e = gate_norm.numel(), h = ssm_state_in.size(1), p = ssm_state_in.size(2),
                 n = ssm_state_in.size(3);
   TORCH_CHECK(h * p == e && c == e + 2 * groups * n && h % groups == 0,
               "mamba2_layers_step: SSM state (b, h, p, n) ", ssm_state_in.sizes(), ", conv channels ",
               c, ", gated norm ", e, " and n_groups ", groups, " do not fit");
-  const auto conv_w = f32(conv_any.reshape({c, k}), "conv weight (c, k)", {c, k});  // from (c, 1, k)
+  const auto taps = f32(taps_any, "conv taps (k, c)", {k, c});
   const auto A = f32(layer.required(k2A, "A"), "A (h,)", {h});
   const auto dt_bias = f32(layer.required(k2DtBias, "dt bias"), "dt bias (h,)", {h});
   const auto norm_w = f32(gate_norm, "gated norm weight (e,)", {e});
@@ -381,7 +380,7 @@ std::array<torch::Tensor, 2> mamba2_mixer_step(const torch::Tensor& u, const Lay
 
   const auto zxd = matvec(u, in_w, layer.get(k2InScale), opt_f32(layer.get(k2InBias)));  // (b, width)
   const float* zxd_p = zxd.data_ptr<float>();
-  const auto [xbc, next_conv] = conv_step_silu(zxd_p + e, width, b, conv_w, conv_bias, conv_state);  // (b, c)
+  const auto [xbc, next_conv] = conv_step_silu(zxd_p + e, width, b, taps, conv_bias, conv_state);  // (b, c)
   auto y = torch::empty({b, e}, u.options());
   const float* xbc_p = xbc.data_ptr<float>();
   const float* Ap = A.data_ptr<float>();
@@ -517,11 +516,11 @@ torch::Tensor rms_norm_op(const torch::Tensor& x, const torch::Tensor& weight, d
 // the Python side checks the lists it builds against these once, when the library loads.
 std::vector<std::string> cpu_layers_step_params(const std::string& kind) {
   if (kind == "mamba")
-    return {"norm", "in_proj.weight", "in_proj.scale", "in_proj.bias", "conv.weight", "conv.bias",
+    return {"norm", "in_proj.weight", "in_proj.scale", "in_proj.bias", "conv.taps", "conv.bias",
             "x_proj.weight", "x_proj.scale", "dt_proj.weight", "dt_proj.scale", "dt_proj.bias", "A",
             "D", "out_proj.weight", "out_proj.scale", "out_proj.bias"};
   if (kind == "mamba2")
-    return {"norm", "in_proj.weight", "in_proj.scale", "in_proj.bias", "conv.weight", "conv.bias",
+    return {"norm", "in_proj.weight", "in_proj.scale", "in_proj.bias", "conv.taps", "conv.bias",
             "dt_bias", "A", "D", "gate_norm", "out_proj.weight", "out_proj.scale", "out_proj.bias"};
   if (kind == "head") return {"norm", "out.weight", "out.scale", "out.bias"};
   TORCH_CHECK(false, "cpu_layers_step_params: no parameter list named ", kind);

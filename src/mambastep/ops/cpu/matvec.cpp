@@ -355,8 +355,7 @@ std::vector<float> dequantized(const QuantizedRows& x, int64_t m, int64_t k) {
 #if defined(MAMBASTEP_AMX)
 // From this many activation rows products with bfloat16 and int8 weights go to the AMX tiles
 // where the OS grants them. A single row streams its weights faster through the vector
-// kernels (int8 5.6-5.9 against 7.8 ms for mamba-130m's products, bfloat16 level at 12.2 ms;
-// 8 rows: int8 14.2-14.4 against 8.5-9.2 ms, bfloat16 15.1-16.4 against 11.9; BENCHMARKS.md).
+// kernels (BENCHMARKS.md, "Batches on AMX tiles").
 constexpr int64_t kAmxFrom = 2;
 bool takes_amx(int64_t m) { return m >= kAmxFrom && mambastep::amx::available(); }
 #endif

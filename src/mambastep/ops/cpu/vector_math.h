@@ -1,7 +1,7 @@
 // exp, SiLU and softplus in float32, and the conversions of bfloat16, inlined so that the
 // kernels' loops over channels vectorise without a library call or a branch per element or
-// per vector. GCC's vector expf (a libmvec call per 8 or
-// 16 lanes) made the Mamba-1 scan markedly slower on an AVX2 CPU, and log1pf has no vector form.
+// per vector. GCC's vector expf (a libmvec call per 8 or 16 lanes) made the Mamba-1 scan
+// markedly slower on an AVX2 CPU, and log1pf has no vector form.
 #pragma once
 
 #include <algorithm>
