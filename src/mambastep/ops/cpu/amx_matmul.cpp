@@ -104,40 +104,10 @@ class WeightBlock {
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
-// For each block of 16 weight rows (threads split them) and each group of `cols` activation
-// rows: results zeroed, multiply(group, i) for every stretch i of k with the weights in tile
-// 2, then emit(group, first weight row, weight rows). A block's weights are read from memory
-// once, for the first group; the others find them in cache.
-template <typename W, typename Multiply, typename Emit>
-void tile_products(const W* w, int64_t k, int64_t n, int cols, int64_t groups, Multiply multiply, Emit emit) {
-  constexpr int64_t kStep = WeightBlock<W>::kStep;
-  const int64_t kp = round_up(k, kStep);
-  const int64_t blocks = (n + kTileRows - 1) / kTileRows;
-  // Blocks per thread task: enough weights (~16k) to be worth a thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / (kTileRows * std::max<int64_t>(k, 1)));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    Tiles tiles(cols);
-    WeightBlock<W> weights(w, k, n);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t o = block * kTileRows;
-      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, n - o));
-      weights.select(o, rows);
-      for (int64_t g = 0; g < groups; ++g) {
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t i = 0; i < kp; i += kStep) {
-          weights.load(i, g == 0 && block + 1 < end);
-          multiply(g, i);
-        }
-        emit(g, o, rows);
-      }
-    }
-  });
-}
-
 // The activations (m, k) as the tiles take them, each value split in two parts (first and
-// second): by groups of `cols` rows, per group (kp / per, cols, per) for the `per` values of a
-// row in 4 bytes; rows past m and columns past k are zeros.
+// second): by groups of `cols` rows (up to 16, the result tile's columns), per group (kp / per,
+// cols, per) for the `per` values of a row in 4 bytes, kp = k rounded up to whole tiles; rows
+// past m and columns past k are zeros.
 template <typename T>
 class PackedActivations {
  public:
@@ -145,13 +115,17 @@ class PackedActivations {
   // each group's rows are then transposed 4 bytes at a time, reading `cols` rows in step and
   // writing the packed parts in order.
   template <typename SplitRow>
-  PackedActivations(int64_t m, int64_t k, int cols, int64_t kp, SplitRow split_row) : cols_(cols), kp_(kp) {
-    const int64_t groups = (m + cols - 1) / cols, words = kp / kPer;
+  PackedActivations(int64_t m, int64_t k, SplitRow split_row)
+      : cols_(static_cast<int>(std::min<int64_t>(m, kMaxCols))),
+        groups_((m + cols_ - 1) / cols_),
+        kp_(round_up(k, kTileBytes / sizeof(T))) {
+    const int cols = cols_;
+    const int64_t kp = kp_, words = kp / kPer;
     std::vector<T> rows_first(m * kp, T(0)), rows_second(m * kp, T(0));  // (m, kp); zeros past k
     for (int64_t r = 0; r < m; ++r) split_row(r, &rows_first[r * kp], &rows_second[r * kp]);
-    first_.assign(groups * kp * cols, T(0));
-    second_.assign(groups * kp * cols, T(0));
-    for (int64_t g = 0; g < groups; ++g) {
+    first_.assign(groups_ * kp * cols, T(0));
+    second_.assign(groups_ * kp * cols, T(0));
+    for (int64_t g = 0; g < groups_; ++g) {
       const int64_t r0 = g * cols, rows = std::min<int64_t>(cols, m - r0);
       for (int64_t word = 0; word < words; ++word) {
         const int64_t to = (g * words + word) * cols * kPer;
@@ -165,6 +139,9 @@ class PackedActivations {
     memory_barrier();  // the tiles read these parts
   }
 
+  int cols() const { return cols_; }
+  int64_t groups() const { return groups_; }
+
   // Group g's stretch from column i: the first parts into tile 3, the second into tile 4.
   void load(int64_t g, int64_t i) const {
     const int64_t at = g * kp_ * cols_ + i * cols_;
@@ -175,9 +152,42 @@ class PackedActivations {
  private:
   static constexpr int64_t kPer = 4 / sizeof(T);
   int cols_;
-  int64_t kp_;
+  int64_t groups_, kp_;
   std::vector<T> first_, second_;
 };
+
+// For each block of 16 weight rows (threads split them) and each group of activation rows in
+// x: results zeroed; for every stretch i of k, the weights into tile 2, the activations into
+// tiles 3 and 4, then multiply(); then emit(group, first weight row, weight rows). A block's
+// weights are read from memory once, for the first group; the others find them in cache. x's
+// parts have W's size, so a stretch of the weights and of the activations cover the same k.
+template <typename W, typename Multiply, typename Emit>
+void tile_products(const W* w, int64_t k, int64_t n, const PackedActivations<W>& x, Multiply multiply, Emit emit) {
+  constexpr int64_t kStep = WeightBlock<W>::kStep;
+  const int64_t kp = round_up(k, kStep);
+  const int64_t blocks = (n + kTileRows - 1) / kTileRows;
+  // Blocks per thread task: enough weights (~16k) to be worth a thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kTileRows * std::max<int64_t>(k, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    Tiles tiles(x.cols());
+    WeightBlock<W> weights(w, k, n);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t o = block * kTileRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, n - o));
+      weights.select(o, rows);
+      for (int64_t g = 0; g < x.groups(); ++g) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t i = 0; i < kp; i += kStep) {
+          weights.load(i, g == 0 && block + 1 < end);
+          x.load(g, i);
+          multiply();
+        }
+        emit(g, o, rows);
+      }
+    }
+  });
+}
 
 }  // namespace
 
@@ -191,10 +201,8 @@ bool available() {
 // Activation rows go by groups of up to 16 (the result tile's columns), packed by PackedActivations.
 void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t k,
                  int64_t n) {
-  const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
-  const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<uint16_t>::kStep);
   // x = high + low, both bfloat16, multiplied separately.
-  const PackedActivations<uint16_t> x_pairs(m, k, cols, kp, [&](int64_t r, uint16_t* hi, uint16_t* lo) {
+  const PackedActivations<uint16_t> x_pairs(m, k, [&](int64_t r, uint16_t* hi, uint16_t* lo) {
 #pragma omp simd
     for (int64_t i = 0; i < k; ++i) {
       const auto pair = bf16_pair(x[r * k + i]);
@@ -202,10 +210,10 @@ void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y,
       lo[i] = pair.low;
     }
   });
+  const int cols = x_pairs.cols();
   tile_products(
-      w, k, n, cols, groups,
-      [&](int64_t g, int64_t i) {
-        x_pairs.load(g, i);
+      w, k, n, x_pairs,
+      [] {
         _tile_dpbf16ps(0, 2, 3);
         _tile_dpbf16ps(0, 2, 4);
       },
@@ -220,10 +228,8 @@ void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y,
 
 void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const float* w_scale,
                  const float* bias, float* y, int64_t m, int64_t k, int64_t n) {
-  const int cols = static_cast<int>(std::min<int64_t>(m, kMaxCols));
-  const int64_t groups = (m + cols - 1) / cols, kp = round_up(k, WeightBlock<int8_t>::kStep);
   // q = 128 hi + lo, both signed bytes, multiplied separately.
-  const PackedActivations<int8_t> q_bytes(m, k, cols, kp, [&](int64_t r, int8_t* high, int8_t* low) {
+  const PackedActivations<int8_t> q_bytes(m, k, [&](int64_t r, int8_t* high, int8_t* low) {
 #pragma omp simd
     for (int64_t i = 0; i < k; ++i) {
       const int v = q[r * k + i], rest = ((v + 64) & 127) - 64;
@@ -231,10 +237,10 @@ void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const 
       low[i] = static_cast<int8_t>(rest);
     }
   });
+  const int cols = q_bytes.cols();
   tile_products(
-      w, k, n, cols, groups,
-      [&](int64_t g, int64_t i) {
-        q_bytes.load(g, i);
+      w, k, n, q_bytes,
+      [] {
         _tile_dpbssd(0, 2, 3);
         _tile_dpbssd(1, 2, 4);
       },
