@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -361,6 +362,21 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_window_seed_moves_the_windows_and_keeps_the_split(corpus, tmp_path):
+    config = tiny_config(tmp_path)
+    base = settings(corpus, tmp_path / "base", config, eval_every=0)
+    same = replace(base, out=str(tmp_path / "same"), data=replace(base.data, window_seed=0))
+    moved = replace(base, out=str(tmp_path / "moved"), data=replace(base.data, window_seed=5))
+    records = [train(s) for s in (base, same, moved)]
+    assert len({r["data"]["heldout_tokens"] for r in records}) == 1  # one split
+    assert records[0]["eval"][-1]["loss"] == records[1]["eval"][-1]["loss"]
+    first, equal, other = (weights(Path(s.out)) for s in (base, same, moved))
+    assert all(torch.equal(first[k], equal[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    with pytest.raises(TrainingError, match="window_seed must be an integer"):
+        DataSettings(paths=(str(corpus),), window_seed=-1)
 
 
 def test_split_is_fixed_by_path_and_seed():

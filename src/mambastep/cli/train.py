@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             holdout=args.holdout,
             seed=args.seed,
+            window_seed=args.window_seed,
             seq_len=args.seq_len,
         ),
         optim=OptimSettings(
@@ -96,7 +97,13 @@ def add_parser(sub) -> None:
     tr.add_argument(
         "--holdout", type=float, default=data.holdout, help="share of files held out (by a hash of their path)"
     )
-    tr.add_argument("--seed", type=int, default=data.seed)
+    tr.add_argument("--seed", type=int, default=data.seed, help="seeds the split, the initialisation and the windows")
+    tr.add_argument(
+        "--window-seed",
+        type=int,
+        default=None,
+        help="seeds the training windows' offsets instead (default: --seed), e.g. to go on from --init elsewhere",
+    )
     tr.add_argument("--seq-len", type=int, default=data.seq_len)
     tr.add_argument(
         "--steps",

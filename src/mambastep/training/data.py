@@ -165,6 +165,14 @@ def tokenize(texts: SplitTexts, tokenizer: Tokenizer) -> Corpus:
     return Corpus(_split(texts.train, tokenizer), _split(texts.heldout, tokenizer), heldout_text)
 
 
+def window_draw_seed(seed: int, step: int) -> int:
+    """The generator seed of a training step's windows: 32 bits, all that PyTorch's CPU generator
+    keeps. Seed s starts s times 0x9E3779B1 (2^32 over the golden ratio), modulo 2^32, into the
+    sequence of draws, so two seeds below 1,000 are at least 1.9 million steps apart and their
+    runs share no draw."""
+    return (step + seed * 0x9E3779B1) % 2**32
+
+
 class Lanes:
     """A token stream cut into ``count`` equal lanes, read ``seq_len`` tokens at a time.
 
@@ -193,7 +201,7 @@ class Lanes:
         Every process draws the offsets of all lanes from the same generator and keeps its own,
         so the global batch does not depend on the number of processes.
         """
-        generator = torch.Generator().manual_seed((seed << 32) + step)
+        generator = torch.Generator().manual_seed(window_draw_seed(seed, step))
         starts = torch.randint(0, self.tokens.shape[1] - self.seq_len, (self.count,), generator=generator)
         mine = starts[self.first : self.first + self.local]
         index = mine[:, None] + torch.arange(self.seq_len + 1)  # (b, seq_len + 1)

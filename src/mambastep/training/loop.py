@@ -246,7 +246,7 @@ class _Run:
 
     def _train_step(self) -> Tensor:
         """One optimiser step on the windows of ``step``; returns this process's mean loss."""
-        x, y = (t.to(self.place.device) for t in self.train_lanes.sample(self.step, self.settings.data.seed))
+        x, y = (t.to(self.place.device) for t in self.train_lanes.sample(self.step, self.settings.data.offsets_seed))
         with self._autocast():
             logits, _ = self.net(x)  # (b, l, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())

@@ -44,6 +44,8 @@ class DataSettings:
     holdout: share of files held out for evaluation, chosen by a hash of
         ``f"{seed}/{relative path}"``, so the split never depends on the order files are found in.
     seed: seeds the split, the model's initialisation and the training windows' offsets.
+    window_seed: seeds the training windows' offsets instead, where given: a run that goes on
+        from a checkpoint (``init``) reads other windows than the run that made it, on the same split.
     seq_len: tokens per training window; each starts from a fresh state.
     """
 
@@ -54,6 +56,7 @@ class DataSettings:
     tokenizer: str | None = None
     holdout: float = 0.05
     seed: int = 0
+    window_seed: int | None = None
     seq_len: int = 512
 
     def __post_init__(self):
@@ -68,8 +71,15 @@ class DataSettings:
             raise TrainingError("include must hold at least one pattern, e.g. '*.py'")
         _check(self, "holdout", 0.0, 0.5, integer=False)
         _check(self, "seed", 0, 2**31 - 1)
+        if self.window_seed is not None:
+            _check(self, "window_seed", 0, 2**31 - 1)
         _check(self, "seq_len", 2)
         _bpe_vocab_size(self.tokenizer)  # a malformed "bpe:N" fails here
+
+    @property
+    def offsets_seed(self) -> int:
+        """The seed of the training windows' offsets."""
+        return self.seed if self.window_seed is None else self.window_seed
 
     @property
     def bpe_vocab_size(self) -> int | None:
