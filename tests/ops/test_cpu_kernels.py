@@ -66,6 +66,25 @@ def test_fused_scan_leaves_its_inputs_alone_and_takes_bf16():
     torch.testing.assert_close(y.double(), y_ref, **FUSED_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_scan_reads_half_precision_inputs_as_their_float32_values(dtype):
+    """x, dt, B, C and z of one 16-bit dtype, as strided rows, are read as they lie: the result
+    is the float32 kernel's on the same values, and still float32. (Within a rounding or two, not
+    bit for bit: the compiler may contract the multiply-adds of each variant differently.)"""
+    inputs = _gate_inputs(2, 30, 24, 4)
+    x, dt, A, B, C, D, state, z = inputs
+    wide = lambda t: torch.cat([t, t], -1).to(dtype)[..., : t.shape[-1]]  # noqa: E731  rows at twice the stride
+    halves = (wide(x), wide(dt), A, wide(B), wide(C), D, state, wide(z))
+    widened = [t.float() for t in halves]
+    got, expected = _softplus_gated_fused(*halves), _softplus_gated_fused(*widened)
+    assert got[0].dtype == torch.float32
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # Inputs of mixed dtypes are all read as float32: none is rounded to the others' precision.
+    mixed = (halves[0], dt, *halves[2:])
+    assert torch.equal(_softplus_gated_fused(*mixed)[0], _softplus_gated_fused(*widened[:1], dt, *widened[2:])[0])
+
+
 def _softplus_gated_ref(x, dt, A, B, C, D, state, z):
     """The reference scan with Δ = softplus(dt) and its output gated by SiLU(z)."""
     y, final = selective_scan_ref(x, F.softplus(dt), A, B, C, D, state)
@@ -228,6 +247,10 @@ def test_fused_kernels_check_their_arguments():
         ops.selective_scan(x, dt, A, B[:, :4].contiguous(), C, D, no_gate, state, False)
     with pytest.raises(RuntimeError, match="dt must have a unit stride over its last dimension"):
         ops.selective_scan(x, dt.transpose(1, 2).contiguous().transpose(1, 2), A, B, C, D, no_gate, state, False)
+    with pytest.raises(RuntimeError, match="dt must be BFloat16, got Float"):
+        ops.selective_scan(x.bfloat16(), dt, A, B, C, D, no_gate, state, False)
+    with pytest.raises(RuntimeError, match="x must be float32, got BFloat16"):  # the training pair: float32 only
+        ops.selective_scan_fwd(x.bfloat16(), dt, A, B, C, D, state, 2)
     with pytest.raises(RuntimeError, match=r"z \(like x\) must have shape"):
         ops.selective_scan(x, dt, A, B, C, D, x[:, :4], state, False)
     y, final, ckpt = ops.selective_scan_fwd(x, dt, A, B, C, D, state, 2)

@@ -41,9 +41,6 @@ def causal_conv(
     return y.transpose(1, 2).to(x.dtype), _own(window[:, window.shape[1] - (k - 1) :])
 
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the inputs the kernel reads
-
-
 def causal_conv_silu(
     x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, *, backend: Backend = TORCH
 ) -> tuple[Tensor, Tensor]:
@@ -61,11 +58,11 @@ def causal_conv_silu(
     """
     if x.shape[1] == 1:
         step = causal_conv_step
-        if backend.triton_kernels and x.dtype in KERNEL_DTYPES and not wants_grad(x, weight, bias, state):
+        if backend.triton_kernels and x.dtype in kernels.INPUT_DTYPES and not wants_grad(x, weight, bias, state):
             step = load_triton().conv_step
         y, state = step(x[:, 0], weight, bias, state)  # (b, c)
         return F.silu(y[:, None]), state
-    if backend.sequence_kernels and x.dtype in KERNEL_DTYPES and not wants_grad(x, weight, bias, state):
+    if backend.sequence_kernels and x.dtype in kernels.INPUT_DTYPES and not wants_grad(x, weight, bias, state):
         return kernels.causal_conv_silu(x, weight, bias, state)
     y, state = causal_conv(x, weight, bias, state)
     return F.silu(y), state

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 from mambastep.ops.backend import wants_grad
 
 CHECKPOINT_CHUNK = 64  # tokens between the states saved for the backward
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the sequence kernels read as it lies
 
 
 def f32(t: Tensor) -> Tensor:
@@ -87,15 +88,24 @@ def selective_scan(
     When gradients are wanted it runs the differentiable pair of kernels, with the softplus
     and the gate as PyTorch operators around it; otherwise the inference kernel, which saves
     nothing, computes the softplus and the gate inside, and reads x, dt, B, C and z where they
-    lie (rows at any stride, as slices of a projection's output).
+    lie (rows at any stride, as slices of a projection's output), in their dtype where they
+    share one of float32, bfloat16 and float16 (else as float32).
     """
     if wants_grad(x, dt, A, B, C, D, state, z):
         dt = F.softplus(dt) if dt_softplus else dt
         y, state = _SelectiveScan.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
         return (y if z is None else y * F.silu(z.float())), state
-    z = torch.empty(0) if z is None else rows(z)
+    shared = x.dtype in INPUT_DTYPES and all(t.dtype == x.dtype for t in (dt, B, C, z) if t is not None)
+    read = x.dtype if shared else torch.float32
+    z = torch.empty(0) if z is None else rows(z, dtype=read)
     y, state = torch.ops.mambastep.selective_scan(
-        rows(x), rows(dt), f32(A), rows(B), rows(C), _empty_or_f32(D), z, f32(state), dt_softplus
+        *(rows(t, dtype=read) for t in (x, dt)),
+        f32(A),
+        *(rows(t, dtype=read) for t in (B, C)),
+        _empty_or_f32(D),
+        z,
+        f32(state),
+        dt_softplus,
     )
     return y, state
 

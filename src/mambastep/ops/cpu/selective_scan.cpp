@@ -44,13 +44,15 @@ void store_state(const float* hb, float* h, int64_t n, int64_t e0, int64_t w) {
 // Forward.
 
 // One sequence's inputs, each pointer at token 0, channel 0: token t's row of x is at
-// x + t * x_stride, and so on; within a row the channels (or states) are contiguous.
+// x + t * x_stride, and so on; within a row the channels (or states) are contiguous. T is
+// float, or bfloat16 or half, widened as they are read.
+template <typename T>
 struct SequenceInputs {
-  const float* x;
-  const float* dt;  // Δ, or its pre-activation when dt_softplus
-  const float* B;
-  const float* C;
-  const float* z;  // the gate's input, or null: y = (C . h + D x) SiLU(z)
+  const T* x;
+  const T* dt;  // Δ, or its pre-activation when dt_softplus
+  const T* B;
+  const T* C;
+  const T* z;  // the gate's input, or null: y = (C . h + D x) SiLU(z)
   int64_t x_stride, dt_stride, B_stride, C_stride, z_stride;
   bool dt_softplus;  // Δ = softplus(dt)
 };
@@ -58,27 +60,31 @@ struct SequenceInputs {
 // Advance the block state hb (n, kBlock) over tokens [t0, t1), writing y (l, e) for those tokens.
 // The innermost loop runs over channels, so it vectorises without horizontal sums.
 // AT is A transposed: (n, e).
-void scan_tokens(const SequenceInputs& in, const float* AT, const float* D, float* hb, float* y,
+template <typename T>
+void scan_tokens(const SequenceInputs<T>& in, const float* AT, const float* D, float* hb, float* y,
                  int64_t t0, int64_t t1, int64_t e, int64_t n, int64_t e0, int64_t w) {
-  float acc[kBlock], d[kBlock], dx[kBlock];
+  using mambastep::widen;
+  float acc[kBlock], d[kBlock], xv[kBlock], dx[kBlock];
   for (int64_t t = t0; t < t1; ++t) {
-    const float* x_t = in.x + t * in.x_stride + e0;
-    const float* dt_t = in.dt + t * in.dt_stride + e0;
-    const float* B_t = in.B + t * in.B_stride;
-    const float* C_t = in.C + t * in.C_stride;
+    const T* x_t = in.x + t * in.x_stride + e0;
+    const T* dt_t = in.dt + t * in.dt_stride + e0;
+    const T* B_t = in.B + t * in.B_stride;
+    const T* C_t = in.C + t * in.C_stride;
     if (in.dt_softplus) {
 #pragma omp simd
-      for (int64_t c = 0; c < w; ++c) d[c] = mambastep::softplus_inline(dt_t[c]);
+      for (int64_t c = 0; c < w; ++c) d[c] = mambastep::softplus_inline(widen(dt_t[c]));
     } else {
-      std::copy(dt_t, dt_t + w, d);
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) d[c] = widen(dt_t[c]);
     }
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) {
-      dx[c] = d[c] * x_t[c];
+      xv[c] = widen(x_t[c]);
+      dx[c] = d[c] * xv[c];
       acc[c] = 0.f;
     }
     for (int64_t j = 0; j < n; ++j) {
-      const float b_tj = B_t[j], c_tj = C_t[j];
+      const float b_tj = widen(B_t[j]), c_tj = widen(C_t[j]);
       const float* A_j = AT + j * e + e0;
       float* h_j = hb + j * kBlock;
 #pragma omp simd
@@ -90,11 +96,11 @@ void scan_tokens(const SequenceInputs& in, const float* AT, const float* D, floa
     }
     float* y_t = y + t * e + e0;
 #pragma omp simd
-    for (int64_t c = 0; c < w; ++c) y_t[c] = acc[c] + (D ? D[e0 + c] * x_t[c] : 0.f);
+    for (int64_t c = 0; c < w; ++c) y_t[c] = acc[c] + (D ? D[e0 + c] * xv[c] : 0.f);
     if (in.z) {
-      const float* z_t = in.z + t * in.z_stride + e0;
+      const T* z_t = in.z + t * in.z_stride + e0;
 #pragma omp simd
-      for (int64_t c = 0; c < w; ++c) y_t[c] *= mambastep::silu_inline(z_t[c]);
+      for (int64_t c = 0; c < w; ++c) y_t[c] *= mambastep::silu_inline(widen(z_t[c]));
     }
   }
 }
@@ -102,7 +108,8 @@ void scan_tokens(const SequenceInputs& in, const float* AT, const float* D, floa
 // Scan channels [e0, e0 + w) of one sequence, w <= kBlock; h (e, n) is the starting state on
 // entry and the final state on exit. With ckpt (ceil(l / chunk), e, n) non-null, the state
 // before each chunk of `chunk` tokens is saved there.
-void scan_block(const SequenceInputs& in, const float* AT, const float* D, float* h, float* y,
+template <typename T>
+void scan_block(const SequenceInputs<T>& in, const float* AT, const float* D, float* h, float* y,
                 float* ckpt, int64_t l, int64_t e, int64_t n, int64_t e0, int64_t w, int64_t chunk) {
   std::vector<float> hb(n * kBlock);  // (n, kBlock): this block's state
   load_state(h, hb.data(), n, e0, w);
@@ -248,16 +255,21 @@ void scan_block_backward(const float* x, const float* dt, const float* AT, const
 // ---------------------------------------------------------------------------------------------
 // Argument checks.
 
-// A float32 CPU tensor of `dim` dimensions: contiguous, or, where rows may be strided, with
+// A CPU tensor of `dtype` and `dim` dimensions: contiguous, or, where rows may be strided, with
 // unit stride over its last dimension (channels or states).
-void check_f32(const torch::Tensor& t, const char* name, int64_t dim, bool rows_strided = false) {
+void check_tensor(const torch::Tensor& t, const char* name, int64_t dim, torch::ScalarType dtype,
+                  bool rows_strided = false) {
   TORCH_CHECK(t.device().is_cpu(), "selective_scan_fused: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32, "selective_scan_fused: ", name,
-              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, "selective_scan_fused: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
   TORCH_CHECK(t.dim() == dim, "selective_scan_fused: ", name, " must have ", dim,
               " dimensions, got shape ", t.sizes());
   TORCH_CHECK(rows_strided ? t.stride(dim - 1) == 1 : t.is_contiguous(), "selective_scan_fused: ", name,
               rows_strided ? " must have a unit stride over its last dimension" : " must be contiguous");
+}
+
+void check_f32(const torch::Tensor& t, const char* name, int64_t dim, bool rows_strided = false) {
+  check_tensor(t, name, dim, torch::kFloat32, rows_strided);
 }
 
 void check_shape(const torch::Tensor& t, const char* name, at::IntArrayRef shape) {
@@ -265,18 +277,23 @@ void check_shape(const torch::Tensor& t, const char* name, at::IntArrayRef shape
               ", got ", t.sizes());
 }
 
-// Checks the scan's inputs; D may be empty (no skip); x, dt, B and C may have strided rows
-// when rows_strided. Returns (b, l, e, n).
+// Checks the scan's inputs; D may be empty (no skip); x, dt, B and C, all of x's dtype (float32
+// unless `widened`: then also bfloat16 or half), may have strided rows when rows_strided.
+// Returns (b, l, e, n).
 std::vector<int64_t> check_inputs(const torch::Tensor& x, const torch::Tensor& dt,
                                   const torch::Tensor& A, const torch::Tensor& B,
                                   const torch::Tensor& C, const torch::Tensor& D,
-                                  bool rows_strided) {
-  check_f32(x, "x", 3, rows_strided);
+                                  bool rows_strided, bool widened = false) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || (widened && (dtype == torch::kBFloat16 || dtype == torch::kHalf)),
+              "selective_scan_fused: x must be float32", widened ? ", bfloat16 or float16" : "", ", got ",
+              dtype);
+  check_tensor(x, "x", 3, dtype, rows_strided);
   check_f32(A, "A", 2);
   const int64_t b = x.size(0), l = x.size(1), e = x.size(2), n = A.size(1);
-  check_f32(dt, "dt", 3, rows_strided);
-  check_f32(B, "B", 3, rows_strided);
-  check_f32(C, "C", 3, rows_strided);
+  check_tensor(dt, "dt", 3, dtype, rows_strided);
+  check_tensor(B, "B", 3, dtype, rows_strided);
+  check_tensor(C, "C", 3, dtype, rows_strided);
   check_shape(dt, "dt (like x)", {b, l, e});
   check_shape(A, "A (e, n)", {e, n});
   check_shape(B, "B (b, l, n)", {b, l, n});
@@ -296,39 +313,41 @@ std::vector<torch::Tensor> scan_forward(const torch::Tensor& x, const torch::Ten
                                         const torch::Tensor& C, const torch::Tensor& D,
                                         const torch::Tensor& z, const torch::Tensor& state,
                                         bool dt_softplus, int64_t chunk, bool save) {
-  const auto s = check_inputs(x, dt, A, B, C, D, /*rows_strided=*/true);
+  const auto s = check_inputs(x, dt, A, B, C, D, /*rows_strided=*/true, /*widened=*/!save);
   const int64_t b = s[0], l = s[1], e = s[2], n = s[3];
   check_f32(state, "state", 3);
   check_shape(state, "state (b, e, n)", {b, e, n});
   if (z.numel()) {
-    check_f32(z, "z", 3, /*rows_strided=*/true);
+    check_tensor(z, "z", 3, x.scalar_type(), /*rows_strided=*/true);
     check_shape(z, "z (like x)", {b, l, e});
   }
   TORCH_CHECK(chunk >= 1, "selective_scan_fused: chunk must be >= 1, got ", chunk);
   if (!save) chunk = std::max<int64_t>(l, 1);
   const int64_t chunks = (l + chunk - 1) / chunk;
   auto h = state.clone();
-  auto y = torch::empty({b, l, e}, x.options());
-  auto ckpt = save ? torch::empty({b, chunks, e, n}, x.options()) : torch::Tensor();
+  auto y = torch::empty({b, l, e}, state.options());
+  auto ckpt = save ? torch::empty({b, chunks, e, n}, state.options()) : torch::Tensor();
   float* ckpt_ptr = save ? ckpt.data_ptr<float>() : nullptr;
   const float* D_ptr = D.numel() ? D.data_ptr<float>() : nullptr;
-  const float* z_ptr = z.numel() ? z.data_ptr<float>() : nullptr;
   const int64_t blocks = (e + kBlock - 1) / kBlock;
   auto AT = A.t().contiguous();  // (n, e)
-  at::parallel_for(0, b * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bi = item / blocks, e0 = (item % blocks) * kBlock;
-      const SequenceInputs in{x.data_ptr<float>() + bi * x.stride(0),
-                              dt.data_ptr<float>() + bi * dt.stride(0),
-                              B.data_ptr<float>() + bi * B.stride(0),
-                              C.data_ptr<float>() + bi * C.stride(0),
-                              z_ptr ? z_ptr + bi * z.stride(0) : nullptr,
-                              x.stride(1), dt.stride(1), B.stride(1), C.stride(1),
-                              z_ptr ? z.stride(1) : 0, dt_softplus};
-      scan_block(in, AT.data_ptr<float>(), D_ptr, h.data_ptr<float>() + bi * e * n,
-                 y.data_ptr<float>() + bi * l * e, save ? ckpt_ptr + bi * chunks * e * n : nullptr,
-                 l, e, n, e0, std::min(kBlock, e - e0), chunk);
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "selective_scan", [&] {
+    const scalar_t* z_ptr = z.numel() ? z.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, b * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bi = item / blocks, e0 = (item % blocks) * kBlock;
+        const SequenceInputs<scalar_t> in{x.data_ptr<scalar_t>() + bi * x.stride(0),
+                                          dt.data_ptr<scalar_t>() + bi * dt.stride(0),
+                                          B.data_ptr<scalar_t>() + bi * B.stride(0),
+                                          C.data_ptr<scalar_t>() + bi * C.stride(0),
+                                          z_ptr ? z_ptr + bi * z.stride(0) : nullptr,
+                                          x.stride(1), dt.stride(1), B.stride(1), C.stride(1),
+                                          z_ptr ? z.stride(1) : 0, dt_softplus};
+        scan_block(in, AT.data_ptr<float>(), D_ptr, h.data_ptr<float>() + bi * e * n,
+                   y.data_ptr<float>() + bi * l * e, save ? ckpt_ptr + bi * chunks * e * n : nullptr,
+                   l, e, n, e0, std::min(kBlock, e - e0), chunk);
+      }
+    });
   });
   if (save) return {y, h, ckpt};
   return {y, h};
@@ -337,9 +356,9 @@ std::vector<torch::Tensor> scan_forward(const torch::Tensor& x, const torch::Ten
 }  // namespace
 
 // Inference. x, dt: (b, l, e); A: (e, n); B, C: (b, l, n); D: (e,) or empty; z: (b, l, e) or
-// empty; state: (b, e, n). All float32; x, dt, B, C and z with rows at any stride, channels
-// (states) contiguous; the others contiguous. With dt_softplus, Δ = softplus(dt); with z,
-// y = (C . h + D x) SiLU(z). Returns y (b, l, e) and the final state (b, e, n).
+// empty; state: (b, e, n). x, dt, B, C and z of one dtype, float32, bfloat16 or float16, with
+// rows at any stride, channels (states) contiguous; A, D and state float32 and contiguous. With dt_softplus, Δ = softplus(dt); with z,
+// y = (C . h + D x) SiLU(z). Returns y (b, l, e) and the final state (b, e, n), both float32.
 std::vector<torch::Tensor> selective_scan_fused(torch::Tensor x, torch::Tensor dt, torch::Tensor A,
                                                 torch::Tensor B, torch::Tensor C, torch::Tensor D,
                                                 torch::Tensor z, torch::Tensor state,
