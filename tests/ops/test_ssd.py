@@ -284,6 +284,27 @@ def test_fused_gate_matches_reference_and_reads_strided_rows(l):
     assert torch.equal(y2, y) and torch.equal(s2, s)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_reads_half_precision_inputs_as_their_float32_values(dtype):
+    """x, B, C and z of one 16-bit dtype, as slices of one wide row, are read as they lie: the
+    result is the float32 kernel's on the same values (within a rounding: the compiler may contract
+    each variant's multiply-adds differently), and float32. Mixed dtypes are all read as float32."""
+    b, l, h, g, p, n = 2, 9, 4, 2, 20, 8
+    x, dt, A, B, C, D, state = make(b, l, h, g, p, n, "hp", dtype=torch.float32)
+    z = torch.randn(b, l, h, p, generator=torch.Generator().manual_seed(5)) * 6
+    row = torch.cat([t.flatten(2) for t in (z, x, B, C)], -1).to(dtype)  # (b, l, 2hp + 2gn)
+    zs, xs, Bs, Cs = row.split([h * p, h * p, g * n, g * n], -1)
+    halves = [xs.unflatten(-1, (h, p)), dt, A, Bs.unflatten(-1, (g, n)), Cs.unflatten(-1, (g, n)), D, state]
+    widened = [t.float() for t in halves]
+    got = ssd_scan_fused(*halves, z=zs.unflatten(-1, (h, p)))
+    expected = ssd_scan_fused(*widened, z=zs.unflatten(-1, (h, p)).float())
+    assert got[0].dtype == torch.float32
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    mixed = ssd_scan_fused(halves[0], *widened[1:], z=zs.unflatten(-1, (h, p)).float())
+    assert torch.equal(mixed[0], expected[0])
+
+
 def test_the_op_takes_the_kernel_only_where_no_gradient_is_wanted(cpp):
     from mambastep.ops import ssd_scan as ssd_op
 
@@ -300,8 +321,10 @@ def test_the_op_takes_the_kernel_only_where_no_gradient_is_wanted(cpp):
 def test_fused_checks_its_arguments():
     x, dt, A, B, C, D, state = make(2, 5, 4, 2, 3, 2, "hp", dtype=torch.float32)
     op = lambda *args, z=torch.empty(0): torch.ops.mambastep.ssd_scan(*args[:-1], z, args[-1])  # noqa: E731
-    with pytest.raises(RuntimeError, match="x .* must be float32"):
+    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16, got Double"):
         op(x.double(), dt, A, B, C, D, state)
+    with pytest.raises(RuntimeError, match=r"B \(b, l, g, n\) must be BFloat16, got Float"):
+        op(x.bfloat16(), dt, A, B, C, D, state)
     with pytest.raises(RuntimeError, match=r"state \(b, h, p, n\) must have shape"):
         op(x, dt, A, B, C, D, state[:, :, :2].contiguous())
     with pytest.raises(RuntimeError, match="4 heads do not split into 3 groups"):

@@ -39,6 +39,13 @@ def rows(t: Tensor, dims: int = 1, dtype: torch.dtype = torch.float32) -> Tensor
     return t
 
 
+def _shared_dtype(*inputs: Tensor | None) -> torch.dtype:
+    """The dtype the kernels read these inputs in: theirs where they share one of ``INPUT_DTYPES``
+    (None is no input), else float32, so that no input is rounded to another's precision."""
+    dtypes = {t.dtype for t in inputs if t is not None}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(INPUT_DTYPES) else torch.float32
+
+
 def _empty_or_f32(t: Tensor | None) -> Tensor:
     return torch.empty(0) if t is None else f32(t)
 
@@ -95,8 +102,7 @@ def selective_scan(
         dt = F.softplus(dt) if dt_softplus else dt
         y, state = _SelectiveScan.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
         return (y if z is None else y * F.silu(z.float())), state
-    shared = x.dtype in INPUT_DTYPES and all(t.dtype == x.dtype for t in (dt, B, C, z) if t is not None)
-    read = x.dtype if shared else torch.float32
+    read = _shared_dtype(x, dt, B, C, z)
     z = torch.empty(0) if z is None else rows(z, dtype=read)
     y, state = torch.ops.mambastep.selective_scan(
         *(rows(t, dtype=read) for t in (x, dt)),
@@ -116,11 +122,15 @@ def ssd_scan(
     """The Mamba-2 scan in one pass (``ops.ssd_scan``'s contract), inference only; y and state
     float32. Each state entry is updated token by token, as in ``reference.ssd_scan_ref``, so
     the result is the same for any split of the sequence. x, B, C and z are read where they
-    lie (rows at any stride, as slices of in_proj's output)."""
+    lie (rows at any stride, as slices of in_proj's output), in their dtype where they share
+    one of ``INPUT_DTYPES`` (else as float32)."""
     h, p = x.shape[2], x.shape[3]
+    read = _shared_dtype(x, B, C, z)
     D = torch.empty(0) if D is None else f32(D.reshape(h, -1).expand(h, p))  # (h, p)
-    z = torch.empty(0) if z is None else rows(z, 2)
-    y, state = torch.ops.mambastep.ssd_scan(rows(x, 2), f32(dt), f32(A), rows(B, 2), rows(C, 2), D, z, f32(state))
+    z = torch.empty(0) if z is None else rows(z, 2, read)
+    y, state = torch.ops.mambastep.ssd_scan(
+        rows(x, 2, read), f32(dt), f32(A), rows(B, 2, read), rows(C, 2, read), D, z, f32(state)
+    )
     return y, state
 
 

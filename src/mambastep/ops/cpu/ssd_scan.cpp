@@ -18,28 +18,33 @@ namespace {
 
 constexpr int64_t kRows = 16;  // head channels per work item
 
+using mambastep::widen;
+
 // One head's view of the inputs of one sequence, each pointer at token 0 and channel 0 of it.
+// T is float, or bfloat16 or half, widened as they are read.
+template <typename T>
 struct HeadInputs {
-  const float* x;   // token t, channel i at x[t * x_stride + i]
+  const T* x;       // token t, channel i at x[t * x_stride + i]
   const float* dt;  // token t at dt[t * dt_stride]
-  const float* B;   // token t, state j at B[t * B_stride + j]
-  const float* C;   // token t, state j at C[t * C_stride + j]
-  const float* z;   // the gate's input like x (at z[t * z_stride + i]), or null: y = (h . C + D x) SiLU(z)
+  const T* B;       // token t, state j at B[t * B_stride + j]
+  const T* C;       // token t, state j at C[t * C_stride + j]
+  const T* z;       // the gate's input like x (at z[t * z_stride + i]), or null: y = (h . C + D x) SiLU(z)
   int64_t x_stride, dt_stride, B_stride, C_stride, z_stride, y_stride;
 };
 
 // Channels [0, w) of one token, zero-padded to kRows lanes, times dt.
-inline void load_dx(const float* x, float dt, float* dx, int64_t w) {
-  for (int64_t i = 0; i < kRows; ++i) dx[i] = i < w ? dt * x[i] : 0.f;
+template <typename T>
+inline void load_dx(const T* x, float dt, float* dx, int64_t w) {
+  for (int64_t i = 0; i < kRows; ++i) dx[i] = i < w ? dt * widen(x[i]) : 0.f;
 }
 
 // Advance the block state hb (n, kRows) over the kTokens tokens from t, writing their y: the
 // state is loaded and stored once for all of them.
-template <int kTokens>
-void scan_tokens(const HeadInputs& in, float A, const float* D, float* hb, float* y, int64_t t,
+template <int kTokens, typename T>
+void scan_tokens(const HeadInputs<T>& in, float A, const float* D, float* hb, float* y, int64_t t,
                  int64_t n, int64_t w) {
   float decay[kTokens], dx[kTokens][kRows], acc[kTokens][kRows] = {};
-  const float *B[kTokens], *C[kTokens];
+  const T *B[kTokens], *C[kTokens];
   for (int k = 0; k < kTokens; ++k) {
     const float d = in.dt[(t + k) * in.dt_stride];
     decay[k] = mambastep::exp_inline(d * A);
@@ -49,31 +54,37 @@ void scan_tokens(const HeadInputs& in, float A, const float* D, float* hb, float
   }
   for (int64_t j = 0; j < n; ++j) {
     float* h_j = hb + j * kRows;
+    float b_j[kTokens], c_j[kTokens];
+    for (int k = 0; k < kTokens; ++k) {
+      b_j[k] = widen(B[k][j]);
+      c_j[k] = widen(C[k][j]);
+    }
 #pragma omp simd
     for (int64_t i = 0; i < kRows; ++i) {
       float s = h_j[i];
       for (int k = 0; k < kTokens; ++k) {
-        s = decay[k] * s + dx[k][i] * B[k][j];
-        acc[k][i] += s * C[k][j];
+        s = decay[k] * s + dx[k][i] * b_j[k];
+        acc[k][i] += s * c_j[k];
       }
       h_j[i] = s;
     }
   }
   for (int k = 0; k < kTokens; ++k) {
-    const float* x = in.x + (t + k) * in.x_stride;
+    const T* x = in.x + (t + k) * in.x_stride;
     float* y_t = y + (t + k) * in.y_stride;
-    for (int64_t i = 0; i < w; ++i) y_t[i] = acc[k][i] + (D ? D[i] * x[i] : 0.f);
+    for (int64_t i = 0; i < w; ++i) y_t[i] = acc[k][i] + (D ? D[i] * widen(x[i]) : 0.f);
     if (in.z) {
-      const float* z = in.z + (t + k) * in.z_stride;
+      const T* z = in.z + (t + k) * in.z_stride;
 #pragma omp simd
-      for (int64_t i = 0; i < w; ++i) y_t[i] *= mambastep::silu_inline(z[i]);
+      for (int64_t i = 0; i < w; ++i) y_t[i] *= mambastep::silu_inline(widen(z[i]));
     }
   }
 }
 
 // Scan channels [0, w) (w <= kRows) of one head over l tokens. state (w, n) rows of the head's
 // state, updated in place; y written at y + t * y_stride; D (w,) or null.
-void scan_rows(const HeadInputs& in, float A, const float* D, float* state, float* y, int64_t l,
+template <typename T>
+void scan_rows(const HeadInputs<T>& in, float A, const float* D, float* state, float* y, int64_t l,
                int64_t n, int64_t w) {
   std::vector<float> hb(n * kRows, 0.f);  // (n, kRows)
   for (int64_t i = 0; i < w; ++i)
@@ -85,10 +96,11 @@ void scan_rows(const HeadInputs& in, float A, const float* D, float* state, floa
     for (int64_t j = 0; j < n; ++j) state[i * n + j] = hb[j * kRows + i];
 }
 
-// A float32 tensor of `shape`: contiguous, or, where rows may be strided (x, B, C, z: (b, l, *, *)),
-// with each token's last two dimensions contiguous.
-void check(const torch::Tensor& t, const char* name, c10::IntArrayRef shape, bool rows_strided = false) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32, "ssd_scan_fused: ", name, " must be float32, got ",
+// A tensor of `dtype` and `shape`: contiguous, or, where rows may be strided (x, B, C, z:
+// (b, l, *, *)), with each token's last two dimensions contiguous.
+void check(const torch::Tensor& t, const char* name, c10::IntArrayRef shape, bool rows_strided = false,
+           torch::ScalarType dtype = torch::kFloat32) {
+  TORCH_CHECK(t.scalar_type() == dtype, "ssd_scan_fused: ", name, " must be ", dtype, ", got ",
               t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, "ssd_scan_fused: ", name, " must have shape ", shape, ", got ",
               t.sizes());
@@ -104,8 +116,8 @@ void check(const torch::Tensor& t, const char* name, c10::IntArrayRef shape, boo
 
 // x: (b, l, h, p); dt: (b, l, h) after softplus and clamping; A: (h,); B, C: (b, l, g, n), head
 // hd reading group hd / (h / g); D: (h, p) or empty; z: (b, l, h, p) or empty; state:
-// (b, h, p, n). All float32; x, B, C and z with rows at any stride (each token's last two
-// dimensions contiguous), the others contiguous. With z, y = (h . C + D x) SiLU(z). Returns y
+// (b, h, p, n). x, B, C and z of one dtype, float32, bfloat16 or float16, with rows at any
+// stride (each token's last two dimensions contiguous); the others float32 and contiguous. With z, y = (h . C + D x) SiLU(z). Returns y
 // (b, l, h, p) and the state after the last token (b, h, p, n).
 std::vector<torch::Tensor> ssd_scan_fused(const torch::Tensor& x, const torch::Tensor& dt,
                                           const torch::Tensor& A, const torch::Tensor& B,
@@ -116,33 +128,39 @@ std::vector<torch::Tensor> ssd_scan_fused(const torch::Tensor& x, const torch::T
   const int64_t b = x.size(0), l = x.size(1), h = x.size(2), p = x.size(3);
   const int64_t g = B.size(2), n = B.size(3);
   TORCH_CHECK(g >= 1 && h % g == 0, "ssd_scan_fused: ", h, " heads do not split into ", g, " groups");
-  check(x, "x (b, l, h, p)", {b, l, h, p}, true);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
+              "ssd_scan_fused: x must be float32, bfloat16 or float16, got ", dtype);
+  check(x, "x (b, l, h, p)", {b, l, h, p}, true, dtype);
   check(dt, "dt (b, l, h)", {b, l, h});
   check(A, "A (h,)", {h});
-  check(B, "B (b, l, g, n)", {b, l, g, n}, true);
-  check(C, "C (b, l, g, n)", {b, l, g, n}, true);
+  check(B, "B (b, l, g, n)", {b, l, g, n}, true, dtype);
+  check(C, "C (b, l, g, n)", {b, l, g, n}, true, dtype);
   if (D.numel()) check(D, "D (h, p)", {h, p});
-  if (z.numel()) check(z, "z (b, l, h, p)", {b, l, h, p}, true);
+  if (z.numel()) check(z, "z (b, l, h, p)", {b, l, h, p}, true, dtype);
   check(state, "state (b, h, p, n)", {b, h, p, n});
   auto next = state.clone();
-  auto y = torch::empty({b, l, h, p}, x.options());
-  const float* z_ptr = z.numel() ? z.data_ptr<float>() : nullptr;
+  auto y = torch::empty({b, l, h, p}, state.options());
   const int64_t blocks = (p + kRows - 1) / kRows, heads_per_group = h / g;
   const float* D_ptr = D.numel() ? D.data_ptr<float>() : nullptr;
-  at::parallel_for(0, b * h * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bi = item / (h * blocks), hd = (item / blocks) % h, i0 = (item % blocks) * kRows;
-      const int64_t group = hd / heads_per_group;
-      const HeadInputs in{x.data_ptr<float>() + bi * x.stride(0) + hd * p + i0,
-                          dt.data_ptr<float>() + bi * l * h + hd,
-                          B.data_ptr<float>() + bi * B.stride(0) + group * n,
-                          C.data_ptr<float>() + bi * C.stride(0) + group * n,
-                          z_ptr ? z_ptr + bi * z.stride(0) + hd * p + i0 : nullptr,
-                          x.stride(1), h, B.stride(1), C.stride(1), z_ptr ? z.stride(1) : 0, h * p};
-      scan_rows(in, A.data_ptr<float>()[hd], D_ptr ? D_ptr + hd * p + i0 : nullptr,
-                next.data_ptr<float>() + ((bi * h + hd) * p + i0) * n,
-                y.data_ptr<float>() + (bi * l * h + hd) * p + i0, l, n, std::min(kRows, p - i0));
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ssd_scan", [&] {
+    const scalar_t* z_ptr = z.numel() ? z.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, b * h * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bi = item / (h * blocks), hd = (item / blocks) % h, i0 = (item % blocks) * kRows;
+        const int64_t group = hd / heads_per_group;
+        const HeadInputs<scalar_t> in{x.data_ptr<scalar_t>() + bi * x.stride(0) + hd * p + i0,
+                                      dt.data_ptr<float>() + bi * l * h + hd,
+                                      B.data_ptr<scalar_t>() + bi * B.stride(0) + group * n,
+                                      C.data_ptr<scalar_t>() + bi * C.stride(0) + group * n,
+                                      z_ptr ? z_ptr + bi * z.stride(0) + hd * p + i0 : nullptr,
+                                      x.stride(1), h, B.stride(1), C.stride(1), z_ptr ? z.stride(1) : 0,
+                                      h * p};
+        scan_rows(in, A.data_ptr<float>()[hd], D_ptr ? D_ptr + hd * p + i0 : nullptr,
+                  next.data_ptr<float>() + ((bi * h + hd) * p + i0) * n,
+                  y.data_ptr<float>() + (bi * l * h + hd) * p + i0, l, n, std::min(kRows, p - i0));
+      }
+    });
   });
   return {y, next};
 }
