@@ -96,7 +96,7 @@ def selective_scan(
     and the gate as PyTorch operators around it; otherwise the inference kernel, which saves
     nothing, computes the softplus and the gate inside, and reads x, dt, B, C and z where they
     lie (rows at any stride, as slices of a projection's output), in their dtype where they
-    share one of float32, bfloat16 and float16 (else as float32).
+    share one of ``INPUT_DTYPES`` (else as float32).
     """
     if wants_grad(x, dt, A, B, C, D, state, z):
         dt = F.softplus(dt) if dt_softplus else dt
@@ -104,15 +104,8 @@ def selective_scan(
         return (y if z is None else y * F.silu(z.float())), state
     read = _shared_dtype(x, dt, B, C, z)
     z = torch.empty(0) if z is None else rows(z, dtype=read)
-    y, state = torch.ops.mambastep.selective_scan(
-        *(rows(t, dtype=read) for t in (x, dt)),
-        f32(A),
-        *(rows(t, dtype=read) for t in (B, C)),
-        _empty_or_f32(D),
-        z,
-        f32(state),
-        dt_softplus,
-    )
+    x, dt, B, C = (rows(t, dtype=read) for t in (x, dt, B, C))
+    y, state = torch.ops.mambastep.selective_scan(x, dt, f32(A), B, C, _empty_or_f32(D), z, f32(state), dt_softplus)
     return y, state
 
 
