@@ -465,7 +465,7 @@ def test_rms_norm_kernel_matches_pytorch(shape, group):
     torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_rms_norm_op_takes_the_kernel_for_float32_inference_only(cpp):
+def test_rms_norm_op_takes_the_kernel_for_inference_only(cpp):
     from mambastep.ops import rms_norm
 
     weight = torch.nn.Parameter(torch.randn(16))
@@ -478,6 +478,34 @@ def test_rms_norm_op_takes_the_kernel_for_float32_inference_only(cpp):
     y.sum().backward()
     assert weight.grad is not None
     assert rms_norm(x.bfloat16(), weight.detach().bfloat16(), 1e-5, 8, backend=cpp).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(
+            rms_norm(x, weight.bfloat16(), 1e-5, 8, backend=cpp), kernels.rms_norm(x, weight.bfloat16(), 1e-5, 8)
+        )
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_kernel_rounds_16_bit_weights_as_pytorch_does(x_dtype, weight_dtype):
+    """x in float32 (a float32 residual) or bfloat16, weight in each dtype: the result, in the
+    weight's dtype, is PyTorch's ``weight * normalised.to(weight.dtype)``, two roundings included.
+    The sums of squares add up in another order, so a float32 result differs in its last bits and a
+    16-bit one where the value lies within a float32 step of a rounding edge: at most one in a
+    thousand, one unit away."""
+    from mambastep.ops.norm import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 96, generator=g) * 3).to(x_dtype)
+    weight = torch.randn(96, generator=g).to(weight_dtype)
+    for group in (96, 32):
+        y = kernels.rms_norm(x, weight, 1e-5, group)
+        want = rms_norm(x, weight, 1e-5, group)  # PyTorch's operators
+        assert y.dtype == weight_dtype and y.shape == x.shape
+        if weight_dtype == torch.float32:
+            torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert (y == want).float().mean() >= 0.999
+            torch.testing.assert_close(y.float(), want.float(), rtol=2 * torch.finfo(weight_dtype).eps, atol=0)
 
 
 def test_rms_norm_kernel_checks_its_arguments():

@@ -138,7 +138,8 @@ def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tens
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, group: int) -> Tensor:
-    """RMSNorm in one pass (``ops.rms_norm``'s contract), float32, inference only."""
+    """RMSNorm in one pass (``ops.rms_norm``'s contract), inference only: x and weight each in
+    one of ``INPUT_DTYPES``, the result in weight's."""
     return torch.ops.mambastep.rms_norm(x, weight, eps, group)
 
 

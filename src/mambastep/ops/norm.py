@@ -13,9 +13,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, group: int | None = None, *,
     """y = x / sqrt(mean(x^2) + eps) * weight over each group of ``group`` channels
     (the whole width by default), normalised in float32.
 
-    Float32 inference takes the backend's one-pass kernel where it has one (outside
-    torch.compile, which fuses PyTorch's operators itself); PyTorch's operators make three
-    passes over the activations and their temporaries.
+    Inference in float32, bfloat16 or float16 (x and weight each) takes the backend's one-pass
+    kernel where it has one (outside torch.compile, which fuses PyTorch's operators itself);
+    PyTorch's operators make several passes over the activations and their temporaries. Both
+    round a 16-bit result as ``weight * normalised.to(weight.dtype)`` does.
 
     Args:
         x: (..., d); weight: (d,); group: channels per group, dividing d.
@@ -26,7 +27,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, group: int | None = None, *,
     group = group or x.shape[-1]
     if (
         backend.sequence_kernels
-        and x.dtype == weight.dtype == torch.float32
+        and x.dtype in kernels.INPUT_DTYPES
+        and weight.dtype in kernels.INPUT_DTYPES
         and not torch.compiler.is_compiling()
         and not wants_grad(x, weight)
     ):

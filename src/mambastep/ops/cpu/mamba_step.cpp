@@ -122,30 +122,48 @@ enum Mamba2Param {
   k2OutScale, k2OutBias, kMamba2Params
 };
 
-// (rows, d) -> (rows, d): x / sqrt(mean(x^2) + eps) * weight over each group of `group` channels.
-// x and weight (d,) float32 and contiguous. Threads split the groups of prompts; a decode
-// step's few rows stay on the calling thread.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t group) {
-  const int64_t groups = x.numel() / group;
-  auto y = torch::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t d = weight.numel();
+// y = x / sqrt(mean(x^2) + eps) * weight over each group of `group` channels of x (values
+// contiguous, groups * group of them), normalised in float32; weight (d,) and y in W. A 16-bit
+// W rounds the normalised value to W before the product, which is rounded too: what PyTorch's
+// `weight * h.to(weight.dtype)` gives. Threads split the groups of prompts; a decode step's few
+// rows stay on the calling thread.
+template <typename X, typename W>
+void rms_norm_groups(const X* x, const W* weight, W* y, int64_t groups, int64_t group, int64_t d, float eps) {
+  using mambastep::narrow;
+  using mambastep::widen;
   const int64_t grain = std::max<int64_t>(1, 65536 / group);  // groups per task: ~64k values
   at::parallel_for(0, groups, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * group;
-      const float* wr = w + (r * group) % d;
+      const X* xr = x + r * group;
+      const W* wr = weight + (r * group) % d;
+      W* yr = y + r * group;
       float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-      for (int64_t i = 0; i < group; ++i) sq += xr[i] * xr[i];
-      const float inv = 1.f / sqrtf(sq / group + static_cast<float>(eps));
+      for (int64_t i = 0; i < group; ++i) sq += widen(xr[i]) * widen(xr[i]);
+      const float inv = 1.f / sqrtf(sq / group + eps);
 #pragma omp simd
-      for (int64_t i = 0; i < group; ++i) yp[r * group + i] = xr[i] * inv * wr[i];
+      for (int64_t i = 0; i < group; ++i) yr[i] = narrow<W>(widen(narrow<W>(widen(xr[i]) * inv)) * widen(wr[i]));
     }
   });
+}
+
+// (rows, d) -> (rows, d): rms_norm_groups with x and weight (d,) float32 and contiguous.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t group) {
+  auto y = torch::empty_like(x);
+  rms_norm_groups(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.numel() / group, group,
+                  weight.numel(), static_cast<float>(eps));
   return y;
+}
+
+// f(T{}) for the T of a float32, bfloat16 or float16 tensor.
+template <typename F>
+void with_float_type(const torch::Tensor& t, const char* name, F&& f) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return f(float{});
+    case torch::kBFloat16: return f(c10::BFloat16{});
+    case torch::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
 }
 
 // The causal conv's step over c channels, then SiLU. x_new: row bi's new input at
@@ -501,15 +519,24 @@ std::vector<torch::Tensor> mamba2_layers_step(const torch::Tensor& residual,
                      });
 }
 
-// RMSNorm of x (..., d) over groups of `group` channels, with weight (d,); all float32.
+// RMSNorm of x (..., d) over groups of `group` channels, with weight (d,); x and weight each
+// float32, bfloat16 or float16; y in weight's dtype (rms_norm_groups).
 torch::Tensor rms_norm_op(const torch::Tensor& x, const torch::Tensor& weight, double eps, int64_t group) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32,
-              "rms_norm: x and weight must be float32, got ", x.scalar_type(), " and ", weight.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "rms_norm: weight must be (",
               x.dim() ? x.size(-1) : 0, ",), got ", weight.sizes());
   TORCH_CHECK(group >= 1 && weight.size(0) % group == 0, "rms_norm: ", weight.size(0),
               " channels do not split into groups of ", group);
-  return rms_norm(x.contiguous(), weight.contiguous(), eps, group);
+  const auto xc = x.contiguous(), wc = weight.contiguous();
+  auto y = torch::empty(x.sizes(), wc.options());
+  with_float_type(xc, "rms_norm: x", [&](auto x_type) {
+    using X = decltype(x_type);
+    with_float_type(wc, "rms_norm: weight", [&](auto w_type) {
+      using W = decltype(w_type);
+      rms_norm_groups(xc.data_ptr<X>(), wc.data_ptr<W>(), y.data_ptr<W>(), xc.numel() / group, group, wc.numel(),
+                      static_cast<float>(eps));
+    });
+  });
+  return y;
 }
 
 // The names of the entries of each flat parameter list, in the order of the enums above:
