@@ -1,6 +1,7 @@
 """Sampling parameters, the sampler, batched token generation and text generation with stop strings."""
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -434,3 +435,21 @@ def test_a_prompt_ending_in_a_whitespace_token_is_healed(bpe):
     whole = tok.decode([t for _, t in generate_tokens(model, [ids], params)])
     assert "".join(generate(model, tok, "def f", params)) == whole
     assert generate_batch(model, tok, ["def ", "def f"], params) == [expected[1:], whole]
+    # A tokenizer that cannot be a cache key heals the same.
+    unhashable = UnhashableTokenizer(tok, tok.vocab_size, tok.eos_token_id)
+    assert "".join(generate(model, unhashable, "def ", params)) == expected[1:]
+
+
+@dataclass
+class UnhashableTokenizer:
+    """A tokenizer of the user's own: a dataclass with ``__eq__``, so without ``__hash__``."""
+
+    inner: object
+    vocab_size: int
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.inner.decode(ids)

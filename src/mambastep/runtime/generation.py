@@ -17,9 +17,9 @@ prompt already holds, so the completion reads on from the prompt as it was writt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import fields, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -157,7 +157,7 @@ def generate(
     ids = [_encode(tokenizer, prompt)]
     _check_prompts(model, ids, params)
     read, healed = zip(*(_heal(tokenizer, prompt) for prompt in ids))
-    start = _healed_start(model, tokenizer, partial(_prefill, model, list(read)), healed)
+    start = _healed_start(tokenizer, partial(_prefill, model, list(read)), healed)
     pieces = _text_pieces(model, tokenizer, start, _seen(ids, params), params, healed=healed)
     return (piece for _, piece in pieces)
 
@@ -235,7 +235,7 @@ def generate_batch(
     ids = [_encode(tokenizer, prompt, i) for i, prompt in enumerate(prompts)]
     _check_prompts(model, ids, params)
     read, healed = zip(*(_heal(tokenizer, prompt) for prompt in ids))
-    start = _healed_start(model, tokenizer, partial(_prefill, model, list(read)), healed)
+    start = _healed_start(tokenizer, partial(_prefill, model, list(read)), healed)
     pieces: list[list[str]] = [[] for _ in prompts]
     for i, piece in _text_pieces(model, tokenizer, start, _seen(ids, params), params, healed=healed):
         pieces[i].append(piece)
@@ -274,8 +274,21 @@ def _heal(tokenizer: Tokenizer, ids: list[int]) -> tuple[list[int], str]:
     return (ids[:-1], tail) if tail.isspace() else (ids, "")
 
 
+def _tokens_starting_with(tokenizer: Tokenizer, text: str) -> tuple[int, ...]:
+    """The ids whose text alone begins with ``text``: decoded once per tokenizer and text where
+    the tokenizer can be a cache key (both of mambastep's can), else on every call."""
+    if isinstance(tokenizer, Hashable):
+        return _cached_tokens_starting_with(tokenizer, text)
+    return _cached_tokens_starting_with.__wrapped__(tokenizer, text)
+
+
+@lru_cache(maxsize=8)
+def _cached_tokens_starting_with(tokenizer: Tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]).startswith(text))
+
+
 def _healed_start(
-    model: LanguageModel, tokenizer: Tokenizer, start: Callable[[], tuple[Tensor, ModelState]], healed: Sequence[str]
+    tokenizer: Tokenizer, start: Callable[[], tuple[Tensor, ModelState]], healed: Sequence[str]
 ) -> Callable[[], tuple[Tensor, ModelState]]:
     """``start``, with the first logits of each healed sequence limited to tokens that begin with its text."""
     if not any(healed):
@@ -283,12 +296,11 @@ def _healed_start(
 
     def healed_start() -> tuple[Tensor, ModelState]:
         logits, state = start()  # (b, vocab)
-        texts = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
         logits = logits.clone()
         for row, text in enumerate(healed):
             if text:
                 allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-                allowed[[i for i, t in enumerate(texts) if t.startswith(text)]] = True
+                allowed[list(_tokens_starting_with(tokenizer, text))] = True
                 logits[row].masked_fill_(~allowed, float("-inf"))
         return logits, state
 
