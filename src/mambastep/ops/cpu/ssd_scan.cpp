@@ -38,33 +38,38 @@ inline void load_dx(const T* x, float dt, float* dx, int64_t w) {
   for (int64_t i = 0; i < kRows; ++i) dx[i] = i < w ? dt * widen(x[i]) : 0.f;
 }
 
+// A row of n values of B or C as float: the row itself for float32 inputs, else widened into
+// `buffer` (n floats), once per token rather than once per state update.
+inline const float* as_float(const float* row, float*, int64_t) { return row; }
+template <typename T>
+inline const float* as_float(const T* row, float* buffer, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) buffer[j] = widen(row[j]);
+  return buffer;
+}
+
 // Advance the block state hb (n, kRows) over the kTokens tokens from t, writing their y: the
-// state is loaded and stored once for all of them.
+// state is loaded and stored once for all of them. rows: room for 2 * kTokens rows of n floats.
 template <int kTokens, typename T>
 void scan_tokens(const HeadInputs<T>& in, float A, const float* D, float* hb, float* y, int64_t t,
-                 int64_t n, int64_t w) {
+                 int64_t n, int64_t w, float* rows) {
   float decay[kTokens], dx[kTokens][kRows], acc[kTokens][kRows] = {};
-  const T *B[kTokens], *C[kTokens];
+  const float *B[kTokens], *C[kTokens];
   for (int k = 0; k < kTokens; ++k) {
     const float d = in.dt[(t + k) * in.dt_stride];
     decay[k] = mambastep::exp_inline(d * A);
     load_dx(in.x + (t + k) * in.x_stride, d, dx[k], w);
-    B[k] = in.B + (t + k) * in.B_stride;
-    C[k] = in.C + (t + k) * in.C_stride;
+    B[k] = as_float(in.B + (t + k) * in.B_stride, rows + 2 * k * n, n);
+    C[k] = as_float(in.C + (t + k) * in.C_stride, rows + (2 * k + 1) * n, n);
   }
   for (int64_t j = 0; j < n; ++j) {
     float* h_j = hb + j * kRows;
-    float b_j[kTokens], c_j[kTokens];
-    for (int k = 0; k < kTokens; ++k) {
-      b_j[k] = widen(B[k][j]);
-      c_j[k] = widen(C[k][j]);
-    }
 #pragma omp simd
     for (int64_t i = 0; i < kRows; ++i) {
       float s = h_j[i];
       for (int k = 0; k < kTokens; ++k) {
-        s = decay[k] * s + dx[k][i] * b_j[k];
-        acc[k][i] += s * c_j[k];
+        s = decay[k] * s + dx[k][i] * B[k][j];
+        acc[k][i] += s * C[k][j];
       }
       h_j[i] = s;
     }
@@ -87,11 +92,12 @@ template <typename T>
 void scan_rows(const HeadInputs<T>& in, float A, const float* D, float* state, float* y, int64_t l,
                int64_t n, int64_t w) {
   std::vector<float> hb(n * kRows, 0.f);  // (n, kRows)
+  std::vector<float> rows(4 * n);         // B and C of two tokens, widened
   for (int64_t i = 0; i < w; ++i)
     for (int64_t j = 0; j < n; ++j) hb[j * kRows + i] = state[i * n + j];
   int64_t t = 0;
-  for (; t + 1 < l; t += 2) scan_tokens<2>(in, A, D, hb.data(), y, t, n, w);
-  if (t < l) scan_tokens<1>(in, A, D, hb.data(), y, t, n, w);
+  for (; t + 1 < l; t += 2) scan_tokens<2>(in, A, D, hb.data(), y, t, n, w, rows.data());
+  if (t < l) scan_tokens<1>(in, A, D, hb.data(), y, t, n, w, rows.data());
   for (int64_t i = 0; i < w; ++i)
     for (int64_t j = 0; j < n; ++j) state[i * n + j] = hb[j * kRows + i];
 }
