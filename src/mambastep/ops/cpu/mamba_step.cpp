@@ -202,7 +202,8 @@ std::array<torch::Tensor, 2> conv_step_silu(const float* x_new, int64_t stride, 
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) o[i] = silu_inline(acc[i]);
       float* shifted = nc + bi * (k - 1) * c + c0;  // the window without its oldest row, then x
-      for (int64_t j = 0; j + 1 < k - 1; ++j) std::copy(window + (j + 1) * c, window + (j + 1) * c + width, shifted + j * c);
+      for (int64_t j = 0; j + 1 < k - 1; ++j)
+        std::copy(window + (j + 1) * c, window + (j + 1) * c + width, shifted + j * c);
       if (k > 1) std::copy(x, x + width, shifted + (k - 2) * c);
     }
   });

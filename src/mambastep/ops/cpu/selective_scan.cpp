@@ -357,8 +357,9 @@ std::vector<torch::Tensor> scan_forward(const torch::Tensor& x, const torch::Ten
 
 // Inference. x, dt: (b, l, e); A: (e, n); B, C: (b, l, n); D: (e,) or empty; z: (b, l, e) or
 // empty; state: (b, e, n). x, dt, B, C and z of one dtype, float32, bfloat16 or float16, with
-// rows at any stride, channels (states) contiguous; A, D and state float32 and contiguous. With dt_softplus, Δ = softplus(dt); with z,
-// y = (C . h + D x) SiLU(z). Returns y (b, l, e) and the final state (b, e, n), both float32.
+// rows at any stride, channels (states) contiguous; A, D and state float32 and contiguous.
+// With dt_softplus, Δ = softplus(dt); with z, y = (C . h + D x) SiLU(z). Returns y (b, l, e) and
+// the final state (b, e, n), both float32.
 std::vector<torch::Tensor> selective_scan_fused(torch::Tensor x, torch::Tensor dt, torch::Tensor A,
                                                 torch::Tensor B, torch::Tensor C, torch::Tensor D,
                                                 torch::Tensor z, torch::Tensor state,

@@ -123,8 +123,9 @@ void check(const torch::Tensor& t, const char* name, c10::IntArrayRef shape, boo
 // x: (b, l, h, p); dt: (b, l, h) after softplus and clamping; A: (h,); B, C: (b, l, g, n), head
 // hd reading group hd / (h / g); D: (h, p) or empty; z: (b, l, h, p) or empty; state:
 // (b, h, p, n). x, B, C and z of one dtype, float32, bfloat16 or float16, with rows at any
-// stride (each token's last two dimensions contiguous); the others float32 and contiguous. With z, y = (h . C + D x) SiLU(z). Returns y
-// (b, l, h, p) and the state after the last token (b, h, p, n).
+// stride (each token's last two dimensions contiguous); the others float32 and contiguous.
+// With z, y = (h . C + D x) SiLU(z). Returns y (b, l, h, p) and the state after the last token
+// (b, h, p, n), both float32.
 std::vector<torch::Tensor> ssd_scan_fused(const torch::Tensor& x, const torch::Tensor& dt,
                                           const torch::Tensor& A, const torch::Tensor& B,
                                           const torch::Tensor& C, const torch::Tensor& D,
