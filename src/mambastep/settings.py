@@ -27,8 +27,9 @@ class EngineSettings:
 
     scan: the kernels of a prompt's sequence operations: the Mamba-1 and Mamba-2 scans, the
         causal conv with its SiLU, and the RMSNorms. "cpp" is mambastep's C++ kernels for the
-        CPU (built on first use; the Mamba-1 scan with its own backward pass for training, the
-        others inference only: where gradients are needed they take PyTorch's operators).
+        CPU (built on first use; the scans and the conv with their own backward passes for
+        training, the RMSNorms inference only: where gradients are needed they take PyTorch's
+        operators).
         They run the conv and SiLU in one pass, the softplus of Δ and the SiLU(z) gate inside
         the scan, and the float32 RMSNorms in one pass. "torch" is the chunked PyTorch scans
         and PyTorch's operators (any device); "auto" the C++ kernels on the CPU where they

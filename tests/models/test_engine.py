@@ -97,8 +97,8 @@ def test_half_precision_prefill_through_the_fused_kernels(tmp_path, family, dtyp
 
 @pytest.mark.parametrize("family", ["mamba", "mamba_lti", "mamba2"])
 def test_fused_and_torch_scans_give_the_same_gradients(tmp_path, family):
-    """Training through the fused kernel's backward equals training through the PyTorch scan
-    (Mamba-2's fused scan is inference only: with gradients it takes the PyTorch scan)."""
+    """Training through the fused kernels' backward (the scans, and the conv with its SiLU)
+    equals training through the PyTorch scan and conv."""
     if family in ("mamba", "mamba2"):
         path = make_hf_checkpoint(
             tmp_path / "m", family=family, hidden_size=24, **({"num_heads": 6} if family == "mamba2" else {})

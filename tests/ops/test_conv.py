@@ -128,9 +128,9 @@ def test_fused_conv_silu_in_pieces_equals_one_call():
     assert torch.equal(torch.cat([y1, y2], 1), y) and torch.equal(s2, final)
 
 
-def test_conv_silu_takes_the_kernel_only_where_it_applies(cpp):
-    """With the C++ backend, inference in float32, bfloat16 or float16 takes the kernel;
-    float64 and gradients take PyTorch's conv and SiLU, which agree with it."""
+def test_conv_silu_takes_the_kernel_where_it_applies(cpp):
+    """With the C++ backend, float32, bfloat16 or float16 take the kernel, also where a gradient
+    is wanted; float64 takes PyTorch's conv and SiLU, which agree with it."""
     x, w, bias, state = _inputs(2, 9, 6, 4, torch.float32)
     for dtype in (torch.float32, torch.bfloat16):
         args = [t.to(dtype) for t in (x, w, bias, state)]
@@ -143,8 +143,58 @@ def test_conv_silu_takes_the_kernel_only_where_it_applies(cpp):
     assert y.dtype == new_state.dtype == torch.float64
     x = x.requires_grad_()
     y, _ = causal_conv_silu(x, w, bias, state, backend=cpp)
+    assert torch.equal(y, kernels.causal_conv_silu(x.detach(), w, bias, state)[0])
     y.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
+    x_torch = x.detach().clone().requires_grad_()
+    causal_conv_silu(x_torch, w, bias, state)[0].sum().backward()
+    torch.testing.assert_close(x.grad, x_torch.grad, **FUSED_TOL[torch.float32])
+
+
+def _conv_silu_ref(x, w, bias, state):
+    y, new_state = causal_conv_ref(x, w, bias, state)
+    return F.silu(y), new_state
+
+
+def _grads(conv, inputs, seed=1):
+    """y, the next state, and the gradients of a loss that uses both, one per input (None for
+    a None input)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    y, new_state = conv(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    w_y = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(new_state.shape, generator=gen, dtype=torch.float64)
+    ((y.double() * w_y).sum() + (new_state.double() * w_s).sum()).backward()
+    return [y.detach(), new_state.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+# The gradients against the float64 reference's, relative to each one's largest entry: float32
+# arithmetic, or the rounding of x's gradient (and of y, which the loss reads) to x's dtype.
+GRAD_REL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("b,l,c,k", SIZES + [(2, 70, 130, 4)])  # 130 channels: blocks of 64, 64 and 2
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_conv_silu_gradients_match_reference(b, l, c, k, with_bias, dtype):
+    """Through y and the next state, x read from wider rows; the weight and bias in float32, as
+    a model holds them, x and the state in ``dtype``."""
+    x, w, bias, state = _inputs(b, l, c, k, torch.float32)
+    wide = torch.cat([torch.randn(b, l, 3), x, torch.randn(b, l, 2)], -1).to(dtype)
+    inputs = [wide, w, bias if with_bias else None, state.to(dtype)]
+    got = _grads(lambda wide, *rest: kernels.causal_conv_silu(wide[..., 3 : 3 + c], *rest), inputs)
+    want = _grads(
+        lambda wide, *rest: _conv_silu_ref(wide[..., 3 : 3 + c], *rest),
+        [None if t is None else t.double() for t in inputs],
+    )
+    for name, g, ref, t in zip(("y", "state", "x", "weight", "bias", "the state"), got, want, (None, None, *inputs)):
+        if ref is None:
+            assert g is None, name
+            continue
+        assert t is None or (g.dtype == t.dtype and g.shape == t.shape), name
+        scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+        rel = GRAD_REL[dtype]
+        torch.testing.assert_close(g.double(), ref, atol=rel * scale, rtol=rel, msg=lambda m: f"{name}: {m}")
+    assert (got[2][..., :3] == 0).all() and (got[2][..., 3 + c :] == 0).all()  # the rest of the rows: untouched
 
 
 def test_fused_conv_silu_checks_its_arguments():
@@ -162,3 +212,11 @@ def test_fused_conv_silu_checks_its_arguments():
         run(x, w, bias[:5].contiguous(), state)
     with pytest.raises(RuntimeError, match="x must have contiguous channels"):
         run(x.transpose(1, 2).contiguous().transpose(1, 2), w, bias, state)
+    backward = torch.ops.mambastep.causal_conv_silu_backward
+    gy, gnext = torch.randn(2, 5, 6), torch.randn(2, 3, 6)
+    with pytest.raises(RuntimeError, match="the gradient of y must be contiguous, like x"):
+        backward(x, w, bias, state, gy.bfloat16(), gnext)
+    with pytest.raises(RuntimeError, match="the gradient of the next state must be contiguous, like the state"):
+        backward(x, w, bias, state, gy, gnext[:, 1:])
+    with pytest.raises(RuntimeError, match=r"weight must be \(6, k\), 1 <= k <= 16"):
+        backward(x, torch.randn(6, 17), bias, torch.randn(2, 16, 6), gy, torch.randn(2, 16, 6))

@@ -305,17 +305,99 @@ def test_fused_reads_half_precision_inputs_as_their_float32_values(dtype):
     assert torch.equal(mixed[0], expected[0])
 
 
-def test_the_op_takes_the_kernel_only_where_no_gradient_is_wanted(cpp):
+def test_the_op_takes_the_kernel_also_where_a_gradient_is_wanted(cpp):
     from mambastep.ops import ssd_scan as ssd_op
 
     args = make(1, 5, 4, 2, 3, 2, "h", dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(ssd_op(*args, backend=cpp)[0], ssd_scan_fused(*args)[0])
     x = args[0].clone().requires_grad_()
-    y, _ = ssd_op(x, *args[1:], backend=cpp)  # the chunked scan, which autograd goes through
+    y, _ = ssd_op(x, *args[1:], backend=cpp)  # the kernel's training pair
+    assert torch.equal(y, ssd_scan_fused(*args)[0])
     y.sum().backward()
-    torch.testing.assert_close(y, ssd_op(x, *args[1:], backend=TORCH)[0])
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    x_torch = args[0].clone().requires_grad_()
+    ssd_op(x_torch, *args[1:], backend=TORCH)[0].sum().backward()  # the chunked scan
+    torch.testing.assert_close(x.grad, x_torch.grad, **FP32)
+
+
+# Gradients of the fused scan (its C++ backward) against autograd through the float64 spec:
+# float32 arithmetic, so errors relative to each gradient's largest entry (worst seen: 1e-6),
+# with a floor for gradients too small for float32's normal range.
+GRAD_REL = 1e-4
+GRAD_FLOOR = 1e-30
+NAMES = ("x", "dt", "A", "B", "C", "D", "state")
+
+
+def _grads(scan, inputs, seed=1):
+    """y, the final state, and the gradients of a loss that uses both, one per input (None
+    for a None input)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    y, final = scan(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    w_y = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(final.shape, generator=gen, dtype=torch.float64)
+    ((y.double() * w_y).sum() + (final.double() * w_s).sum()).backward()
+    return [y.detach(), final.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def _assert_grads_close(got, inputs, rel=GRAD_REL):
+    want = _grads(ssd_scan_ref, as64(inputs))
+    for name, g, ref, t in zip(("y", "state", *NAMES), got, want, (None, None, *inputs)):
+        if ref is None:
+            assert g is None, name
+            continue
+        assert torch.isfinite(g).all(), name
+        if t is not None:
+            assert g.dtype == t.dtype and g.shape == t.shape, name
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(
+            g.double(), ref, atol=rel * scale + GRAD_FLOOR, rtol=rel, msg=lambda m: f"{name}: {m}"
+        )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + [(2, 2, 1, 64, 64, "h")])  # the last: the default model's heads
+@pytest.mark.parametrize("l", [1, 2, 50, 131])
+def test_fused_gradients_match_reference(l, layout):
+    b, h, g, p, n, d_form = layout
+    inputs = make(b, l, h, g, p, n, d_form, dtype=torch.float32)
+    _assert_grads_close(_grads(ssd_scan_fused, inputs), inputs)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_fused_gradients_for_any_checkpoint_chunk(chunk):
+    inputs = make(2, 70, 6, 3, 5, 4, "hp", dtype=torch.float32)
+    _assert_grads_close(_grads(lambda *t: kernels._SSDScan.apply(*t, chunk), inputs), inputs)
+
+
+def test_fused_gradients_stable_for_very_negative_decay():
+    """dt A down to -100 per step: exp(dt A) underflows in float32; nothing may divide by it."""
+    gen = torch.Generator().manual_seed(3)
+    x, _, _, B, C, D, state = make(2, 90, 4, 2, 3, 4, "h", dtype=torch.float32)
+    dt, A = strong_decays(2, 90, 4, gen)
+    _assert_grads_close(
+        _grads(ssd_scan_fused, (x, dt.float(), A.float(), B, C, D, state)), (x, dt.float(), A.float(), B, C, D, state)
+    )
+
+
+def test_fused_gradients_in_bf16_and_for_some_inputs_only():
+    x, dt, A, B, C, D, state = make(2, 40, 4, 2, 16, 8, "hp", dtype=torch.float32)
+    inputs = (x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D, state)
+    # The gradients of bfloat16 inputs are rounded to bfloat16 (8 bits).
+    _assert_grads_close(_grads(ssd_scan_fused, inputs), inputs, rel=1e-2)
+    x = x.clone().requires_grad_()
+    y, final = ssd_scan_fused(x, dt, A, B, C, D, state)  # only x requires grad
+    (y.sum() + final.sum()).backward()
+    assert x.grad is not None and x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+def test_fused_training_path_equals_inference_path():
+    args = make(3, 130, 4, 2, 20, 8, "hp", dtype=torch.float32)
+    with torch.no_grad():
+        y_inf, final_inf = ssd_scan_fused(*args)
+    leaves = [t.clone().requires_grad_() for t in args]
+    y, final = ssd_scan_fused(*leaves)
+    assert y.requires_grad and final.requires_grad
+    assert torch.equal(y, y_inf) and torch.equal(final, final_inf)
 
 
 def test_fused_checks_its_arguments():
@@ -335,3 +417,14 @@ def test_fused_checks_its_arguments():
         op(x.transpose(2, 3).contiguous().transpose(2, 3), dt, A, B, C, D, state)
     with pytest.raises(RuntimeError, match=r"z \(b, l, h, p\) must have shape"):
         op(x, dt, A, B, C, D, state, z=x[:, :3])
+    y, final, ckpt = torch.ops.mambastep.ssd_scan_fwd(x, dt, A, B, C, D, state, 2)
+    assert ckpt.shape == (2, 3, 4, 3, 2) and torch.equal(ckpt[:, 0], state)
+    bwd = torch.ops.mambastep.ssd_scan_bwd
+    with pytest.raises(RuntimeError, match="x must be float32, got BFloat16"):  # the backward: float32 only
+        bwd(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D, ckpt, y, final, 2)
+    with pytest.raises(RuntimeError, match=r"checkpoints .* must have shape"):
+        bwd(x, dt, A, B, C, D, ckpt, y, final, 4)
+    with pytest.raises(RuntimeError, match=r"x \(b, l, h, p\) must be contiguous"):  # read at a fixed stride
+        bwd(x.transpose(0, 1).contiguous().transpose(0, 1), dt, A, B, C, D, ckpt, y, final, 2)
+    with pytest.raises(RuntimeError, match=r"grad of state .* must have shape"):
+        bwd(x, dt, A, B, C, D, ckpt, y, final[:1].contiguous(), 2)

@@ -29,9 +29,9 @@ class Backend:
     """The kernels the ops take on one device.
 
     device: the device type the backend was resolved for ("cpu", "cuda", ...).
-    sequence_kernels: mambastep's kernels for a prompt's sequence operations (the scans, the
-        causal conv with its SiLU, RMSNorm), for calls that want no gradient (the Mamba-1 scan
-        also with one); else the chunked PyTorch scans and PyTorch's operators.
+    sequence_kernels: mambastep's kernels for a prompt's sequence operations: the scans and
+        the causal conv with its SiLU (also where a gradient is wanted), RMSNorm (where none
+        is); else the chunked PyTorch scans and PyTorch's operators.
     matvec_kernel: mambastep's matvec for products with a few activation rows, and the
         decode step of a whole stack of layers in one call.
     onednn_prompts: oneDNN's matmul for wide float32 prompt products (CPU).

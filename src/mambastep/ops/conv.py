@@ -46,9 +46,9 @@ def causal_conv_silu(
 ) -> tuple[Tensor, Tensor]:
     """SiLU(causal_conv(x, weight, bias, state)), with the next conv state.
 
-    One token takes ``causal_conv_step``. A sequence in float32, bfloat16 or float16 for which
-    no gradient is wanted takes the backend's kernel where it has one (one pass, y contiguous
-    in x's dtype); otherwise PyTorch's conv (``causal_conv``), then SiLU.
+    One token takes ``causal_conv_step``. A sequence in float32, bfloat16 or float16 takes the
+    backend's kernel where it has one (one pass, y contiguous in x's dtype; its backward one
+    pass too); otherwise PyTorch's conv (``causal_conv``), then SiLU.
 
     Args:
         x: (b, l, c); weight: (c, k); bias: (c,) or None; state: (b, k-1, c).
@@ -62,7 +62,7 @@ def causal_conv_silu(
             step = load_triton().conv_step
         y, state = step(x[:, 0], weight, bias, state)  # (b, c)
         return F.silu(y[:, None]), state
-    if backend.sequence_kernels and x.dtype in kernels.INPUT_DTYPES and not wants_grad(x, weight, bias, state):
+    if backend.sequence_kernels and x.dtype in kernels.INPUT_DTYPES:
         return kernels.causal_conv_silu(x, weight, bias, state)
     y, state = causal_conv(x, weight, bias, state)
     return F.silu(y), state

@@ -3,10 +3,11 @@
 (``ops.scan``, ``ops.ssd``, ``ops.conv``, ``ops.norm``, ``ops.linear``) call these where their
 backend turns the kernels on; the device's implementation must be loaded (``ops.backend``).
 
-``selective_scan`` is differentiable: when grad mode is on and an input requires grad, its
-forward also saves the state every ``CHECKPOINT_CHUNK`` tokens and the backward recomputes
-each chunk's states from those checkpoints (memory l / CHECKPOINT_CHUNK times the state, never
-(l, e, n)). The other kernels serve inference only.
+``selective_scan`` and ``ssd_scan`` are differentiable: when grad mode is on and an input
+requires grad, their forward also saves the state every ``CHECKPOINT_CHUNK`` tokens and the
+backward recomputes each chunk's states from those checkpoints (memory l / CHECKPOINT_CHUNK
+times the state, never (l, e, n)). ``causal_conv_silu`` is differentiable too: its backward
+recomputes the conv from the saved inputs. The other kernels serve inference only.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def _empty_or_f32(t: Tensor | None) -> Tensor:
     return torch.empty(0) if t is None else f32(t)
 
 
+def _specs(*inputs: Tensor | None) -> list[tuple[torch.dtype, torch.Size] | None]:
+    """Each input's dtype and shape (None for None): what its gradient must have."""
+    return [None if t is None else (t.dtype, t.shape) for t in inputs]
+
+
+def _as_inputs(ctx, grads: list[Tensor]) -> list[Tensor | None]:
+    """A backward's gradients in their inputs' dtypes and shapes (``ctx.inputs``, from
+    ``_specs``), None where autograd needs none."""
+    return [
+        g.to(spec[0]).reshape(spec[1]) if spec is not None and needed else None
+        for g, spec, needed in zip(grads, ctx.inputs, ctx.needs_input_grad)
+    ]
+
+
 class _SelectiveScan(torch.autograd.Function):
     """The scan with its backward. Inputs as ``selective_scan`` (D may be None)."""
 
@@ -60,7 +75,7 @@ class _SelectiveScan(torch.autograd.Function):
         y, final, ckpt = torch.ops.mambastep.selective_scan_fwd(*args, D32, f32(state), chunk)
         ctx.save_for_backward(*args, D32, ckpt)
         ctx.chunk = chunk
-        ctx.inputs = [(t.dtype, t.shape) if t is not None else None for t in (x, dt, A, B, C, D, state)]
+        ctx.inputs = _specs(x, dt, A, B, C, D, state)
         return y, final
 
     @staticmethod
@@ -71,12 +86,7 @@ class _SelectiveScan(torch.autograd.Function):
             x, dt, A, B, C, D32, ckpt, f32(gy), f32(gh), ctx.chunk
         )
         # Partials per sequence (dA, dD) and per channel block (dB, dC), summed here.
-        grads = [dx, ddt, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), dstate]
-        out = [
-            g.to(spec[0]).reshape(spec[1]) if spec is not None and needed else None
-            for g, spec, needed in zip(grads, ctx.inputs, ctx.needs_input_grad)
-        ]
-        return (*out, None)
+        return (*_as_inputs(ctx, [dx, ddt, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), dstate]), None)
 
 
 def selective_scan(
@@ -109,17 +119,59 @@ def selective_scan(
     return y, state
 
 
+class _SSDScan(torch.autograd.Function):
+    """The Mamba-2 scan with its backward. Inputs as ``ssd_scan`` (D may be None), no gate."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, state, chunk):
+        h, p = x.shape[2], x.shape[3]
+        args = [f32(t) for t in (x, dt, A, B, C)]
+        D32 = _skip_per_channel(D, h, p)
+        y, final, ckpt = torch.ops.mambastep.ssd_scan_fwd(*args, D32, f32(state), chunk)
+        ctx.save_for_backward(*args, D32, ckpt)
+        ctx.chunk = chunk
+        ctx.inputs = _specs(x, dt, A, B, C, D, state)
+        return y, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gh):
+        x, dt, A, B, C, D32, ckpt = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD, dstate = torch.ops.mambastep.ssd_scan_bwd(
+            x, dt, A, B, C, D32, ckpt, f32(gy), f32(gh), ctx.chunk
+        )
+        # Partials per sequence (dA, dD) and per head (dB, dC), summed here.
+        b, l, g, n = B.shape
+        dB, dC = (d.view(b, g, -1, l, n).sum(2).transpose(1, 2) for d in (dB, dC))  # (b, l, g, n)
+        dD = dD.sum(0)  # (h, p)
+        if ctx.inputs[5] is not None and len(ctx.inputs[5][1]) == 1:
+            dD = dD.sum(-1)  # a skip of one value per head, D (h,)
+        return (*_as_inputs(ctx, [dx, ddt, dA.sum(0), dB, dC, dD, dstate]), None)
+
+
+def _skip_per_channel(D: Tensor | None, h: int, p: int) -> Tensor:
+    """The skip D, (h,) or (h, p), as the kernels take it: (h, p) float32, or empty for None."""
+    return torch.empty(0) if D is None else f32(D.reshape(h, -1).expand(h, p))
+
+
 def ssd_scan(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor, z: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """The Mamba-2 scan in one pass (``ops.ssd_scan``'s contract), inference only; y and state
-    float32. Each state entry is updated token by token, as in ``reference.ssd_scan_ref``, so
-    the result is the same for any split of the sequence. x, B, C and z are read where they
-    lie (rows at any stride, as slices of in_proj's output), in their dtype where they share
-    one of ``INPUT_DTYPES`` (else as float32)."""
+    """The Mamba-2 scan in one pass (``ops.ssd_scan``'s contract); y and state float32. Each
+    state entry is updated token by token, as in ``reference.ssd_scan_ref``, so the result is
+    the same for any split of the sequence.
+
+    When gradients are wanted it runs the differentiable pair of kernels (float32 copies of
+    the inputs), with the gate as PyTorch operators after it; otherwise the inference kernel,
+    which saves nothing, gates inside, and reads x, B, C and z where they lie (rows at any
+    stride, as slices of in_proj's output), in their dtype where they share one of
+    ``INPUT_DTYPES`` (else as float32)."""
+    if wants_grad(x, dt, A, B, C, D, state, z):
+        y, state = _SSDScan.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
+        return (y if z is None else y * F.silu(z.float())), state
     h, p = x.shape[2], x.shape[3]
     read = _shared_dtype(x, B, C, z)
-    D = torch.empty(0) if D is None else f32(D.reshape(h, -1).expand(h, p))  # (h, p)
+    D = _skip_per_channel(D, h, p)
     z = torch.empty(0) if z is None else rows(z, 2, read)
     y, state = torch.ops.mambastep.ssd_scan(
         rows(x, 2, read), f32(dt), f32(A), rows(B, 2, read), rows(C, 2, read), D, z, f32(state)
@@ -127,13 +179,40 @@ def ssd_scan(
     return y, state
 
 
+def _conv_operands(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> list[Tensor]:
+    """``causal_conv_silu``'s inputs as the kernels take them."""
+    return [rows(x, dtype=x.dtype), f32(weight), _empty_or_f32(bias), state.to(x.dtype).contiguous()]
+
+
+class _CausalConvSilu(torch.autograd.Function):
+    """SiLU of the causal conv with its backward. Inputs as ``causal_conv_silu``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, state):
+        ctx.inputs = _specs(x, weight, bias, state)
+        operands = _conv_operands(x, weight, bias, state)
+        ctx.save_for_backward(*operands)
+        return tuple(torch.ops.mambastep.causal_conv_silu(*operands))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gnext):
+        x, weight, bias, state = ctx.saved_tensors
+        dx, dstate, dweight, dbias = torch.ops.mambastep.causal_conv_silu_backward(
+            x, weight, bias, state, gy.to(x.dtype).contiguous(), gnext.to(x.dtype).contiguous()
+        )
+        # Partials per sequence (dweight (b, k, c), dbias), summed here.
+        return tuple(_as_inputs(ctx, [dx, dweight.sum(0).t(), dbias.sum(0), dstate]))
+
+
 def causal_conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
-    """SiLU of the causal conv in one pass (``ops.causal_conv_silu``'s contract), inference
-    only: x (b, l, c) float32, bfloat16 or float16, read where it lies (rows at any stride);
-    y (b, l, c) contiguous and the state (b, k-1, c), both in x's dtype."""
-    y, state = torch.ops.mambastep.causal_conv_silu(
-        rows(x, dtype=x.dtype), f32(weight), _empty_or_f32(bias), state.to(x.dtype).contiguous()
-    )
+    """SiLU of the causal conv in one pass (``ops.causal_conv_silu``'s contract): x (b, l, c)
+    float32, bfloat16 or float16, read where it lies (rows at any stride); y (b, l, c)
+    contiguous and the state (b, k-1, c), both in x's dtype. Differentiable: the backward is
+    one pass too, the conv recomputed from x."""
+    if wants_grad(x, weight, bias, state):
+        return _CausalConvSilu.apply(x, weight, bias, state)
+    y, state = torch.ops.mambastep.causal_conv_silu(*_conv_operands(x, weight, bias, state))
     return y, state
 
 

@@ -23,6 +23,9 @@ SCHEMAS = (
     "rms_norm(Tensor x, Tensor weight, float eps, int group) -> Tensor",
     # SiLU of the causal depthwise conv from a state: [y, next state]
     "causal_conv_silu(Tensor x, Tensor weight, Tensor bias, Tensor state) -> Tensor[]",
+    # its gradients: [dx, dstate, dweight, dbias], the last two per sequence (see ops.kernels)
+    "causal_conv_silu_backward(Tensor x, Tensor weight, Tensor bias, Tensor state, Tensor gy, Tensor gnext) "
+    "-> Tensor[]",
     # Mamba-1 selective scan, inference: [y, next state]
     "selective_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor state, "
     "bool dt_softplus) -> Tensor[]",
@@ -34,6 +37,11 @@ SCHEMAS = (
     "Tensor gy, Tensor gh, int chunk) -> Tensor[]",
     # Mamba-2 scan, inference: [y, next state]
     "ssd_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor state) -> Tensor[]",
+    # the same for training, without the gate: [y, next state, the states every `chunk` tokens]
+    "ssd_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor state, int chunk) -> Tensor[]",
+    # its gradients: [dx, ddt, dA, dB, dC, dD, dstate], partial sums (see ops.kernels)
+    "ssd_scan_bwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor ckpt, "
+    "Tensor gy, Tensor gh, int chunk) -> Tensor[]",
     # one decode step of a whole stack of layers: [out, next conv states..., next SSM states...]
     "mamba_layers_step(Tensor residual, Tensor?[] params, Tensor?[] head, Tensor[] conv_states, "
     "Tensor[] ssm_states, float eps, int reuse_bytes) -> Tensor[]",

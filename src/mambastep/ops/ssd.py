@@ -8,8 +8,8 @@ the recurrence between chunks. Here the chunks are taken one after another,
 carrying the state, so the memory besides the output is that of one chunk.
 
 ``ssd_scan`` is the op the models call: one token takes the recurrent step, a sequence the
-backend's kernel where it has one and no gradient is wanted (``ops.kernels``), else
-``ssd_scan_chunked``.
+backend's kernel where it has one (``ops.kernels``; on the CPU also when a gradient is
+wanted), else ``ssd_scan_chunked``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mambastep.ops import kernels
-from mambastep.ops.backend import TORCH, Backend, load_triton, takes_triton, wants_grad
+from mambastep.ops.backend import TORCH, Backend, load_triton, takes_triton
 from mambastep.ops.step import gate, ssd_step
 
 
@@ -67,7 +67,7 @@ def ssd_scan(
         return y[:, None], state  # (b, 1, h, p)
     if takes_triton(backend, state, x, dt, A, B, C, D, z):
         return load_triton().mamba2_scan(x, dt, A, B, C, D, state, z=z)
-    if backend.sequence_kernels and not wants_grad(x, dt, A, B, C, D, state, z):
+    if backend.sequence_kernels:
         return kernels.ssd_scan(x, dt, A, B, C, D, state, z)
     y, state = ssd_scan_chunked(x, dt, A, B, C, D, state, backend.scan_chunk)
     return gate(y, z), state

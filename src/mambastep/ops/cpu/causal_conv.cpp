@@ -1,11 +1,12 @@
-// The causal depthwise conv over a prompt, then SiLU, in one pass for the CPU (inference):
+// The causal depthwise conv over a prompt, then SiLU, in one pass for the CPU, and its backward:
 //
 //   y[t, c] = SiLU(bias[c] + sum_i w[c, i] window[t + i, c]),   window = [state; x]  (k - 1 + l rows)
 //
 // x is read where it lies (a slice of the in_proj output: rows of any stride, channels
 // contiguous), and y is written contiguous, the layout the scan and the next product read.
-// float32, bfloat16 or float16 inputs; the sums are float32, y is rounded to x's dtype once. PyTorch's path (concatenate the state, transpose, conv1d, transpose back,
-// SiLU, copy to contiguous) moves the (l, c) activations five or six times.
+// float32, bfloat16 or float16 inputs; the sums are float32, y is rounded to x's dtype once.
+// PyTorch's path (concatenate the state, transpose, conv1d, transpose back, SiLU, copy to
+// contiguous) moves the (l, c) activations five or six times, and its backward as often again.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -59,6 +60,77 @@ void conv_silu(const T* xp, const T* sp, const float* w, const float* bp, T* yp,
     }
 }
 
+// The backward of conv_silu for channels [c0, c0 + width) of sequence bi, width <= kChannels: with
+// s = sigmoid(pre), the gradient of the conv's output is gpre[t] = gy[t] s (1 + pre (1 - s)),
+// and then
+//   dwindow[r] = sum_i w[i] gpre[r - i] (0 <= r - i < l)   (+ gnext[r - l] for the rows the
+//   next state copies),  dw[i] += gpre[t] window[t + i],  dbias += gpre[t].
+// gpre lives in a ring of the last k rows, so x, gy and the outputs are each passed over once.
+// dx (l, c) and dstate (k - 1, c) rows of sequence bi (contiguous); dw (k, c) and db (c,) this
+// sequence's partials.
+constexpr int64_t kChannels = 64;
+
+template <typename T>
+void conv_silu_backward(const T* xp, const T* sp, const T* gp, const T* gnp, const float* w, const float* bp,
+                        T* dxp, T* dsp, float* dw, float* db, int64_t bi, int64_t l, int64_t c, int64_t k,
+                        int64_t xs0, int64_t xs1, int64_t c0, int64_t width) {
+  auto window_row = [&](int64_t r) {
+    return r < k - 1 ? sp + (bi * (k - 1) + r) * c + c0 : xp + bi * xs0 + (r - (k - 1)) * xs1 + c0;
+  };
+  std::vector<float> ring(k * kChannels, 0.f);  // gpre of tokens t - k + 1 .. t, row t % k
+  float dw_acc[16][kChannels] = {}, db_acc[kChannels] = {}, acc[kChannels];  // k <= 16 taps
+  // Window row r's gradient, from the ring holding gpre[r - k + 1 .. r] (those in [0, l)).
+  auto window_grad = [&](int64_t r, float* out) {
+    std::fill(out, out + kChannels, 0.f);
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t t = r - i;
+      if (t < 0 || t >= l) continue;
+      const float* g_t = ring.data() + (t % k) * kChannels;
+      const float* w_i = w + i * c + c0;
+#pragma omp simd
+      for (int64_t ch = 0; ch < width; ++ch) out[ch] += w_i[ch] * g_t[ch];
+    }
+  };
+  auto store = [&](T* dst, const float* src) {
+#pragma omp simd
+    for (int64_t ch = 0; ch < width; ++ch) dst[ch] = mambastep::narrow<T>(src[ch]);
+  };
+  for (int64_t t = 0; t < l + k - 1; ++t) {
+    if (t < l) {  // gpre[t], from window rows t .. t + k - 1
+      std::copy(bp + c0, bp + c0 + width, acc);
+      for (int64_t i = 0; i < k; ++i) {
+        const T* row = window_row(t + i);
+        const float* w_i = w + i * c + c0;
+#pragma omp simd
+        for (int64_t ch = 0; ch < width; ++ch) acc[ch] += w_i[ch] * mambastep::widen(row[ch]);
+      }
+      const T* gy = gp + (bi * l + t) * c + c0;
+      float* g_t = ring.data() + (t % k) * kChannels;
+#pragma omp simd
+      for (int64_t ch = 0; ch < width; ++ch) {
+        const float pre = acc[ch], sig = 1.f / (1.f + mambastep::exp_inline(-pre));
+        g_t[ch] = mambastep::widen(gy[ch]) * sig * (1.f + pre * (1.f - sig));
+        db_acc[ch] += g_t[ch];
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const T* row = window_row(t + i);
+#pragma omp simd
+        for (int64_t ch = 0; ch < width; ++ch) dw_acc[i][ch] += g_t[ch] * mambastep::widen(row[ch]);
+      }
+    }
+    // Window row t is complete once gpre[t] is known (it reads gpre[t - k + 1 .. t]).
+    window_grad(t, acc);
+    if (t >= l) {  // a row the next state copies: its gradient arrives from there too
+      const T* gn = gnp + (bi * (k - 1) + t - l) * c + c0;
+#pragma omp simd
+      for (int64_t ch = 0; ch < width; ++ch) acc[ch] += mambastep::widen(gn[ch]);
+    }
+    store(t < k - 1 ? dsp + (bi * (k - 1) + t) * c + c0 : dxp + (bi * l + t - (k - 1)) * c + c0, acc);
+  }
+  for (int64_t i = 0; i < k; ++i) std::copy(dw_acc[i], dw_acc[i] + width, dw + i * c + c0);
+  std::copy(db_acc, db_acc + width, db + c0);
+}
+
 }  // namespace
 
 // x: (b, l, c), channels contiguous, rows at any stride; weight: (c, k) float32; bias: (c,)
@@ -96,4 +168,55 @@ std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch:
   return {y, next};
 }
 
-TORCH_LIBRARY_IMPL(mambastep, CPU, m) { m.impl("causal_conv_silu", &causal_conv_silu); }
+// The gradients of causal_conv_silu given gy (b, l, c) = dL/dy and gnext (b, k - 1, c) =
+// dL/d(next state), both in x's dtype and contiguous; x, weight, bias and state as there.
+// Returns dx (b, l, c) and dstate (b, k - 1, c) in x's dtype, and this sequence's partials
+// dweight (b, k, c) and dbias (b, c) in float32, summed over the sequences by the caller.
+std::vector<torch::Tensor> causal_conv_silu_backward(const torch::Tensor& x, const torch::Tensor& weight,
+                                                     const torch::Tensor& bias, const torch::Tensor& state,
+                                                     const torch::Tensor& gy, const torch::Tensor& gnext) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
+              "causal_conv_silu: x must be float32, bfloat16 or float16, got ", dtype);
+  check(x, "x", 3, dtype);
+  check(weight, "weight", 2, torch::kFloat32);
+  check(state, "state", 3, dtype);
+  const int64_t b = x.size(0), l = x.size(1), c = x.size(2), k = weight.size(1);
+  TORCH_CHECK(weight.size(0) == c && k >= 1 && k <= 16, "causal_conv_silu: weight must be (", c,
+              ", k), 1 <= k <= 16, got ", weight.sizes());
+  TORCH_CHECK(state.sizes() == c10::IntArrayRef({b, k - 1, c}) && state.is_contiguous(),
+              "causal_conv_silu: state must be contiguous (", b, ", ", k - 1, ", ", c, "), got ", state.sizes());
+  TORCH_CHECK(gy.sizes() == x.sizes() && gy.scalar_type() == dtype && gy.is_contiguous(),
+              "causal_conv_silu: the gradient of y must be contiguous, like x");
+  TORCH_CHECK(gnext.sizes() == state.sizes() && gnext.scalar_type() == dtype && gnext.is_contiguous(),
+              "causal_conv_silu: the gradient of the next state must be contiguous, like the state");
+  if (bias.numel()) {
+    check(bias, "bias", 1, torch::kFloat32);
+    TORCH_CHECK(bias.size(0) == c, "causal_conv_silu: bias must be (", c, ",), got ", bias.sizes());
+  }
+  auto dx = torch::empty({b, l, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto dstate = torch::empty_like(state, at::MemoryFormat::Contiguous);
+  auto dweight = torch::empty({b, k, c}, weight.options()), dbias = torch::empty({b, c}, weight.options());
+  auto wt = weight.t().contiguous();  // (k, c)
+  auto bias_or_zeros = bias.numel() ? bias.contiguous() : torch::zeros({c}, weight.options());
+  const int64_t blocks = (c + kChannels - 1) / kChannels;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "causal_conv_silu_backward", [&] {
+    at::parallel_for(0, b * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bi = item / blocks, c0 = (item % blocks) * kChannels;
+        conv_silu_backward<scalar_t>(x.data_ptr<scalar_t>(), state.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
+                                     gnext.data_ptr<scalar_t>(), wt.data_ptr<float>(),
+                                     bias_or_zeros.data_ptr<float>(), dx.data_ptr<scalar_t>(),
+                                     dstate.data_ptr<scalar_t>(), dweight.data_ptr<float>() + bi * k * c,
+                                     dbias.data_ptr<float>() + bi * c, bi, l, c, k, x.stride(0), x.stride(1), c0,
+                                     std::min(kChannels, c - c0));
+      }
+    });
+  });
+  return {dx, dstate, dweight, dbias};
+}
+
+TORCH_LIBRARY_IMPL(mambastep, CPU, m) {
+  m.impl("causal_conv_silu", &causal_conv_silu);
+  m.impl("causal_conv_silu_backward", &causal_conv_silu_backward);
+}
