@@ -2,7 +2,8 @@
 against the roofline.
 
 For each model (random weights, bfloat16): the decode step at each batch size (median of timed
-steps after warm-up, CUDA-synchronised), a prompt of ``--prefill`` tokens at batch 1, and
+steps after warm-up, CUDA-synchronised; from CUDA graphs, the default on a GPU, and at batch 1
+also launched kernel by kernel, ``decode="eager"``), a prompt of ``--prefill`` tokens at batch 1, and
 `transformers`' decode at batch 1 with its cache (``generate``: the time of n + 1 new tokens
 less the time of one, over n). The roofline of a decode step is its bytes (weights and the
 state read and written) over the measured bandwidth (a large device-to-device copy) and over
@@ -19,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -80,6 +82,12 @@ def ours(name: str, device: str, batches: list[int], prompt: int, steps: int) ->
         token = tokens[:, 0]
         row[f"decode_ms_batch_{batch}"] = round(1000 * timed(lambda: model.step(token, state), device, steps), 4)
         row[f"state_bytes_batch_{batch}"] = state.nbytes
+    # The same batch-1 step launched kernel by kernel: what the graphs (decode "auto" on a GPU) save.
+    model.configure(replace(model.settings, decode="eager"))
+    _, state = model.prefill(torch.zeros(1, 16, dtype=torch.long, device=device))
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    row["decode_eager_ms_batch_1"] = round(1000 * timed(lambda: model.step(token, state), device, steps), 4)
+    model.configure(replace(model.settings, decode="auto"))
     long = torch.zeros(1, prompt, dtype=torch.long, device=device)
     seconds = timed(lambda: model.prefill(long), device, 3)
     row["prefill_tokens"], row["prefill_ms"] = prompt, round(1000 * seconds, 3)

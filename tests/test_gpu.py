@@ -1,6 +1,7 @@
 """On a CUDA GPU with its Triton kernels compiled (``TRITON_INTERPRET=0 pytest -m gpu``, as
 benchmarks/gpu_check.sh runs it): whole models against `transformers` on the same GPU, prefill
-then steps against one forward pass, and a state made on the GPU continued on the CPU."""
+then steps against one forward pass (decode steps from CUDA graphs, the default there, and
+eager ones), and a state made on the GPU continued on the CPU."""
 
 import os
 
@@ -79,3 +80,29 @@ def test_a_state_made_on_the_gpu_continues_on_the_cpu(checkpoint, tmp_path):
     on_gpu, _ = gpu.step(tokens[:, 19].cuda(), state)
     on_cpu, _ = cpu.step(tokens[:, 19], mambastep.load_state(tmp_path / "s.state", cpu))
     torch.testing.assert_close(on_cpu, on_gpu.cpu(), atol=1e-4, rtol=1e-4)
+
+
+def _equal_states(a, b) -> bool:
+    return all(
+        torch.equal(x, y)
+        for la, lb in zip(a.layers, b.layers)
+        for x, y in zip(la.tensors().values(), lb.tensors().values())
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_steps_from_cuda_graphs_equal_eager_steps_and_leave_states_alone(checkpoint, batch):
+    graphs = mambastep.load(checkpoint, device="cuda", settings=EngineSettings(decode="graphs"))
+    eager = mambastep.load(checkpoint, device="cuda", settings=EngineSettings(decode="eager"))
+    tokens = random_tokens(graphs.config.vocab_size, batch, 20).cuda()
+    _, state = graphs.prefill(tokens[:, :4])
+    eager_state, returned = state, []
+    for t in range(4, 20):
+        given, before = state, state.clone()
+        last, state = graphs.step(tokens[:, t], given)
+        want, eager_state = eager.step(tokens[:, t], eager_state)
+        torch.testing.assert_close(last, want, atol=1e-4, rtol=1e-4)
+        assert _equal_states(given, before)  # the given state: unchanged
+        returned.append((state.clone(), state))
+    assert all(_equal_states(kept, later) for kept, later in returned)  # none overwritten by a later step
+    assert graphs._graphed_step is not None and eager._graphed_step is None

@@ -16,7 +16,7 @@ log = logging.getLogger("mambastep")
 SCAN_KERNELS = ("auto", "cpp", "torch")
 MATVEC_KERNELS = ("auto", "cpp", "torch")
 PROMPT_MATMULS = ("auto", "onednn", "torch")
-DECODE_BACKENDS = ("eager", "compiled")
+DECODE_BACKENDS = ("auto", "eager", "compiled", "graphs")
 # Values that were renamed, with their new name: an old value is an error that names the new one.
 RENAMED = {"fused": "cpp"}
 
@@ -51,7 +51,11 @@ class EngineSettings:
         in ``TORCHINDUCTOR_CACHE_DIR``). "eager" starts at once, and where the matvec kernel
         runs, takes the whole stack of an SSM in one C++ call, as fast per token as the
         compiled step or faster; without that kernel the compiled step is faster and repays its
-        start after some hundreds to thousands of tokens (BENCHMARKS.md).
+        start after some hundreds to thousands of tokens (BENCHMARKS.md). "graphs" replays
+        each step of a Mamba or Mamba-2 model on a CUDA GPU from CUDA graphs, one per bucket
+        of batch sizes, captured at its first step (``models.cuda_graphs``); elsewhere it is
+        an error. "auto": graphs where they apply (also not while a hook watches a mixer's
+        Δ), else eager.
     threads: intra-op threads (None keeps PyTorch's default).
     huge_pages: ``configure`` moves the model's CPU weights into transparent huge pages (Linux;
         ``memory.place_in_huge_pages``): a decode step streams every weight, and TLB misses
@@ -68,7 +72,7 @@ class EngineSettings:
     scan: Literal["auto", "cpp", "torch"] = "auto"
     matvec: Literal["auto", "cpp", "torch"] = "auto"
     prompt_matmul: Literal["auto", "onednn", "torch"] = "auto"
-    decode: Literal["eager", "compiled"] = "eager"
+    decode: Literal["auto", "eager", "compiled", "graphs"] = "auto"
     threads: int | None = None
     huge_pages: bool = True
     scan_chunk: int = 64

@@ -97,7 +97,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--decode",
         choices=DECODE_BACKENDS,
         default=engine.decode,
-        help="eager: starts at once; where mambastep's C++ kernels run it is as fast as compiled or faster. "
+        help="auto: CUDA graphs for a Mamba or Mamba-2 model on a CUDA GPU, else eager. "
+        "graphs: each step replayed from CUDA graphs (CUDA GPUs only). "
+        "eager: starts at once; where mambastep's C++ kernels run it is as fast as compiled or faster. "
         "compiled: torch.compile the decode step, faster per token only without those kernels (e.g. --matvec torch); "
         "every run first traces it (4-5 s on a 2-core Xeon; the first run on a machine also compiles, 10-20 s more, "
         "cached in TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), so it pays off after about "

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from mambastep import ops
 from mambastep.memory import place_in_huge_pages
 from mambastep.models.config import ModelConfig
+from mambastep.models.cuda_graphs import GraphedStep
 from mambastep.models.int8 import Int8Linear
 from mambastep.models.linear import Linear
 from mambastep.models.state import LayerState, ModelState, SSMLayerState, StateError
@@ -93,7 +94,10 @@ class LanguageModel(nn.Module, ABC):
     embedding_weight: ClassVar[str]
     head_weight: ClassVar[str]
     derived_buffers: ClassVar[tuple[str, ...]] = ()  # suffixes of tensor names
+    # A state that does not grow with the tokens: CUDA graphs can replay its steps.
+    fixed_size_state: ClassVar[bool] = False
     _compiled_step = None
+    _graphed_step: GraphedStep | None = None  # made at the first step that takes graphs
     _backend: Backend | None = None  # resolved from the settings for the weights' device; None: not yet
     _digest: tuple[tuple, str] | None = None  # (what the weights were, their digest), see weights_digest
     _weights_of: _WeightsOf | None = None
@@ -117,8 +121,14 @@ class LanguageModel(nn.Module, ABC):
         """Apply engine settings (kernels, decode backend, threads, the weights' pages); logs the choice once.
 
         Raises:
-            RuntimeError, ValueError: a kernel asked for explicitly ("cpp", "onednn") is not available here.
+            RuntimeError, ValueError: a kernel asked for explicitly ("cpp", "onednn") is not available here;
+                decode="graphs" for a model that is not a Mamba or Mamba-2 on a CUDA GPU.
         """
+        if settings.decode == "graphs" and not (self.fixed_size_state and self.device.type == "cuda"):
+            raise ValueError(
+                f"decode='graphs' replays CUDA graphs of a Mamba or Mamba-2 model on a CUDA GPU, "
+                f"not of a {self.config.family} model on {self.device}: choose 'auto' or 'eager'"
+            )
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         self.settings = settings
@@ -127,6 +137,7 @@ class LanguageModel(nn.Module, ABC):
         # (dynamic=True would make the norms' eps symbolic, and Dynamo traces twice to undo it); a second
         # batch size compiles once more, with the batch dynamic from then on (batch 1 keeps a graph of its own).
         self._compiled_step = torch.compile(self._step_logits, dynamic=None) if settings.decode == "compiled" else None
+        self._graphed_step = None
         moved = place_in_huge_pages(self) if settings.huge_pages else 0
         log.info(
             "engine: %s (%s)%s",
@@ -138,6 +149,7 @@ class LanguageModel(nn.Module, ABC):
 
     def _apply(self, fn, recurse=True):
         self._backend = None  # .to(device) may move the weights to a device with other kernels
+        self._graphed_step = None  # and graphs replay the weights they were captured with
         return super()._apply(fn, recurse)
 
     def tie_embeddings(self) -> None:
@@ -271,8 +283,22 @@ class LanguageModel(nn.Module, ABC):
             logits: (b, vocab) float32; the next state.
         """
         state = self._check(token, state, 1)
-        logits, layers = (self._compiled_step or self._step_logits)(token, state.layers)
+        logits, layers = self._decode_step()(token, state.layers)
         return logits, self.state_of(layers)
+
+    def _decode_step(self):
+        """What runs a decode step (``settings.decode``): the compiled step, the step from CUDA
+        graphs, or the eager step."""
+        if self._compiled_step is not None:
+            return self._compiled_step
+        if not self._takes_graphs():
+            return self._step_logits
+        if self._graphed_step is None:
+            self._graphed_step = GraphedStep(self._step_logits)
+        return self._graphed_step
+
+    def _takes_graphs(self) -> bool:
+        return self.settings.decode in ("auto", "graphs") and self.fixed_size_state and self.device.type == "cuda"
 
     def _step_logits(self, token: Tensor, layers: tuple[LayerState, ...]) -> tuple[Tensor, list[LayerState]]:
         """(b,) tokens and the layers' states -> (b, vocab) logits and the next layer states:
@@ -295,6 +321,7 @@ class SSMLanguageModel(LanguageModel):
 
     embedding_weight = "backbone.embeddings.weight"
     head_weight = "lm_head.weight"
+    fixed_size_state = True
     _prepared: PreparedStack | None = None  # the layers' weights as the stack step takes them
     _mixers_seen: tuple[int, list[nn.Module], list[nn.Module]] | None = None  # see _mixers
 
@@ -342,7 +369,15 @@ class SSMLanguageModel(LanguageModel):
         first = self.backbone.layers[0].mixer
         if first.stack_step is None or not takes_stack_step(residual, first.in_proj.operands()[0], self.backend):
             return False  # decided before _mixers(), which torch.compile must not trace
-        return not any(probe._forward_hooks for probe in self._mixers()[1])
+        return not self._watched()
+
+    def _takes_graphs(self) -> bool:
+        return super()._takes_graphs() and not self._watched()
+
+    def _watched(self) -> bool:
+        """Whether a hook watches a mixer's ``dt_probe``: it must then see Δ at every step, layer
+        by layer (a graph would run it only when it is captured)."""
+        return any(probe._forward_hooks for probe in self._mixers()[1])
 
     def _mixers(self) -> tuple[list[nn.Module], list[nn.Module]]:
         """The mixers and their ``dt_probe``s, looked up again only once a module anywhere has
