@@ -9,8 +9,8 @@ spare rows ignored (every row of a step is computed on its own). Larger batches 
 Each step copies the given tokens and state into the bucket's input buffers, replays the graph,
 and copies the logits and the next state out into new tensors: the given state is never
 changed, and a returned state is never overwritten by a later step (a session may keep or fork
-any of them). The copies are two multi-tensor kernels, a few microseconds, where a graph saves
-the launch of every kernel of the step. Sampling stays outside the graph.
+any of them). The copies are two multi-tensor copies (``torch._foreach_copy_``), where a graph
+saves the launch of every kernel of the step. Sampling stays outside the graph.
 """
 
 from __future__ import annotations
