@@ -1,12 +1,14 @@
-"""Training speed of the Mamba-1 scan on CPU: the fused kernel's backward against the PyTorch scan.
+"""Training speed on CPU: mambastep's kernels with their backward passes against PyTorch's operators.
 
-Forward + backward of the scan alone at two sizes (a task model's layer and a
-130m model's layer), and a whole training step (forward, loss, backward) of
-the 2-layer width-64 task model, with the fused kernel and with the PyTorch
-scan, interleaved in the same run; the ratio is what to read. One JSON line
-per case.
+Forward + backward of each kernel alone (the Mamba-1 scan at a task model's layer and a 130m
+model's layer; the Mamba-2 scan and the conv with its SiLU at a layer of the default model,
+16 x 512 tokens), and whole training steps (forward, loss, backward) of the 2-layer width-64
+S6 task model and of the default model's shape (``mamba2-bpe8k``, 16 x 512 tokens, bfloat16
+autocast and an AdamW step, as ``mambastep train --precision bf16`` runs it). Each case runs
+with the kernels (``scan="cpp"``) and with PyTorch's operators (``scan="torch"``), the two
+alternated in the same run; the ratio is what to read. One JSON line per case.
 
-    python benchmarks/train_step.py --threads 1
+    python benchmarks/train_step.py --threads 2
 """
 
 from __future__ import annotations
@@ -15,49 +17,118 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from mambastep import ops
 from mambastep.evidence.tasks import task
 from mambastep.evidence.tasks.layers import layer_config
 from mambastep.evidence.tasks.train import scored_loss
 from mambastep.families import family_of
+from mambastep.families.presets import BPE_CONFIG, builtin_config
 from mambastep.settings import EngineSettings
+from mambastep.training.init import init_for_training
 
-CPP = ops.resolve(EngineSettings(scan="cpp"), "cpu")
+SCANS = ("cpp", "torch")
+BACKENDS = {scan: ops.resolve(EngineSettings(scan=scan), "cpu") for scan in SCANS}
 
 
-def _scan_inputs(b: int, l: int, e: int, n: int) -> list[torch.Tensor]:
+def _random(*shape: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+
+
+def _selective_scan_case(b: int, l: int, e: int, n: int) -> Callable[[str], None]:
     gen = torch.Generator().manual_seed(0)
-    x, B, C = (
-        torch.randn(b, l, e, generator=gen),
-        torch.randn(b, l, n, generator=gen),
-        torch.randn(b, l, n, generator=gen),
-    )
-    dt = torch.nn.functional.softplus(torch.randn(b, l, e, generator=gen) - 2)
-    A, D, h = -torch.rand(e, n, generator=gen) - 0.5, torch.randn(e, generator=gen), torch.zeros(b, e, n)
-    return [t.requires_grad_() for t in (x, dt, A, B, C, D)] + [h]
+    x, B, C = _random(b, l, e, gen=gen), _random(b, l, n, gen=gen), _random(b, l, n, gen=gen)
+    dt = F.softplus(torch.randn(b, l, e, generator=gen) - 2).requires_grad_()
+    A = (-torch.rand(e, n, generator=gen) - 0.5).requires_grad_()
+    D, h = _random(e, gen=gen), torch.zeros(b, e, n)
+
+    def step(scan: str) -> None:
+        y, final = ops.selective_scan(x, dt, A, B, C, D, h, backend=BACKENDS[scan])
+        (y.square().mean() + final.square().mean()).backward()
+
+    return step
 
 
-def _scan_step(scan, inputs) -> None:
-    y, h = scan(*inputs)
-    (y.square().mean() + h.square().mean()).backward()
+def _ssd_scan_case(b: int, l: int, h: int, p: int, g: int, n: int) -> Callable[[str], None]:
+    gen = torch.Generator().manual_seed(0)
+    x, B, C = _random(b, l, h, p, gen=gen), _random(b, l, g, n, gen=gen), _random(b, l, g, n, gen=gen)
+    dt = F.softplus(torch.randn(b, l, h, generator=gen) - 2).requires_grad_()
+    A = (-torch.rand(h, generator=gen) * 4 - 0.5).requires_grad_()
+    D, state = _random(h, gen=gen), torch.zeros(b, h, p, n)
+
+    def step(scan: str) -> None:
+        y, final = ops.ssd_scan(x, dt, A, B, C, D, state, backend=BACKENDS[scan])
+        (y.square().mean() + final.square().mean()).backward()
+
+    return step
 
 
-def _model_step(model, batch) -> None:
-    logits, _ = model(batch.tokens)
-    scored_loss(logits, batch).backward()
+def _conv_case(b: int, l: int, c: int, k: int) -> Callable[[str], None]:
+    """bfloat16 activations and float32 weights, as under bfloat16 autocast."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = _random(b, l, c, gen=gen, dtype=torch.bfloat16), _random(c, k, gen=gen), _random(c, gen=gen)
+    state = torch.zeros(b, k - 1, c, dtype=torch.bfloat16)
+
+    def step(scan: str) -> None:
+        y, _ = ops.causal_conv_silu(x, weight, bias, state, backend=BACKENDS[scan])
+        y.float().square().mean().backward()
+
+    return step
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _task_model_case() -> Callable[[str], None]:
+    heads = task("induction_heads")
+    batch = heads.sample(32, 256, torch.Generator().manual_seed(0))
+    config = layer_config("s6", heads.vocab_size)
+    models = {}
+    for scan in SCANS:  # one model per backend, the same weights
+        torch.manual_seed(0)
+        models[scan] = family_of(config).model(config).configure(EngineSettings(scan=scan)).train()
+
+    def step(scan: str) -> None:
+        logits, _ = models[scan](batch.tokens)
+        scored_loss(logits, batch).backward()
+
+    return step
+
+
+def _default_model_case(batch: int, length: int) -> Callable[[str], None]:
+    config = builtin_config(BPE_CONFIG)
+    models, optimizers = {}, {}
+    for scan in SCANS:  # one model and optimiser per backend, the same weights
+        torch.manual_seed(0)
+        models[scan] = family_of(config).model(config)
+        init_for_training(models[scan])
+        models[scan].configure(EngineSettings(scan=scan)).train()
+        optimizers[scan] = torch.optim.AdamW(models[scan].parameters(), lr=1e-4)
+    tokens = torch.randint(0, config.vocab_size, (batch, length + 1), generator=torch.Generator().manual_seed(0))
+
+    def step(scan: str) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = models[scan](tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        optimizers[scan].step()
+        optimizers[scan].zero_grad(set_to_none=True)
+
+    return step
+
+
+def _compare(step: Callable[[str], None], repeats: int) -> dict[str, float]:
+    """Median seconds of ``step`` with each scan setting, the two alternated (after one warm-up each)."""
+    times = {scan: [] for scan in SCANS}
+    for scan in SCANS:
+        step(scan)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for scan in SCANS:
+            start = time.perf_counter()
+            step(scan)
+            times[scan].append(time.perf_counter() - start)
+    cpp, plain = (statistics.median(times[scan]) for scan in SCANS)
+    return {"kernels_s": round(cpp, 4), "torch_s": round(plain, 4), "speedup": round(plain / cpp, 2)}
 
 
 def main() -> int:
@@ -67,41 +138,24 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for b, l, e, n in [(16, 256, 128, 16), (1, 512, 1536, 16)]:
-        inputs = _scan_inputs(b, l, e, n)
-        fused = _median_seconds(
-            lambda: _scan_step(lambda *t: ops.selective_scan(*t, backend=CPP), inputs), args.repeats
-        )
-        plain = _median_seconds(lambda: _scan_step(ops.selective_scan, inputs), args.repeats)
-        print(
-            json.dumps(
-                {
-                    "case": "scan forward+backward",
-                    "shape_blen": [b, l, e, n],
-                    "fused_s": round(fused, 5),
-                    "torch_scan_s": round(plain, 5),
-                    "speedup": round(plain / fused, 1),
-                }
-            )
-        )
-    heads = task("induction_heads")
-    batch = heads.sample(32, 256, torch.Generator().manual_seed(0))
-    config = layer_config("s6", heads.vocab_size)
-    seconds = {}
-    for scan in ("cpp", "torch"):
-        torch.manual_seed(0)
-        model = family_of(config).model(config).configure(EngineSettings(scan=scan)).train()
-        seconds[scan] = _median_seconds(lambda: _model_step(model, batch), args.repeats)
-    print(
-        json.dumps(
-            {
-                "case": "training step, 2-layer width-64 S6, batch 32 x 256",
-                "fused_s": round(seconds["cpp"], 4),
-                "torch_scan_s": round(seconds["torch"], 4),
-                "speedup": round(seconds["torch"] / seconds["cpp"], 1),
-            }
-        )
-    )
+    cases = {
+        "Mamba-1 scan forward+backward, b 16, l 256, e 128, n 16": lambda: _selective_scan_case(16, 256, 128, 16),
+        "Mamba-1 scan forward+backward, b 1, l 512, e 1536, n 16 (a 130m layer)": lambda: _selective_scan_case(
+            1, 512, 1536, 16
+        ),
+        "Mamba-2 scan forward+backward, b 16, l 512, h 8, p 64, g 1, n 64 (a default-model layer)": lambda: (
+            _ssd_scan_case(16, 512, 8, 64, 1, 64)
+        ),
+        "conv + SiLU forward+backward in bfloat16, b 16, l 512, c 640, k 4 (a default-model layer)": lambda: _conv_case(
+            16, 512, 640, 4
+        ),
+        "training step, 2-layer width-64 S6 task model, batch 32 x 256": _task_model_case,
+        f"training step, {BPE_CONFIG} (the default model's shape), batch 16 x 512, bfloat16 autocast": lambda: (
+            _default_model_case(16, 512)
+        ),
+    }
+    for name, make in cases.items():
+        print(json.dumps({"case": name, **_compare(make(), args.repeats)}), flush=True)
     return 0
 
 
