@@ -188,7 +188,10 @@ def test_fused_scan_gradients_match_reference(b, l, e, n, with_D):
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_fused_scan_gradients_for_any_checkpoint_chunk(chunk):
     inputs = _inputs(2, 30, 20, 3)
-    _assert_grads_close(_grads(lambda *t: kernels._SelectiveScan.apply(*t, chunk), inputs), _reference_grads(inputs))
+    _assert_grads_close(
+        _grads(lambda *t: kernels._CheckpointedScan.apply("selective_scan", *t, chunk), inputs),
+        _reference_grads(inputs),
+    )
 
 
 def test_fused_scan_gradients_from_zero_state_and_for_some_inputs_only():

@@ -366,7 +366,7 @@ def test_fused_gradients_match_reference(l, layout):
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 def test_fused_gradients_for_any_checkpoint_chunk(chunk):
     inputs = make(2, 70, 6, 3, 5, 4, "hp", dtype=torch.float32)
-    _assert_grads_close(_grads(lambda *t: kernels._SSDScan.apply(*t, chunk), inputs), inputs)
+    _assert_grads_close(_grads(lambda *t: kernels._CheckpointedScan.apply("ssd_scan", *t, chunk), inputs), inputs)
 
 
 def test_fused_gradients_stable_for_very_negative_decay():

@@ -56,7 +56,7 @@ def _specs(*inputs: Tensor | None) -> list[tuple[torch.dtype, torch.Size] | None
     return [None if t is None else (t.dtype, t.shape) for t in inputs]
 
 
-def _as_inputs(ctx, grads: list[Tensor]) -> list[Tensor | None]:
+def _as_inputs(ctx, grads: list[Tensor | None]) -> list[Tensor | None]:
     """A backward's gradients in their inputs' dtypes and shapes (``ctx.inputs``, from
     ``_specs``), None where autograd needs none."""
     return [
@@ -65,28 +65,38 @@ def _as_inputs(ctx, grads: list[Tensor]) -> list[Tensor | None]:
     ]
 
 
-class _SelectiveScan(torch.autograd.Function):
-    """The scan with its backward. Inputs as ``selective_scan`` (D may be None)."""
+class _CheckpointedScan(torch.autograd.Function):
+    """A scan with its backward: ``op`` "selective_scan" (Mamba-1) or "ssd_scan" (Mamba-2),
+    whose ``{op}_fwd`` also saves the state every ``chunk`` tokens and ``{op}_bwd`` recomputes
+    from those. Inputs as the op's (D may be None), without the gate."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, state, chunk):
+    def forward(ctx, op, x, dt, A, B, C, D, state, chunk):
         args = [f32(t) for t in (x, dt, A, B, C)]
-        D32 = _empty_or_f32(D)
-        y, final, ckpt = torch.ops.mambastep.selective_scan_fwd(*args, D32, f32(state), chunk)
+        D32 = _skip_per_channel(D, *x.shape[2:]) if op == "ssd_scan" else _empty_or_f32(D)
+        y, final, ckpt = getattr(torch.ops.mambastep, f"{op}_fwd")(*args, D32, f32(state), chunk)
         ctx.save_for_backward(*args, D32, ckpt)
-        ctx.chunk = chunk
-        ctx.inputs = _specs(x, dt, A, B, C, D, state)
+        ctx.op, ctx.chunk = op, chunk
+        ctx.inputs = [None, *_specs(x, dt, A, B, C, D, state)]
         return y, final
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, gh):
         x, dt, A, B, C, D32, ckpt = ctx.saved_tensors
-        dx, ddt, dA, dB, dC, dD, dstate = torch.ops.mambastep.selective_scan_bwd(
-            x, dt, A, B, C, D32, ckpt, f32(gy), f32(gh), ctx.chunk
-        )
-        # Partials per sequence (dA, dD) and per channel block (dB, dC), summed here.
-        return (*_as_inputs(ctx, [dx, ddt, dA.sum(0), dB.sum(1), dC.sum(1), dD.sum(0), dstate]), None)
+        grads = getattr(torch.ops.mambastep, f"{ctx.op}_bwd")(x, dt, A, B, C, D32, ckpt, f32(gy), f32(gh), ctx.chunk)
+        dx, ddt, dA, dB, dC, dD, dstate = grads
+        # Partials per sequence (dA, dD), and per channel block (Mamba-1) or head (Mamba-2) for
+        # dB and dC, summed here.
+        if ctx.op == "ssd_scan":
+            b, l, g, n = B.shape
+            dB, dC = (d.view(b, g, -1, l, n).sum(2).transpose(1, 2) for d in (dB, dC))  # (b, l, g, n)
+            dD = dD.sum(0)  # (h, p)
+            if ctx.inputs[6] is not None and len(ctx.inputs[6][1]) == 1:
+                dD = dD.sum(-1)  # a skip of one value per head, D (h,)
+        else:
+            dB, dC, dD = dB.sum(1), dC.sum(1), dD.sum(0)
+        return (*_as_inputs(ctx, [None, dx, ddt, dA.sum(0), dB, dC, dD, dstate]), None)
 
 
 def selective_scan(
@@ -110,43 +120,13 @@ def selective_scan(
     """
     if wants_grad(x, dt, A, B, C, D, state, z):
         dt = F.softplus(dt) if dt_softplus else dt
-        y, state = _SelectiveScan.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
+        y, state = _CheckpointedScan.apply("selective_scan", x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
         return (y if z is None else y * F.silu(z.float())), state
     read = _shared_dtype(x, dt, B, C, z)
     z = torch.empty(0) if z is None else rows(z, dtype=read)
     x, dt, B, C = (rows(t, dtype=read) for t in (x, dt, B, C))
     y, state = torch.ops.mambastep.selective_scan(x, dt, f32(A), B, C, _empty_or_f32(D), z, f32(state), dt_softplus)
     return y, state
-
-
-class _SSDScan(torch.autograd.Function):
-    """The Mamba-2 scan with its backward. Inputs as ``ssd_scan`` (D may be None), no gate."""
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, state, chunk):
-        h, p = x.shape[2], x.shape[3]
-        args = [f32(t) for t in (x, dt, A, B, C)]
-        D32 = _skip_per_channel(D, h, p)
-        y, final, ckpt = torch.ops.mambastep.ssd_scan_fwd(*args, D32, f32(state), chunk)
-        ctx.save_for_backward(*args, D32, ckpt)
-        ctx.chunk = chunk
-        ctx.inputs = _specs(x, dt, A, B, C, D, state)
-        return y, final
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, gh):
-        x, dt, A, B, C, D32, ckpt = ctx.saved_tensors
-        dx, ddt, dA, dB, dC, dD, dstate = torch.ops.mambastep.ssd_scan_bwd(
-            x, dt, A, B, C, D32, ckpt, f32(gy), f32(gh), ctx.chunk
-        )
-        # Partials per sequence (dA, dD) and per head (dB, dC), summed here.
-        b, l, g, n = B.shape
-        dB, dC = (d.view(b, g, -1, l, n).sum(2).transpose(1, 2) for d in (dB, dC))  # (b, l, g, n)
-        dD = dD.sum(0)  # (h, p)
-        if ctx.inputs[5] is not None and len(ctx.inputs[5][1]) == 1:
-            dD = dD.sum(-1)  # a skip of one value per head, D (h,)
-        return (*_as_inputs(ctx, [dx, ddt, dA.sum(0), dB, dC, dD, dstate]), None)
 
 
 def _skip_per_channel(D: Tensor | None, h: int, p: int) -> Tensor:
@@ -167,7 +147,7 @@ def ssd_scan(
     stride, as slices of in_proj's output), in their dtype where they share one of
     ``INPUT_DTYPES`` (else as float32)."""
     if wants_grad(x, dt, A, B, C, D, state, z):
-        y, state = _SSDScan.apply(x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
+        y, state = _CheckpointedScan.apply("ssd_scan", x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
         return (y if z is None else y * F.silu(z.float())), state
     h, p = x.shape[2], x.shape[3]
     read = _shared_dtype(x, B, C, z)

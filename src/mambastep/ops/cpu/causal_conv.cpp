@@ -78,7 +78,8 @@ void conv_silu_backward(const T* xp, const T* sp, const T* gp, const T* gnp, con
     return r < k - 1 ? sp + (bi * (k - 1) + r) * c + c0 : xp + bi * xs0 + (r - (k - 1)) * xs1 + c0;
   };
   std::vector<float> ring(k * kChannels, 0.f);  // gpre of tokens t - k + 1 .. t, row t % k
-  float dw_acc[16][kChannels] = {}, db_acc[kChannels] = {}, acc[kChannels];  // k <= 16 taps
+  std::vector<float> dw_acc(k * kChannels, 0.f);  // (k, kChannels)
+  float db_acc[kChannels] = {}, acc[kChannels];
   // Window row r's gradient, from the ring holding gpre[r - k + 1 .. r] (those in [0, l)).
   auto window_grad = [&](int64_t r, float* out) {
     std::fill(out, out + kChannels, 0.f);
@@ -114,8 +115,9 @@ void conv_silu_backward(const T* xp, const T* sp, const T* gp, const T* gnp, con
       }
       for (int64_t i = 0; i < k; ++i) {
         const T* row = window_row(t + i);
+        float* dw_i = dw_acc.data() + i * kChannels;
 #pragma omp simd
-        for (int64_t ch = 0; ch < width; ++ch) dw_acc[i][ch] += g_t[ch] * mambastep::widen(row[ch]);
+        for (int64_t ch = 0; ch < width; ++ch) dw_i[ch] += g_t[ch] * mambastep::widen(row[ch]);
       }
     }
     // Window row t is complete once gpre[t] is known (it reads gpre[t - k + 1 .. t]).
@@ -127,18 +129,16 @@ void conv_silu_backward(const T* xp, const T* sp, const T* gp, const T* gnp, con
     }
     store(t < k - 1 ? dsp + (bi * (k - 1) + t) * c + c0 : dxp + (bi * l + t - (k - 1)) * c + c0, acc);
   }
-  for (int64_t i = 0; i < k; ++i) std::copy(dw_acc[i], dw_acc[i] + width, dw + i * c + c0);
+  for (int64_t i = 0; i < k; ++i) {
+    const float* dw_i = dw_acc.data() + i * kChannels;
+    std::copy(dw_i, dw_i + width, dw + i * c + c0);
+  }
   std::copy(db_acc, db_acc + width, db + c0);
 }
 
-}  // namespace
-
-// x: (b, l, c), channels contiguous, rows at any stride; weight: (c, k) float32; bias: (c,)
-// float32 or empty; state: (b, k - 1, c), the k - 1 inputs before x, oldest first, in x's
-// dtype (float32, bfloat16 or float16). Returns SiLU(conv) (b, l, c) contiguous and the next
-// state (b, k - 1, c): the last k - 1 rows of the window, both in x's dtype.
-std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch::Tensor& weight,
-                                            const torch::Tensor& bias, const torch::Tensor& state) {
+// Checks the conv's inputs (bias may be empty) and returns (b, l, c, k).
+std::vector<int64_t> check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                                  const torch::Tensor& state) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
               "causal_conv_silu: x must be float32, bfloat16 or float16, got ", dtype);
@@ -154,6 +154,20 @@ std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch:
     check(bias, "bias", 1, torch::kFloat32);
     TORCH_CHECK(bias.size(0) == c, "causal_conv_silu: bias must be (", c, ",), got ", bias.sizes());
   }
+  return {b, l, c, k};
+}
+
+}  // namespace
+
+// x: (b, l, c), channels contiguous, rows at any stride; weight: (c, k) float32; bias: (c,)
+// float32 or empty; state: (b, k - 1, c), the k - 1 inputs before x, oldest first, in x's
+// dtype (float32, bfloat16 or float16). Returns SiLU(conv) (b, l, c) contiguous and the next
+// state (b, k - 1, c): the last k - 1 rows of the window, both in x's dtype.
+std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch::Tensor& weight,
+                                            const torch::Tensor& bias, const torch::Tensor& state) {
+  const auto s = check_inputs(x, weight, bias, state);
+  const int64_t b = s[0], l = s[1], c = s[2], k = s[3];
+  const auto dtype = x.scalar_type();
   auto y = torch::empty({b, l, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto next = torch::empty_like(state, at::MemoryFormat::Contiguous);
   auto wt = weight.t().contiguous();  // (k, c): tap i's weights contiguous over channels
@@ -175,25 +189,14 @@ std::vector<torch::Tensor> causal_conv_silu(const torch::Tensor& x, const torch:
 std::vector<torch::Tensor> causal_conv_silu_backward(const torch::Tensor& x, const torch::Tensor& weight,
                                                      const torch::Tensor& bias, const torch::Tensor& state,
                                                      const torch::Tensor& gy, const torch::Tensor& gnext) {
+  const auto s = check_inputs(x, weight, bias, state);
+  const int64_t b = s[0], l = s[1], c = s[2], k = s[3];
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
-              "causal_conv_silu: x must be float32, bfloat16 or float16, got ", dtype);
-  check(x, "x", 3, dtype);
-  check(weight, "weight", 2, torch::kFloat32);
-  check(state, "state", 3, dtype);
-  const int64_t b = x.size(0), l = x.size(1), c = x.size(2), k = weight.size(1);
-  TORCH_CHECK(weight.size(0) == c && k >= 1 && k <= 16, "causal_conv_silu: weight must be (", c,
-              ", k), 1 <= k <= 16, got ", weight.sizes());
-  TORCH_CHECK(state.sizes() == c10::IntArrayRef({b, k - 1, c}) && state.is_contiguous(),
-              "causal_conv_silu: state must be contiguous (", b, ", ", k - 1, ", ", c, "), got ", state.sizes());
+  TORCH_CHECK(state.is_contiguous(), "causal_conv_silu: the state must be contiguous for the backward");
   TORCH_CHECK(gy.sizes() == x.sizes() && gy.scalar_type() == dtype && gy.is_contiguous(),
               "causal_conv_silu: the gradient of y must be contiguous, like x");
   TORCH_CHECK(gnext.sizes() == state.sizes() && gnext.scalar_type() == dtype && gnext.is_contiguous(),
               "causal_conv_silu: the gradient of the next state must be contiguous, like the state");
-  if (bias.numel()) {
-    check(bias, "bias", 1, torch::kFloat32);
-    TORCH_CHECK(bias.size(0) == c, "causal_conv_silu: bias must be (", c, ",), got ", bias.sizes());
-  }
   auto dx = torch::empty({b, l, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto dstate = torch::empty_like(state, at::MemoryFormat::Contiguous);
   auto dweight = torch::empty({b, k, c}, weight.options()), dbias = torch::empty({b, c}, weight.options());
