@@ -7,7 +7,9 @@ also launched kernel by kernel, ``decode="eager"``), a prompt of ``--prefill`` t
 `transformers`' decode at batch 1 with its cache (``generate``: the time of n + 1 new tokens
 less the time of one, over n). The roofline of a decode step is its bytes (weights and the
 state read and written) over the measured bandwidth (a large device-to-device copy) and over
-the datasheet's; the matmul peak is a measured bfloat16 product. One JSON document on stdout.
+the datasheet's; the matmul peak is a measured bfloat16 product. Beside them, what the cost model
+(``mambastep cost``) predicts for each step and prompt on the GPU's datasheet profile (H200,
+H100 or A100, named by the device). One JSON document on stdout.
 
     python benchmarks/gpu_bench.py                        # on the GPU (benchmarks/gpu_check.sh)
     python benchmarks/gpu_bench.py --device cpu --models mamba-130m --batches 1 --prefill 32 --steps 3
@@ -24,7 +26,10 @@ from dataclasses import replace
 
 import torch
 
-from mambastep.families.presets import random_model
+from mambastep.evidence.cost import account
+from mambastep.evidence.hardware import Hardware, get_hardware
+from mambastep.families.presets import builtin_config, random_model
+from mambastep.models.config import ModelConfig
 
 MODELS = [
     "mamba-130m",
@@ -37,6 +42,16 @@ MODELS = [
     "mamba2-2.7b",
 ]
 DATASHEET_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def predicted(row: dict, config: ModelConfig, hardware: Hardware, batches: list[int], prompt: int) -> None:
+    """The cost model's times for the row's steps (after a 16-token prompt) and prompt, in bfloat16."""
+    for batch in batches:
+        seconds = account(config, "decode", 16, batch, hardware, torch.bfloat16)["predicted_s"]
+        row[f"cost_model_decode_ms_batch_{batch}"] = round(1000 * seconds, 4)
+    row["cost_model_prefill_ms"] = round(
+        1000 * account(config, "prefill", prompt, 1, hardware, torch.bfloat16)["predicted_s"], 3
+    )
 
 
 def sync(device: str) -> None:
@@ -142,6 +157,7 @@ def main() -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     measured = bandwidth(args.device)
     datasheet = next((b for key, b in DATASHEET_BANDWIDTH.items() if key in name), None)
+    profile = next((get_hardware(key.lower()) for key in DATASHEET_BANDWIDTH if key in name), None)
     report = {
         "device": name,
         "torch": torch.__version__,
@@ -152,6 +168,8 @@ def main() -> int:
     }
     for model in args.models:
         row = ours(model, args.device, args.batches, args.prefill, args.steps)
+        if profile is not None:
+            predicted(row, builtin_config(model), profile, args.batches, args.prefill)
         for batch in args.batches:
             moved = row["weight_bytes"] + 2 * row[f"state_bytes_batch_{batch}"]  # the state read and written
             row[f"roofline_ms_batch_{batch}"] = round(1000 * moved / measured, 4)
