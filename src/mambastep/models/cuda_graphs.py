@@ -31,9 +31,10 @@ Step = Callable[[Tensor, Sequence[LayerState]], tuple[Tensor, list[LayerState]]]
 Capture = Callable[[Callable[[], tuple[Tensor, list[LayerState]]]], tuple[Callable[[], None], tuple]]
 
 
-def cuda_capture(fn: Callable[[], tuple[Tensor, list[LayerState]]], pool=None) -> tuple[Callable[[], None], tuple]:
-    """Capture ``fn`` as a CUDA graph, after two warm-up runs on a side stream (Triton's
-    compilation, the allocator's first blocks); returns (replay, fn's outputs in the graph's memory)."""
+def cuda_capture(fn: Callable[[], tuple[Tensor, list[LayerState]]]) -> tuple[Callable[[], None], tuple]:
+    """Capture ``fn`` as a CUDA graph with a memory pool of its own, after two warm-up runs on a
+    side stream (Triton's compilation, the allocator's first blocks); returns (replay, fn's
+    outputs in the graph's memory)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -41,7 +42,7 @@ def cuda_capture(fn: Callable[[], tuple[Tensor, list[LayerState]]], pool=None) -
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph):
         out = fn()
     return graph.replay, out
 
@@ -70,14 +71,8 @@ class GraphedStep:
         capture: how a graph is captured (``cuda_capture``; a test may pass another).
     """
 
-    def __init__(self, step: Step, capture: Capture | None = None):
+    def __init__(self, step: Step, capture: Capture = cuda_capture):
         self._step = step
-        if capture is None:
-            pool = torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
-
-            def capture(fn):
-                return cuda_capture(fn, pool)
-
         self._capture = capture
         self._graphs: dict[int, _Graph] = {}
 
