@@ -53,13 +53,12 @@ def _tensors(layers: Sequence[LayerState]) -> list[Tensor]:
 
 @dataclass
 class _Graph:
-    """One bucket's graph and its buffers."""
+    """One bucket's graph and its buffers, each (bucket, ...)."""
 
-    token: Tensor  # (bucket,)
-    layers: list[LayerState]  # the state read, (bucket, ...) per tensor
+    inputs: list[Tensor]  # the tokens, then every tensor of the state read
     replay: Callable[[], None]
-    logits: Tensor  # (bucket, vocab), written by replay
-    next_layers: list[LayerState]  # the next state, written by replay
+    outputs: list[Tensor]  # the logits, then every tensor of the next state: written by replay
+    next_layers: list[LayerState]  # the next state's layers (whose tensors are in outputs)
 
 
 class GraphedStep:
@@ -83,12 +82,10 @@ class GraphedStep:
         if bucket is None:
             return self._step(token, layers)
         graph = self._graphs.get(bucket) or self._new_graph(bucket, token, layers)
-        given = _tensors(layers)
-        torch._foreach_copy_([graph.token[:b], *(t[:b] for t in _tensors(graph.layers))], [token, *given])
+        torch._foreach_copy_([t[:b] for t in graph.inputs], [token, *_tensors(layers)])
         graph.replay()
-        outputs = [graph.logits, *_tensors(graph.next_layers)]
-        copies = [torch.empty_like(t[:b]) for t in outputs]
-        torch._foreach_copy_(copies, [t[:b] for t in outputs])
+        copies = [torch.empty_like(t[:b]) for t in graph.outputs]
+        torch._foreach_copy_(copies, [t[:b] for t in graph.outputs])
         values = iter(copies[1:])
         next_layers = [
             replace(layer, **{name: next(values) for name in layer.tensors()}) for layer in graph.next_layers
@@ -103,7 +100,7 @@ class GraphedStep:
             replace(layer, **{name: _rows(t, bucket) for name, t in layer.tensors().items()}) for layer in layers
         ]
         replay, (logits, next_layers) = self._capture(lambda: self._step(static_token, static_layers))
-        graph = _Graph(static_token, static_layers, replay, logits, list(next_layers))
+        graph = _Graph([static_token, *_tensors(static_layers)], replay, [logits, *_tensors(next_layers)], next_layers)
         self._graphs[bucket] = graph
         return graph
 

@@ -298,7 +298,7 @@ class LanguageModel(nn.Module, ABC):
         return self._graphed_step
 
     def _takes_graphs(self) -> bool:
-        return self.settings.decode in ("auto", "graphs") and self.fixed_size_state and self.device.type == "cuda"
+        return self.settings.decode in ("auto", "graphs") and self.fixed_size_state and self.backend.device == "cuda"
 
     def _step_logits(self, token: Tensor, layers: tuple[LayerState, ...]) -> tuple[Tensor, list[LayerState]]:
         """(b,) tokens and the layers' states -> (b, vocab) logits and the next layer states:

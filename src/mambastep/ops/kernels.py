@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mambastep.ops.backend import wants_grad
+from mambastep.ops.step import gate
 
 CHECKPOINT_CHUNK = 64  # tokens between the states saved for the backward
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the sequence kernels read as it lies
@@ -121,7 +122,7 @@ def selective_scan(
     if wants_grad(x, dt, A, B, C, D, state, z):
         dt = F.softplus(dt) if dt_softplus else dt
         y, state = _CheckpointedScan.apply("selective_scan", x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
-        return (y if z is None else y * F.silu(z.float())), state
+        return gate(y, z), state
     read = _shared_dtype(x, dt, B, C, z)
     z = torch.empty(0) if z is None else rows(z, dtype=read)
     x, dt, B, C = (rows(t, dtype=read) for t in (x, dt, B, C))
@@ -148,7 +149,7 @@ def ssd_scan(
     ``INPUT_DTYPES`` (else as float32)."""
     if wants_grad(x, dt, A, B, C, D, state, z):
         y, state = _CheckpointedScan.apply("ssd_scan", x, dt, A, B, C, D, state, CHECKPOINT_CHUNK)
-        return (y if z is None else y * F.silu(z.float())), state
+        return gate(y, z), state
     h, p = x.shape[2], x.shape[3]
     read = _shared_dtype(x, B, C, z)
     D = _skip_per_channel(D, h, p)

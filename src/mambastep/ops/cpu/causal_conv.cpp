@@ -26,6 +26,19 @@ void check(const torch::Tensor& t, const char* name, int64_t dim, c10::ScalarTyp
   TORCH_CHECK(t.stride(dim - 1) == 1, "causal_conv_silu: ", name, " must have contiguous channels");
 }
 
+// acc[ch] += sum_i w[i * w_stride + ch] window_row(t + i)[ch] for ch < width: the conv of
+// output t over its k window rows, added to what acc holds (the bias).
+template <typename T, typename Rows>
+inline void add_taps(float* acc, const float* w, int64_t w_stride, const Rows& window_row, int64_t t, int64_t k,
+                     int64_t width) {
+  for (int64_t i = 0; i < k; ++i) {  // output t reads window rows t .. t + k - 1
+    const T* row = window_row(t + i);
+    const float* w_i = w + i * w_stride;
+#pragma omp simd
+    for (int64_t ch = 0; ch < width; ++ch) acc[ch] += w_i[ch] * mambastep::widen(row[ch]);
+  }
+}
+
 template <typename T>
 void conv_silu(const T* xp, const T* sp, const float* w, const float* bp, T* yp, T* np, int64_t b,
                int64_t l, int64_t c, int64_t k, int64_t xs0, int64_t xs1, int64_t ss0, int64_t ss1) {
@@ -40,13 +53,7 @@ void conv_silu(const T* xp, const T* sp, const float* w, const float* bp, T* yp,
       const int64_t bi = item / tiles, t0 = (item % tiles) * kTokens, t1 = std::min(t0 + kTokens, l);
       for (int64_t t = t0; t < t1; ++t) {
         std::copy(bp, bp + c, acc.begin());
-        for (int64_t i = 0; i < k; ++i) {  // output t reads window rows t .. t + k - 1
-          const T* row = window_row(bi, t + i);
-          const float* w_i = w + i * c;
-          float* a = acc.data();
-#pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) a[ch] += w_i[ch] * mambastep::widen(row[ch]);
-        }
+        add_taps<T>(acc.data(), w, c, [&](int64_t r) { return window_row(bi, r); }, t, k, c);
         T* y_t = yp + (bi * l + t) * c;
 #pragma omp simd
         for (int64_t ch = 0; ch < c; ++ch) y_t[ch] = mambastep::narrow<T>(mambastep::silu_inline(acc[ch]));
@@ -99,12 +106,7 @@ void conv_silu_backward(const T* xp, const T* sp, const T* gp, const T* gnp, con
   for (int64_t t = 0; t < l + k - 1; ++t) {
     if (t < l) {  // gpre[t], from window rows t .. t + k - 1
       std::copy(bp + c0, bp + c0 + width, acc);
-      for (int64_t i = 0; i < k; ++i) {
-        const T* row = window_row(t + i);
-        const float* w_i = w + i * c + c0;
-#pragma omp simd
-        for (int64_t ch = 0; ch < width; ++ch) acc[ch] += w_i[ch] * mambastep::widen(row[ch]);
-      }
+      add_taps<T>(acc, w + c0, c, window_row, t, k, width);
       const T* gy = gp + (bi * l + t) * c + c0;
       float* g_t = ring.data() + (t % k) * kChannels;
 #pragma omp simd
