@@ -23,7 +23,7 @@ from mambastep.files.checkpoints import read_config
 from mambastep.files.tokenizer import train_bpe
 from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, train
 from mambastep.training.checkpoint import read_train_state
-from mambastep.training.data import is_heldout
+from mambastep.training.data import Lanes, LineStarts, is_heldout
 from mambastep.training.loop import TRAIN_STATE_FILE
 from mambastep.training.optim import build_optimizer, lr_factor
 
@@ -377,6 +377,54 @@ def test_window_seed_moves_the_windows_and_keeps_the_split(corpus, tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
     with pytest.raises(TrainingError, match="window_seed must be an integer"):
         DataSettings(paths=(str(corpus),), window_seed=-1)
+
+
+INDENTED = "".join(
+    f"class C{i}:\n    def f(self, x):\n        if x > {i}:\n            return [\n                x,\n"
+    f"                {i}]\n        return x\n\n\n"
+    for i in range(60)
+)
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_line_windows_start_where_lines_start_indentation_included(tokenizer):
+    tok = mambastep.ByteTokenizer() if tokenizer == "bytes" else train_bpe([INDENTED], 320)
+    line_starts = [0] + [i + 1 for i, c in enumerate(INDENTED) if c == "\n"]
+    stream = torch.tensor(tok.encode(INDENTED), dtype=torch.int32)
+    starts = LineStarts.of(tok)
+    one = Lanes(stream, 4, 24, 0, 1, "training", 25, starts)
+    halves = [Lanes(stream, 4, 24, rank, 2, "training", 25, starts) for rank in (0, 1)]
+    columns = set()
+    for step in range(40):
+        x, y = one.sample(step, seed=0)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row in x.tolist():
+            text = tok.decode(row)
+            assert any(INDENTED.startswith(text, at) for at in line_starts), text
+            assert tok.encode(text)[:2] == row[:2]  # the first tokens are how a prompt of this text reads
+            columns.add(len(text) - len(text.lstrip(" ")))
+        # The batch does not depend on the number of processes.
+        assert torch.equal(torch.cat([h.sample(step, seed=0)[0] for h in halves]), x)
+    assert {0, 4, 8, 12} <= columns  # indented lines start windows too
+    # Windows at any token start in the middle of lines too.
+    anywhere = Lanes(stream, 4, 24, 0, 1, "training", 25)
+    texts = [tok.decode(row) for step in range(40) for row in anywhere.sample(step, seed=0)[0].tolist()]
+    assert not all(any(INDENTED.startswith(t, at) for at in line_starts) for t in texts)
+
+
+def test_line_windows_need_line_starts_and_a_known_setting(corpus, tmp_path):
+    one_line = tmp_path / "one_line"
+    one_line.mkdir()
+    (one_line / "a.py").write_text("x = 1; " * 400)
+    config = tiny_config(tmp_path)
+    data = DataSettings(paths=(str(one_line),), holdout=0, seq_len=16, window_starts="lines")
+    with pytest.raises(TrainingError, match="no line start with 16 tokens after it.*--window-starts tokens"):
+        train(settings(one_line, tmp_path / "a", config, data=data))
+    with pytest.raises(TrainingError, match="window_starts must be one of"):
+        DataSettings(paths=(str(corpus),), window_starts="words")
+    lines = replace(data, paths=(str(corpus),), holdout=0.2)
+    record = train(settings(corpus, tmp_path / "b", config, data=lines))
+    assert record["eval"][-1]["loss"] < record["eval"][0]["loss"]
 
 
 def test_split_is_fixed_by_path_and_seed():

@@ -7,7 +7,7 @@ import json
 
 from mambastep.families.presets import BPE_CONFIG, BYTE_CONFIG
 from mambastep.training import DataSettings, OptimSettings, TrainSettings, train
-from mambastep.training.settings import PRECISIONS
+from mambastep.training.settings import PRECISIONS, WINDOW_STARTS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             window_seed=args.window_seed,
             seq_len=args.seq_len,
+            window_starts=args.window_starts,
         ),
         optim=OptimSettings(
             lr=args.lr,
@@ -105,6 +106,12 @@ def add_parser(sub) -> None:
         help="seeds the training windows' offsets instead (default: --seed), e.g. to go on from --init elsewhere",
     )
     tr.add_argument("--seq-len", type=int, default=data.seq_len)
+    tr.add_argument(
+        "--window-starts",
+        choices=WINDOW_STARTS,
+        default=data.window_starts,
+        help="where a training window may start: at any token, or where a line starts, as a prompt does",
+    )
     tr.add_argument(
         "--steps",
         type=int,

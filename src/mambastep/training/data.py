@@ -11,6 +11,12 @@ the data position is the step itself, a batch covers the whole corpus evenly,
 and consecutive batches are not neighbouring text (which would let the
 weights chase the file at hand instead of learning the language). Each
 process keeps only its own contiguous block of lanes (its shard).
+
+A window may start at any token, or only where a line starts (``window_starts="lines"``), as a
+prompt does: then a model learns that the first token of its context is the start of a line,
+indentation included, instead of a guess at the column of a fragment. A token of newlines and
+indentation (byte-level BPE keeps them together) that starts a window gives way to the
+indentation's own token, which is how the tokenizer reads an indented line at a text's start.
 """
 
 from __future__ import annotations
@@ -173,15 +179,58 @@ def window_draw_seed(seed: int, step: int) -> int:
     return (step + seed * 0x9E3779B1) % 2**32
 
 
+@dataclass(frozen=True)
+class LineStarts:
+    """Which tokens let a line start after them, and which start one themselves, in a vocabulary."""
+
+    ends_line: Tensor  # (vocab,) bool: the token's text ends with a newline
+    indentation: Tensor  # (vocab,) int64: for newlines then indentation, the indentation's one token; else -1
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> LineStarts:
+        ends_line = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+        indentation = torch.full((tokenizer.vocab_size,), -1, dtype=torch.int64)
+        for i in range(tokenizer.vocab_size):
+            text = tokenizer.decode([i])
+            ends_line[i] = text.endswith("\n")
+            head, newline, indent = text.rpartition("\n")
+            if newline and indent and not (head + indent).strip(" \t\n"):
+                alone = tokenizer.encode(indent)
+                indentation[i] = alone[0] if len(alone) == 1 else -1
+        return cls(ends_line, indentation)
+
+    def positions(self, tokens: Tensor) -> Tensor:
+        """(k,) int64: the positions in ``tokens`` (t,) where a line starts, in order."""
+        tokens = tokens.long()
+        after_newline = torch.cat([torch.ones(1, dtype=torch.bool), self.ends_line[tokens[:-1]]])
+        return torch.nonzero(after_newline | (self.indentation[tokens] >= 0)).flatten()
+
+    def first_tokens(self, first: Tensor) -> Tensor:
+        """Windows' first tokens (any shape), those of newlines and indentation as the indentation alone."""
+        swapped = self.indentation[first]
+        return torch.where(swapped >= 0, swapped, first)
+
+
 class Lanes:
     """A token stream cut into ``count`` equal lanes, read ``seq_len`` tokens at a time.
 
     This process keeps lanes [rank * count / world, (rank + 1) * count / world): a
-    contiguous block of the stream. ``sample`` draws a training window per lane;
-    ``window`` reads the lanes front to back, for evaluation.
+    contiguous block of the stream. ``sample`` draws a training window per lane, at any token
+    or, given ``line_starts``, where a line starts; ``window`` reads the lanes front to back,
+    for evaluation.
     """
 
-    def __init__(self, tokens: Tensor, count: int, seq_len: int, rank: int, world: int, what: str, min_len: int):
+    def __init__(
+        self,
+        tokens: Tensor,
+        count: int,
+        seq_len: int,
+        rank: int,
+        world: int,
+        what: str,
+        min_len: int,
+        line_starts: LineStarts | None = None,
+    ):
         """``min_len``: the fewest tokens a lane may hold (seq_len + 1 to sample training windows)."""
         lane_len = len(tokens) // count
         if lane_len < min_len:
@@ -194,6 +243,18 @@ class Lanes:
         self.first = rank * self.local  # the global index of this process's first lane
         self.tokens = tokens[self.first * lane_len : (self.first + self.local) * lane_len].view(self.local, lane_len)
         self.seq_len = seq_len
+        self.line_starts = line_starts
+        self.starts = None  # per lane of this process: where in it a window may start, where lines start
+        if line_starts is not None:
+            at = line_starts.positions(tokens[: count * lane_len])
+            lane, offset = at // lane_len, at % lane_len
+            room = offset < lane_len - seq_len
+            self.starts = [offset[room & (lane == i)] for i in range(self.first, self.first + self.local)]
+            if any(len(p) == 0 for p in self.starts):
+                raise TrainingError(
+                    f"a lane of the {what} split has no line start with {seq_len} tokens after it "
+                    "(too few newlines): pass --window-starts tokens, or lower --seq-len or --batch-size"
+                )
 
     def sample(self, step: int, seed: int) -> tuple[Tensor, Tensor]:
         """Training inputs and targets of ``step``: (b, seq_len) int64 each, one window per lane.
@@ -202,10 +263,16 @@ class Lanes:
         so the global batch does not depend on the number of processes.
         """
         generator = torch.Generator().manual_seed(window_draw_seed(seed, step))
-        starts = torch.randint(0, self.tokens.shape[1] - self.seq_len, (self.count,), generator=generator)
-        mine = starts[self.first : self.first + self.local]
-        index = mine[:, None] + torch.arange(self.seq_len + 1)  # (b, seq_len + 1)
+        mine = slice(self.first, self.first + self.local)
+        if self.starts is None:
+            at = torch.randint(0, self.tokens.shape[1] - self.seq_len, (self.count,), generator=generator)[mine]
+        else:
+            draws = torch.rand(self.count, generator=generator, dtype=torch.float64)[mine]
+            at = torch.stack([p[int(u * len(p))] for p, u in zip(self.starts, draws)])
+        index = at[:, None] + torch.arange(self.seq_len + 1)  # (b, seq_len + 1)
         piece = self.tokens.gather(1, index).long()
+        if self.line_starts is not None:
+            piece[:, 0] = self.line_starts.first_tokens(piece[:, 0])
         return piece[:, :-1], piece[:, 1:]
 
     def windows(self, max_tokens: int) -> int:

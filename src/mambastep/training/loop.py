@@ -32,7 +32,7 @@ from mambastep.settings import EngineSettings
 from mambastep.training import distributed
 from mambastep.training.budget import check_fits
 from mambastep.training.checkpoint import read_train_state, write_model, write_train_state
-from mambastep.training.data import Corpus, Lanes, SplitTexts, read_texts, tokenize
+from mambastep.training.data import Corpus, Lanes, LineStarts, SplitTexts, read_texts, tokenize
 from mambastep.training.distributed import Placement
 from mambastep.training.init import init_for_training
 from mambastep.training.optim import build_optimizer, build_scheduler, lr_factor
@@ -105,7 +105,14 @@ class _Run:
         self.tokenizer: Tokenizer = given
         self.corpus: Corpus = tokenize(texts, self.tokenizer)
         self.train_lanes = Lanes(
-            self.corpus.train.tokens, s.batch_size, self.seq_len, place.rank, place.world, "training", self.seq_len + 1
+            self.corpus.train.tokens,
+            s.batch_size,
+            self.seq_len,
+            place.rank,
+            place.world,
+            "training",
+            self.seq_len + 1,
+            LineStarts.of(self.tokenizer) if s.data.window_starts == "lines" else None,
         )
         self.eval_lanes = (
             Lanes(self.corpus.heldout.tokens, s.batch_size, self.seq_len, place.rank, place.world, "held-out", 2)

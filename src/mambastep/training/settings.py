@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 PRECISIONS = ("fp32", "bf16")
+WINDOW_STARTS = ("tokens", "lines")
 BPE_PREFIX = "bpe:"  # tokenizer "bpe:N": learn a byte-level BPE of N tokens from the training split
 BPE_MIN_VOCAB = 257  # the 256 bytes and the end-of-sequence token
 
@@ -47,6 +48,8 @@ class DataSettings:
     window_seed: seeds the training windows' offsets instead, where given: a run that goes on
         from a checkpoint (``init``) reads other windows than the run that made it, on the same split.
     seq_len: tokens per training window; each starts from a fresh state.
+    window_starts: "tokens" (a training window may start at any token) or "lines" (only where a
+        line starts, its indentation included, as a prompt does; see ``mambastep.training.data``).
     """
 
     paths: tuple[str, ...]
@@ -58,6 +61,7 @@ class DataSettings:
     seed: int = 0
     window_seed: int | None = None
     seq_len: int = 512
+    window_starts: Literal["tokens", "lines"] = "tokens"
 
     def __post_init__(self):
         for name in ("paths", "include", "exclude"):
@@ -74,6 +78,8 @@ class DataSettings:
         if self.window_seed is not None:
             _check(self, "window_seed", 0, 2**31 - 1)
         _check(self, "seq_len", 2)
+        if self.window_starts not in WINDOW_STARTS:
+            raise TrainingError(f"window_starts must be one of {WINDOW_STARTS}, got {self.window_starts!r}")
         _bpe_vocab_size(self.tokenizer)  # a malformed "bpe:N" fails here
 
     @property
