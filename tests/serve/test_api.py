@@ -13,6 +13,9 @@ import pytest
 import mambastep
 from mambastep import SamplingParams, Session
 from mambastep.cli import main
+from mambastep.cli.common import DEFAULT_MODEL
+from mambastep.serve.process import ServeProcess
+from mambastep.settings import EngineSettings
 
 from servers import KEYS, client, start_server
 
@@ -81,6 +84,41 @@ def test_several_prompts_n_choices_echo_and_logprobs(server, local):
         assert all(v <= 0 for v in lp["token_logprobs"][1:])
         assert all(len(top) == 2 for top in lp["top_logprobs"][len(prompt) :])
     assert reply["usage"]["prompt_tokens"] == len("import ") + len("class ")
+
+
+def test_text_prompts_are_healed_as_generate_heals_them(tmp_path, one_thread):
+    """The bundled BPE model reads "def " as "def" and a lone space; the server, as `generate`,
+    takes the space back out and starts the completion with a token that begins with it. Token
+    prompts are read as they are."""
+    model = mambastep.load(DEFAULT_MODEL, settings=EngineSettings(threads=1))
+    tokenizer = mambastep.load_tokenizer(DEFAULT_MODEL)
+    process = ServeProcess(DEFAULT_MODEL, tmp_path / "data", "--threads", "1", timeout=120)
+    try:
+        with httpx.Client(base_url=process.url, timeout=120) as http:
+            for stream in (False, True):
+                request = dict(prompt=["def ", "    if "], n=2, max_tokens=16, temperature=0.8, seed=5, echo=True)
+                reply = http.post("/v1/completions", json={**request, "stream": stream})
+                if stream:
+                    texts = {}
+                    for line in reply.text.splitlines():
+                        if line.startswith("data: {"):
+                            for c in json.loads(line[6:])["choices"]:
+                                texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+                    texts = [texts[i] for i in range(4)]
+                else:
+                    texts = [c["text"] for c in reply.json()["choices"]]
+                for i, text in enumerate(texts):
+                    prompt, params = request["prompt"][i // 2], SamplingParams(max_new_tokens=16, temperature=0.8)
+                    local = "".join(mambastep.generate(model, tokenizer, prompt, params, seed=5 + i % 2))
+                    assert text == prompt + local
+            ids = tokenizer.encode("def ")
+            whole = http.post("/v1/completions", json=dict(prompt=ids, max_tokens=8, temperature=0)).json()
+            params = SamplingParams(max_new_tokens=8, temperature=0, eos_token_id=tokenizer.eos_token_id)
+            read_whole = [t for _, t in mambastep.generate_tokens(model, [ids], params) if t != tokenizer.eos_token_id]
+            assert len(ids) == 2 and whole["usage"]["prompt_tokens"] == 2
+            assert whole["choices"][0]["text"] == tokenizer.decode(read_whole)
+    finally:
+        process.stop()
 
 
 def test_sixteen_concurrent_requests_get_what_each_gets_alone(server):

@@ -156,7 +156,7 @@ def generate(
     params = _resolve(tokenizer, params, overrides)
     ids = [_encode(tokenizer, prompt)]
     _check_prompts(model, ids, params)
-    read, healed = zip(*(_heal(tokenizer, prompt) for prompt in ids))
+    read, healed = zip(*(heal_prompt(tokenizer, prompt) for prompt in ids))
     start = _healed_start(tokenizer, partial(_prefill, model, list(read)), healed)
     pieces = _text_pieces(model, tokenizer, start, _seen(ids, params), params, healed=healed)
     return (piece for _, piece in pieces)
@@ -234,7 +234,7 @@ def generate_batch(
     params = _resolve(tokenizer, params, overrides)
     ids = [_encode(tokenizer, prompt, i) for i, prompt in enumerate(prompts)]
     _check_prompts(model, ids, params)
-    read, healed = zip(*(_heal(tokenizer, prompt) for prompt in ids))
+    read, healed = zip(*(heal_prompt(tokenizer, prompt) for prompt in ids))
     start = _healed_start(tokenizer, partial(_prefill, model, list(read)), healed)
     pieces: list[list[str]] = [[] for _ in prompts]
     for i, piece in _text_pieces(model, tokenizer, start, _seen(ids, params), params, healed=healed):
@@ -264,10 +264,11 @@ def _encode(tokenizer: Tokenizer, prompt: str, index: int = 0) -> list[int]:
     return tokenizer.encode(prompt)
 
 
-def _heal(tokenizer: Tokenizer, ids: list[int]) -> tuple[list[int], str]:
-    """A prompt's ids to read, and the whitespace its last token held if that token is taken back
-    out (see the module's docstring; "" when the prompt is read whole: byte-level tokenizers, a
-    prompt of one token, a last token that is not whitespace alone)."""
+def heal_prompt(tokenizer: Tokenizer, ids: list[int]) -> tuple[list[int], str]:
+    """A text prompt's ids to read, and the whitespace its last token held if that token is taken
+    back out (see the module's docstring; "" when the prompt is read whole: byte-level tokenizers,
+    a prompt of one token, a last token that is not whitespace alone). The first new token must
+    then begin with that text (``limit_to_healed``), and the completion leaves it out."""
     if isinstance(tokenizer, ByteTokenizer) or len(ids) < 2:
         return ids, ""
     tail = tokenizer.decode(ids[-1:])
@@ -296,15 +297,21 @@ def _healed_start(
 
     def healed_start() -> tuple[Tensor, ModelState]:
         logits, state = start()  # (b, vocab)
-        logits = logits.clone()
-        for row, text in enumerate(healed):
-            if text:
-                allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-                allowed[list(_tokens_starting_with(tokenizer, text))] = True
-                logits[row].masked_fill_(~allowed, float("-inf"))
-        return logits, state
+        return limit_to_healed(tokenizer, logits, healed), state
 
     return healed_start
+
+
+def limit_to_healed(tokenizer: Tokenizer, logits: Tensor, healed: Sequence[str]) -> Tensor:
+    """``logits`` (b, vocab), with row i's tokens that do not begin with ``healed[i]`` at -inf
+    (a new tensor; rows whose ``healed`` text is "" are left alone)."""
+    logits = logits.clone()
+    for row, text in enumerate(healed):
+        if text:
+            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            allowed[list(_tokens_starting_with(tokenizer, text))] = True
+            logits[row].masked_fill_(~allowed, float("-inf"))
+    return logits
 
 
 def _text_pieces(
@@ -321,14 +328,7 @@ def _text_pieces(
     ``start`` and ``seen`` are as for ``_decode``; ``on_token(index, token)`` sees every token;
     ``healed[i]``: text the prompt already holds that sequence i's first token begins with."""
     cancelled: set[int] = set()
-    skip = [len(text) for text in healed] or [0] * len(seen)  # characters not to emit again
-
-    def unsaid(i: int, piece: str) -> str:
-        """``piece`` without what is left of sequence i's healed text."""
-        cut = min(skip[i], len(piece))
-        skip[i] -= cut
-        return piece[cut:]
-
+    unsaid = [SkipHealed(text) for text in healed] or [SkipHealed("") for _ in seen]
     streams = [TextStream(tokenizer) for _ in seen]
     filters = [StopFilter(params.stop) for _ in seen]
     eos = None if params.ignore_eos else params.eos_token_id
@@ -337,15 +337,27 @@ def _text_pieces(
             on_token(i, token)
         if token == eos:
             continue  # ends the sequence; not part of the text
-        piece = filters[i].push(unsaid(i, streams[i].push(token)))
+        piece = filters[i].push(unsaid[i](streams[i].push(token)))
         if filters[i].stopped:
             cancelled.add(i)
         if piece:
             yield i, piece
     for i, (stream, stop_filter) in enumerate(zip(streams, filters)):
-        piece = stop_filter.push(unsaid(i, stream.flush())) + stop_filter.flush()
+        piece = stop_filter.push(unsaid[i](stream.flush())) + stop_filter.flush()
         if piece:
             yield i, piece
+
+
+class SkipHealed:
+    """A completion's text pieces without the healed text its prompt already holds (``heal_prompt``)."""
+
+    def __init__(self, healed: str):
+        self.left = len(healed)  # characters still to leave out
+
+    def __call__(self, piece: str) -> str:
+        cut = min(self.left, len(piece))
+        self.left -= cut
+        return piece[cut:]
 
 
 class StopFilter:

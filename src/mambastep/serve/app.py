@@ -219,8 +219,18 @@ def create_app(
             used = sum(len(p) for p in prompts)
             return s.Usage(prompt_tokens=used, completion_tokens=out, total_tokens=used + out)
 
+        text_prompts = isinstance(body.prompt, str) or isinstance(body.prompt[0], str)
         run = lambda on_event, cancelled: svc.complete(  # noqa: E731
-            who, prompts, params, body.n, body.logprobs, on_event, body.session, body.session_commit, cancelled
+            who,
+            prompts,
+            params,
+            body.n,
+            body.logprobs,
+            on_event,
+            body.session,
+            body.session_commit,
+            cancelled,
+            heal=text_prompts,
         )
         if not body.stream:
             gens = await run(None, None)

@@ -31,7 +31,7 @@ from torch import Tensor
 from mambastep.files.tokenizer import TextStream, Tokenizer
 from mambastep.models.lm import LanguageModel
 from mambastep.models.state import ModelState
-from mambastep.runtime.generation import StopFilter
+from mambastep.runtime.generation import SkipHealed, StopFilter
 from mambastep.runtime.sampling import SamplingParams, generator, sample
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class Row:
         logprobs: how many alternatives to report per token (None: no log-probabilities).
         cancelled: set (from any thread) to end the row at its next step, as "cancelled";
             the rows of one request share it.
+        healed: text that the prompt holds and the first token begins with (``heal_prompt``);
+            the row's text leaves it out.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class Row:
         history: list[int] | tuple[int, ...] = (),
         logprobs: int | None = None,
         cancelled: threading.Event | None = None,
+        healed: str = "",
     ):
         self.logits, self.state, self.params, self.emit = logits, state, params, emit
         self._cancelled = cancelled or threading.Event()
@@ -92,7 +95,7 @@ class Row:
         self.generator = generator(seed)
         self.seen = set(history) if params.repetition_penalty != 1.0 else set()
         self.eos = None if params.ignore_eos else params.eos_token_id
-        self.stream, self.stop = TextStream(tokenizer), StopFilter(params.stop)
+        self.stream, self.stop, self.unsaid = TextStream(tokenizer), StopFilter(params.stop), SkipHealed(healed)
         self.tokens: list[int] = []  # every token drawn: eos and the tokens of a stop string too
         self.finish_reason: str | None = None
 
@@ -119,7 +122,7 @@ class Row:
             self.emit(TokenEvent(token, "", logprob, top))
             self._finish("stop")
             return
-        text = self.stop.push(self.stream.push(token))
+        text = self.stop.push(self.unsaid(self.stream.push(token)))
         self.emit(TokenEvent(token, text, logprob, top))
         if self.stop.stopped:
             self._finish("stop")
@@ -138,7 +141,7 @@ class Row:
             self._finish(reason)
 
     def _finish(self, reason: str) -> None:
-        tail = "" if self.stop.stopped else self.stop.push(self.stream.flush()) + self.stop.flush()
+        tail = "" if self.stop.stopped else self.stop.push(self.unsaid(self.stream.flush())) + self.stop.flush()
         self.finish_reason = reason
         self.emit(TokenEvent(None, tail, finish_reason=reason))
 

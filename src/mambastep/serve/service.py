@@ -23,6 +23,7 @@ import torch
 from mambastep.files.tokenizer import Tokenizer
 from mambastep.models.lm import LanguageModel
 from mambastep.models.state import StateError
+from mambastep.runtime.generation import heal_prompt, limit_to_healed
 from mambastep.runtime.sampling import SamplingParams
 from mambastep.runtime.session import DEFAULT_CHECKPOINT_EVERY, Session
 from mambastep.serve.metrics import Metrics
@@ -520,19 +521,34 @@ class Service:
         session_id: str | None = None,
         commit: bool = True,
         cancelled: threading.Event | None = None,
+        heal: bool = False,
     ) -> list[Generation]:
         """Complete each prompt ``n`` times, choice ``i * n + j`` the ``j``-th of prompt ``i``
         (its seed ``params.seed + j``). With ``session_id``, the one prompt is read into that
-        session and continued from its state; with ``commit`` the completion is read too."""
+        session and continued from its state; with ``commit`` the completion is read too.
+        ``heal``: the prompts were text, healed as ``mambastep.generate`` heals them (a last token
+        of whitespace alone is read as the first new token's start); a session's prompt is
+        read as it is, since the session keeps its tokens."""
         params = self.sampling(params)
         self.check_prompts(prompts, n, session_id)
         forward = (lambda i: self._threadsafe(lambda e: on_event(i, e))) if on_event else (lambda i: None)
         collects = [_Collect(forward(i), logprobs is not None) for i in range(len(prompts) * n)]
         seeds = [None if params.seed is None else params.seed + j for j in range(n)]
 
-        def rows(logits, state, history, first):
+        def rows(logits, state, history, first, healed=""):
             return [
-                Row(logits, state, params, self.tokenizer, collects[first + j], seeds[j], history, logprobs, cancelled)
+                Row(
+                    logits,
+                    state,
+                    params,
+                    self.tokenizer,
+                    collects[first + j],
+                    seeds[j],
+                    history,
+                    logprobs,
+                    cancelled,
+                    healed,
+                )
                 for j in range(n)
             ]
 
@@ -553,11 +569,13 @@ class Service:
 
             def prompt_task(i: int, ids: list[int]):
                 def task():
-                    state, logits, tokens = None, None, torch.tensor([ids], device=self.model.device)
-                    for a, b in pieces(0, len(ids), self.settings.prefill_piece, self.settings.prefill_piece):
+                    read, healed = heal_prompt(self.tokenizer, ids) if heal else (ids, "")
+                    state, logits, tokens = None, None, torch.tensor([read], device=self.model.device)
+                    for a, b in pieces(0, len(read), self.settings.prefill_piece, self.settings.prefill_piece):
                         logits, state = self.model.prefill(tokens[:, a:b], state)
                         yield b - a
-                    admitted = rows(logits, state, ids, i * n)
+                    logits = limit_to_healed(self.tokenizer, logits, [healed])
+                    admitted = rows(logits, state, ids, i * n, healed)
                     yield from self._decode(admitted)
                     return admitted
 
