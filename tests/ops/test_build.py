@@ -122,3 +122,15 @@ def test_cpp_on_another_device_is_refused():
     with pytest.raises(ValueError, match="the C\\+\\+ kernels run on the CPU, not on meta"):
         ops.resolve(EngineSettings(scan="cpp"), "meta")
     assert not ops.resolve(EngineSettings(), "meta").sequence_kernels  # auto: PyTorch's operators there
+
+
+def test_a_build_from_the_cpu_is_cached_per_kind_of_cpu(monkeypatch):
+    """A cache folder shared by two machines never hands one a library built for the other's
+    instruction sets; the portable build suits both."""
+    here = {isa: build.library_path(isa) for isa in build.ISA_FLAGS}
+    assert build.cpu_flags() and len(set(here.values())) == len(here)
+    monkeypatch.setattr(build, "cpu_flags", lambda: "avx avx2 fma sse4_2")
+    other = {isa: build.library_path(isa) for isa in build.ISA_FLAGS}
+    assert other["portable"] == here["portable"]
+    assert all(other[isa] != here[isa] for isa in ("native", "avx512", "avx2"))
+    assert other == {isa: build.library_path(isa) for isa in build.ISA_FLAGS}

@@ -4,7 +4,10 @@ The library is compiled with PyTorch's extension tools in a separate Python proc
 build never depends on what this process imported before (setuptools refuses to start where
 the standard library's ``distutils`` was imported first, as ``pip`` does). It is cached under
 ``$TORCH_EXTENSIONS_DIR/mambastep/`` (by default ``~/.cache/torch_extensions/mambastep/``), named by
-a hash of its sources, flags, PyTorch and Python; a process that finds it there loads it in
+a hash of its sources, flags, PyTorch and Python, and of the CPU's instruction-set flags for the
+builds that take them from the CPU (``-march=native``): a cache shared by machines (a home
+folder on a network drive, a container image built elsewhere) holds one build per kind of CPU,
+never one that another CPU cannot run. A process that finds it there loads it in
 well under a second, without the build tools. A build says so in one line, and in a terminal a
 second line counts the seconds until it ends.
 
@@ -70,8 +73,21 @@ def requested_isa() -> str:
     return isa
 
 
+@cache
+def cpu_flags() -> str:
+    """This CPU's feature flags as Linux lists them (/proc/cpuinfo), sorted; elsewhere what
+    ``platform.processor()`` says."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    named = (line.split(":", 1) for line in lines if ":" in line)
+    flags = next((value for key, value in named if key.strip() in ("flags", "Features")), "")  # x86, Arm
+    return " ".join(sorted(set(flags.split())))
+
+
 def library_path(isa: str) -> Path:
-    """Where the library of instruction set ``isa`` is (or will be) built."""
+    """Where the library of instruction set ``isa`` is (or will be) built for this CPU."""
     flags = COMMON_FLAGS + ISA_FLAGS[isa]
     digest = hashlib.sha256()
     for part in [
@@ -79,6 +95,7 @@ def library_path(isa: str) -> Path:
         " ".join(flags).encode(),
         torch.__version__.encode(),
         sys.version.encode(),
+        (cpu_flags() if "-march=native" in flags else "").encode(),
     ]:
         digest.update(part)
     name = f"mambastep_cpu_{isa}_{digest.hexdigest()[:16]}"
