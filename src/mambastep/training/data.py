@@ -188,6 +188,7 @@ class LineStarts:
 
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> LineStarts:
+        """The tables of ``tokenizer``'s vocabulary, from each token's text alone."""
         ends_line = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         indentation = torch.full((tokenizer.vocab_size,), -1, dtype=torch.int64)
         for i in range(tokenizer.vocab_size):
@@ -196,7 +197,8 @@ class LineStarts:
             head, newline, indent = text.rpartition("\n")
             if newline and indent and not (head + indent).strip(" \t\n"):
                 alone = tokenizer.encode(indent)
-                indentation[i] = alone[0] if len(alone) == 1 else -1
+                if len(alone) == 1:  # else the indentation takes several tokens: no window starts here
+                    indentation[i] = alone[0]
         return cls(ends_line, indentation)
 
     def positions(self, tokens: Tensor) -> Tensor:
