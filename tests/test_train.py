@@ -405,7 +405,8 @@ def test_line_windows_start_where_lines_start_indentation_included(tokenizer):
             columns.add(len(text) - len(text.lstrip(" ")))
         # The batch does not depend on the number of processes.
         assert torch.equal(torch.cat([h.sample(step, seed=0)[0] for h in halves]), x)
-    assert {0, 4, 8, 12} <= columns  # indented lines start windows too
+    # Indented lines start windows too (in this small BPE, 15 spaces take two tokens: no start at 16).
+    assert columns == {0, 4, 8, 12, 16} if tokenizer == "bytes" else columns == {0, 4, 8, 12}
     # Windows at any token start in the middle of lines too.
     anywhere = Lanes(stream, 4, 24, 0, 1, "training", 25)
     texts = [tok.decode(row) for step in range(40) for row in anywhere.sample(step, seed=0)[0].tolist()]

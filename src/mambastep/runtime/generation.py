@@ -304,7 +304,9 @@ def _healed_start(
 
 def limit_to_healed(tokenizer: Tokenizer, logits: Tensor, healed: Sequence[str]) -> Tensor:
     """``logits`` (b, vocab), with row i's tokens that do not begin with ``healed[i]`` at -inf
-    (a new tensor; rows whose ``healed`` text is "" are left alone)."""
+    (a new tensor where any row is healed; rows whose ``healed`` text is "" are left alone)."""
+    if not any(healed):
+        return logits
     logits = logits.clone()
     for row, text in enumerate(healed):
         if text:
