@@ -89,7 +89,8 @@ def test_several_prompts_n_choices_echo_and_logprobs(server, local):
 def test_text_prompts_are_healed_as_generate_heals_them(tmp_path, one_thread):
     """The bundled BPE model reads "def " as "def" and a lone space; the server, as `generate`,
     takes the space back out and starts the completion with a token that begins with it. Token
-    prompts are read as they are."""
+    prompts are read as they are. Echoed with log-probabilities, a healed prompt is listed as read,
+    so the listed tokens join to the choice's text."""
     model = mambastep.load(DEFAULT_MODEL, settings=EngineSettings(threads=1))
     tokenizer = mambastep.load_tokenizer(DEFAULT_MODEL)
     process = ServeProcess(DEFAULT_MODEL, tmp_path / "data", "--threads", "1", timeout=120)
@@ -111,6 +112,12 @@ def test_text_prompts_are_healed_as_generate_heals_them(tmp_path, one_thread):
                     prompt, params = request["prompt"][i // 2], SamplingParams(max_new_tokens=16, temperature=0.8)
                     local = "".join(mambastep.generate(model, tokenizer, prompt, params, seed=5 + i % 2))
                     assert text == prompt + local
+            listed = http.post("/v1/completions", json=dict(prompt="def ", max_tokens=8, echo=True, logprobs=1))
+            choice = listed.json()["choices"][0]
+            tokens, offsets = choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+            assert tokens[0] == "def" and tokens[1].startswith(" ")  # the prompt as read, then the healed token
+            assert "".join(tokens) == choice["text"]
+            assert all(choice["text"].startswith(t, o) for t, o in zip(tokens, offsets))
             ids = tokenizer.encode("def ")
             whole = http.post("/v1/completions", json=dict(prompt=ids, max_tokens=8, temperature=0)).json()
             params = SamplingParams(max_new_tokens=8, temperature=0, eos_token_id=tokenizer.eos_token_id)

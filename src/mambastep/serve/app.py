@@ -33,6 +33,7 @@ from mambastep.families import family_of
 from mambastep.files.tokenizer import Tokenizer
 from mambastep.models.config import GPTNeoXConfig
 from mambastep.models.lm import LanguageModel
+from mambastep.runtime.generation import heal_prompt
 from mambastep.runtime.sampling import SamplingParams
 from mambastep.serve import schemas as s
 from mambastep.serve.metrics import Metrics
@@ -200,8 +201,11 @@ def create_app(
             await svc.info(who, body.session)  # 404 before any event is sent
         created, completion_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         prompt_texts = [svc.tokenizer.decode(p) for p in prompts]
+        text_prompts = isinstance(body.prompt, str) or isinstance(body.prompt[0], str)
+        # A healed prompt is listed as read: its first new token holds the whitespace taken out.
+        echo_ids = [heal_prompt(svc.tokenizer, p)[0] if text_prompts else p for p in prompts]
         echo_logprobs = (
-            [await svc.prompt_logprobs(p) for p in prompts] if body.echo and body.logprobs is not None else None
+            [await svc.prompt_logprobs(p) for p in echo_ids] if body.echo and body.logprobs is not None else None
         )
 
         def choice(i: int, gen: Generation) -> s.CompletionChoice:
@@ -211,7 +215,7 @@ def create_app(
             if body.logprobs is not None:
                 lp = _logprobs(svc, gen, body.logprobs)
                 if body.echo:
-                    lp = _with_prompt(svc, prompts[prompt], echo_logprobs[prompt], lp)
+                    lp = _with_prompt(svc, echo_ids[prompt], prompt_texts[prompt], echo_logprobs[prompt], lp)
             return s.CompletionChoice(text=text, index=i, logprobs=lp, finish_reason=gen.finish_reason)
 
         def usage(gens: list[Generation]) -> s.Usage:
@@ -219,7 +223,6 @@ def create_app(
             used = sum(len(p) for p in prompts)
             return s.Usage(prompt_tokens=used, completion_tokens=out, total_tokens=used + out)
 
-        text_prompts = isinstance(body.prompt, str) or isinstance(body.prompt[0], str)
         run = lambda on_event, cancelled: svc.complete(  # noqa: E731
             who,
             prompts,
@@ -497,18 +500,22 @@ def _logprobs(svc: Service, gen: Generation, top: int) -> s.Logprobs:
     )
 
 
-def _with_prompt(svc: Service, prompt: list[int], prompt_lp: list[float | None], lp: s.Logprobs) -> s.Logprobs:
-    """The completion's log-probabilities behind the echoed prompt's."""
-    texts = [_token_text(svc, t) for t in prompt]
+def _with_prompt(
+    svc: Service, read: list[int], prompt_text: str, prompt_lp: list[float | None], lp: s.Logprobs
+) -> s.Logprobs:
+    """The completion's log-probabilities behind those of the echoed prompt, listed as it was
+    read: a healed prompt without its last whitespace, with which the first new token begins."""
+    texts = [_token_text(svc, t) for t in read]
     offsets, at = [], 0
     for text in texts:
         offsets.append(at)
         at += len(text)
+    after = [len(prompt_text) + o for o in lp.text_offset]  # the completion's text follows the whole prompt
     return s.Logprobs(
         tokens=texts + lp.tokens,
         token_logprobs=prompt_lp + lp.token_logprobs,
-        top_logprobs=None if lp.top_logprobs is None else [None] * len(prompt) + lp.top_logprobs,
-        text_offset=offsets + [at + o for o in lp.text_offset],
+        top_logprobs=None if lp.top_logprobs is None else [None] * len(read) + lp.top_logprobs,
+        text_offset=offsets + [at, *after[1:]] if after else offsets,  # the first new token starts where reading ended
     )
 
 
