@@ -2,10 +2,12 @@
 
 Forward + backward of each kernel alone (the Mamba-1 scan at a task model's layer and a 130m
 model's layer; the Mamba-2 scan and the conv with its SiLU at a layer of the default model,
-16 x 512 tokens), and whole training steps (forward, loss, backward) of the 2-layer width-64
-S6 task model and of the default model's shape (``mamba2-bpe8k``, 16 x 512 tokens, bfloat16
-autocast and an AdamW step, as ``mambastep train --precision bf16`` runs it). Each case runs
-with the kernels (``scan="cpp"``) and with PyTorch's operators (``scan="torch"``), the two
+16 x 512 tokens), the next-token loss of the default model's bfloat16 logits, and whole
+training steps (forward, loss, backward) of the 2-layer width-64 S6 task model and of the
+default model's shape (``mamba2-bpe8k``, 16 x 512 tokens, bfloat16 autocast and an AdamW step,
+as ``mambastep train --precision bf16`` runs it). Each case runs with the kernels
+(``scan="cpp"``; the loss: ``training.loss.token_nll``) and with PyTorch's operators
+(``scan="torch"``; the loss: ``F.cross_entropy`` of a float32 copy of the logits), the two
 alternated in the same run; the ratio is what to read. One JSON line per case.
 
     python benchmarks/train_step.py --threads 2
@@ -30,6 +32,7 @@ from mambastep.families import family_of
 from mambastep.families.presets import BPE_CONFIG, builtin_config
 from mambastep.settings import EngineSettings
 from mambastep.training.init import init_for_training
+from mambastep.training.loss import token_nll
 
 SCANS = ("cpp", "torch")
 BACKENDS = {scan: ops.resolve(EngineSettings(scan=scan), "cpu") for scan in SCANS}
@@ -80,6 +83,24 @@ def _conv_case(b: int, l: int, c: int, k: int) -> Callable[[str], None]:
     return step
 
 
+def _next_token_loss(scan: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean loss as ``mambastep train`` takes it (kernels) or through a float32 copy (PyTorch)."""
+    return token_nll(logits, target).mean() if scan == "cpp" else F.cross_entropy(logits.float(), target)
+
+
+def _loss_case(rows: int, vocab: int) -> Callable[[str], None]:
+    """bfloat16 logits, as the head gives them under bfloat16 autocast."""
+    gen = torch.Generator().manual_seed(0)
+    logits = _random(rows, vocab, gen=gen, dtype=torch.bfloat16)
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+
+    def step(scan: str) -> None:
+        logits.grad = None  # written afresh, as a step's logits are
+        _next_token_loss(scan, logits, target).backward()
+
+    return step
+
+
 def _task_model_case() -> Callable[[str], None]:
     heads = task("induction_heads")
     batch = heads.sample(32, 256, torch.Generator().manual_seed(0))
@@ -110,7 +131,7 @@ def _default_model_case(batch: int, length: int) -> Callable[[str], None]:
     def step(scan: str) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, _ = models[scan](tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        _next_token_loss(scan, logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         optimizers[scan].step()
         optimizers[scan].zero_grad(set_to_none=True)
 
@@ -148,6 +169,9 @@ def main() -> int:
         ),
         "conv + SiLU forward+backward in bfloat16, b 16, l 512, c 640, k 4 (a default-model layer)": lambda: _conv_case(
             16, 512, 640, 4
+        ),
+        "next-token loss forward+backward, 8,192 rows of 8,192 bfloat16 logits (a default-model step)": lambda: (
+            _loss_case(16 * 512, 8192)
         ),
         "training step, 2-layer width-64 S6 task model, batch 32 x 256": _task_model_case,
         f"training step, {BPE_CONFIG} (the default model's shape), batch 16 x 512, bfloat16 autocast": lambda: (

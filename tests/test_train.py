@@ -21,7 +21,7 @@ from mambastep.cli.common import DEFAULT_MODEL
 from mambastep.families.presets import builtin_config
 from mambastep.files.checkpoints import read_config
 from mambastep.files.tokenizer import train_bpe
-from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, train
+from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, loss, train
 from mambastep.training.checkpoint import read_train_state
 from mambastep.training.data import Lanes, LineStarts, is_heldout
 from mambastep.training.loop import TRAIN_STATE_FILE
@@ -426,6 +426,37 @@ def test_line_windows_need_line_starts_and_a_known_setting(corpus, tmp_path):
     lines = replace(data, paths=(str(corpus),), holdout=0.2)
     record = train(settings(corpus, tmp_path / "b", config, data=lines))
     assert record["eval"][-1]["loss"] < record["eval"][0]["loss"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_token_nll_is_cross_entropy_of_widened_logits_block_by_block(monkeypatch, dtype):
+    """7 rows of 50 logits in blocks of 2 rows (the last one short): the losses are those of
+    F.cross_entropy on float32 logits (float64 for float64), and the gradient, for any weight
+    per row, is theirs rounded to the logits' dtype to within a unit in the last place."""
+    monkeypatch.setattr(loss, "BLOCK_VALUES", 100)
+    torch.manual_seed(0)
+    logits = (torch.randn(7, 50, dtype=torch.float64) * 4).to(dtype)
+    target, weights = torch.randint(0, 50, (7,)), torch.rand(7, dtype=torch.float64)
+    wide = torch.promote_types(dtype, torch.float32)
+    ours = logits.clone().requires_grad_()
+    nll = loss.token_nll(ours, target)
+    (nll * weights.to(wide)).sum().backward()
+    reference = logits.to(torch.float64).requires_grad_()
+    expected = torch.nn.functional.cross_entropy(reference, target, reduction="none")
+    (expected * weights).sum().backward()
+    assert nll.dtype == wide and ours.grad.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(nll.double(), expected.detach(), rtol=tolerance, atol=tolerance)
+    rounded = reference.grad.to(wide).to(dtype).double()  # float32 sums, rounded once to the logits' dtype
+    step = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10)
+    torch.testing.assert_close(ours.grad.double(), rounded, rtol=step, atol=1e-7)
+
+
+def test_token_nll_checks_its_shapes():
+    with pytest.raises(ValueError, match="logits \\(N, vocab\\) and targets \\(N,\\)"):
+        loss.token_nll(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="got \\(2, 4\\) and \\(3,\\)"):
+        loss.token_nll(torch.zeros(2, 4), torch.zeros(3, dtype=torch.long))
 
 
 def test_split_is_fixed_by_path_and_seed():

@@ -8,6 +8,7 @@ budget    memory estimate before anything is allocated
 checkpoint  out/model (for mambastep.load) and out/train_state.pt (exact resume)
 report    log.json, curve.png, gzip/xz baselines
 distributed torchrun placement, gloo/nccl, collectives
+loss      the next-token loss, read from 16-bit logits block by block
 loop      the run itself
 """
 

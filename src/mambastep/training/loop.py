@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -35,6 +34,7 @@ from mambastep.training.checkpoint import read_train_state, write_model, write_t
 from mambastep.training.data import Corpus, Lanes, LineStarts, SplitTexts, read_texts, tokenize
 from mambastep.training.distributed import Placement
 from mambastep.training.init import init_for_training
+from mambastep.training.loss import token_nll
 from mambastep.training.optim import build_optimizer, build_scheduler, lr_factor
 from mambastep.training.report import RunLog, bits_per_byte, compressor_baselines
 from mambastep.training.settings import TrainingError, TrainSettings
@@ -256,7 +256,7 @@ class _Run:
         x, y = (t.to(self.place.device) for t in self.train_lanes.sample(self.step, self.settings.data.offsets_seed))
         with self._autocast():
             logits, _ = self.net(x)  # (b, l, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss = token_nll(logits.flatten(0, 1), y.flatten()).mean()
         loss.backward()
         if self.settings.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optim.grad_clip)
@@ -285,7 +285,7 @@ class _Run:
             x, y = (t.to(self.place.device) for t in lanes.window(i, max_tokens))
             with self._autocast():
                 logits, _ = self.model(x)  # (b, q, vocab)
-            totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            totals[0] += token_nll(logits.flatten(0, 1), y.flatten()).sum().double()
             totals[1] += y.numel()
         nll, count = distributed.sum_all(totals, self.place).tolist()
         return {
