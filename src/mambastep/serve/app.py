@@ -511,11 +511,13 @@ def _with_prompt(
         offsets.append(at)
         at += len(text)
     after = [len(prompt_text) + o for o in lp.text_offset]  # the completion's text follows the whole prompt
+    if after:
+        after[0] = len(svc.tokenizer.decode(read))  # the first new token begins where reading ended
     return s.Logprobs(
         tokens=texts + lp.tokens,
         token_logprobs=prompt_lp + lp.token_logprobs,
         top_logprobs=None if lp.top_logprobs is None else [None] * len(read) + lp.top_logprobs,
-        text_offset=offsets + [at, *after[1:]] if after else offsets,  # the first new token starts where reading ended
+        text_offset=offsets + after,
     )
 
 
