@@ -431,8 +431,9 @@ def test_line_windows_need_line_starts_and_a_known_setting(corpus, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_token_nll_is_cross_entropy_of_widened_logits_block_by_block(monkeypatch, dtype):
     """7 rows of 50 logits in blocks of 2 rows (the last one short): the losses are those of
-    F.cross_entropy on float32 logits (float64 for float64), and the gradient, for any weight
-    per row, is theirs rounded to the logits' dtype to within a unit in the last place."""
+    F.cross_entropy on the same logits in float64, to float32's precision (float64's for
+    float64), and the gradient, for any weight per row, is theirs rounded to the logits' dtype
+    to within a unit in the last place."""
     monkeypatch.setattr(loss, "BLOCK_VALUES", 100)
     torch.manual_seed(0)
     logits = (torch.randn(7, 50, dtype=torch.float64) * 4).to(dtype)

@@ -202,11 +202,11 @@ def create_app(
         created, completion_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         prompt_texts = [svc.tokenizer.decode(p) for p in prompts]
         text_prompts = isinstance(body.prompt, str) or isinstance(body.prompt[0], str)
-        # A healed prompt is listed as read: its first new token holds the whitespace taken out.
-        echo_ids = [heal_prompt(svc.tokenizer, p)[0] if text_prompts else p for p in prompts]
-        echo_logprobs = (
-            [await svc.prompt_logprobs(p) for p in echo_ids] if body.echo and body.logprobs is not None else None
-        )
+        echo_ids = echo_logprobs = None
+        if body.echo and body.logprobs is not None:
+            # A healed prompt is listed as read: its first new token holds the whitespace taken out.
+            echo_ids = [heal_prompt(svc.tokenizer, p)[0] if text_prompts else p for p in prompts]
+            echo_logprobs = [await svc.prompt_logprobs(p) for p in echo_ids]
 
         def choice(i: int, gen: Generation) -> s.CompletionChoice:
             prompt = i // body.n
