@@ -24,6 +24,7 @@ from mambastep.files.tokenizer import train_bpe
 from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, loss, train
 from mambastep.training.checkpoint import read_train_state
 from mambastep.training.data import Lanes, LineStarts, is_heldout
+from mambastep.training.init import deepen
 from mambastep.training.loop import TRAIN_STATE_FILE
 from mambastep.training.optim import build_optimizer, lr_factor
 
@@ -339,6 +340,61 @@ def test_checkpoint_loads_and_generates(corpus, tmp_path):
     # Fine-tuning starts from the checkpoint's weights and tokenizer.
     record = train(settings(corpus, tmp_path / "tuned", None, init=str(out / "model"), steps=2, eval_every=0))
     assert record["model"]["family"] == "mamba2"
+
+
+@pytest.mark.parametrize("family", ["mamba2", "mamba"])
+def test_a_deepened_model_computes_what_it_grew_from(tmp_path, family):
+    from mambastep.families import family_of
+
+    config = loop.model_config(tiny_config(tmp_path, family))
+    torch.manual_seed(0)
+    model = family_of(config).model(config).configure(mambastep.EngineSettings())
+    for param in model.parameters():  # every weight away from its initial value, out_proj included
+        param.data.add_(0.1 * torch.randn_like(param))
+    deeper = deepen(model, 5)  # 2 layers to 5: layer 0 then two copies of it, layer 1 then one copy
+    assert deeper.config.n_layer == 5 and len(deeper.backbone.layers) == 5
+    layers, grown = model.backbone.layers, deeper.backbone.layers
+    for j, source, is_copy in [(0, 0, False), (1, 0, True), (2, 0, True), (3, 1, False), (4, 1, True)]:
+        for name, value in grown[j].state_dict().items():
+            expected = layers[source].state_dict()[name]
+            if is_copy and name.startswith("mixer.out_proj."):
+                expected = torch.zeros_like(expected)
+            assert torch.equal(value, expected), (j, name)
+    tokens = torch.randint(0, 256, (2, 11))
+    assert torch.equal(deeper(tokens)[0], model(tokens)[0])
+    logits, state = deeper.prefill(tokens[:, :7])
+    expected, expected_state = model.prefill(tokens[:, :7])
+    assert torch.equal(logits, expected)
+    for t in range(7, 11):  # the copies' states differ from their sources', but add nothing to the stream
+        logits, state = deeper.step(tokens[:, t], state)
+        expected, expected_state = model.step(tokens[:, t], expected_state)
+        assert torch.equal(logits, expected)
+    same = deepen(model, 2)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values()))
+
+
+def test_training_a_deepened_checkpoint_starts_from_its_loss(corpus, tmp_path):
+    config = tiny_config(tmp_path)
+    train(settings(corpus, tmp_path / "base", config, steps=6, eval_every=0))
+    base = str(tmp_path / "base" / "model")
+    kept = train(settings(corpus, tmp_path / "kept", None, init=base, steps=2, eval_every=0))
+    deeper = train(settings(corpus, tmp_path / "deeper", None, init=base, n_layer=3, steps=2, eval_every=0))
+    # The same function on the same windows: the first step's loss is the same; then the copies train.
+    assert deeper["train"][0]["loss"] == pytest.approx(kept["train"][0]["loss"], rel=1e-6)
+    assert deeper["model"]["config"]["n_layer"] == 3
+    saved = weights(tmp_path / "deeper")
+    assert saved["backbone.layers.2.mixer.out_proj.weight"].abs().max() > 0  # layer 1's copy has trained
+    assert read_config(tmp_path / "deeper" / "model").n_layer == 3
+    with pytest.raises(TrainingError, match="settings differ from the saved run: n_layer"):
+        train(settings(corpus, tmp_path / "deeper", None, init=base, n_layer=4, steps=3, eval_every=0, resume=True))
+    with pytest.raises(TrainingError, match="cannot deepen a model of 2 layers to 1"):
+        train(settings(corpus, tmp_path / "shallower", None, init=base, n_layer=1))
+    with pytest.raises(TrainingError, match="n_layer deepens the init checkpoint"):
+        settings(corpus, tmp_path / "new", config, n_layer=3)
+    train(settings(corpus, tmp_path / "neox", tiny_config(tmp_path, "gpt_neox"), steps=1, eval_every=0))
+    with pytest.raises(TrainingError, match="only Mamba and Mamba-2 models can be deepened, not a gpt_neox model"):
+        train(settings(corpus, tmp_path / "neox2", None, init=str(tmp_path / "neox" / "model"), n_layer=3))
+    assert not (tmp_path / "shallower").exists() and not (tmp_path / "neox2").exists()
 
 
 def test_weight_decay_only_on_matrices(tmp_path):

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         config=args.config,
         init=args.init,
+        n_layer=args.n_layer,
         steps=args.steps,
         batch_size=args.batch_size,
         precision=args.precision,
@@ -84,6 +85,13 @@ def add_parser(sub) -> None:
         "file (Hugging Face or state-spaces format)",
     )
     source.add_argument("--init", help="checkpoint to fine-tune")
+    tr.add_argument(
+        "--n-layer",
+        type=int,
+        default=None,
+        help="with --init: deepen it to this many layers first; each new layer copies the one before it with "
+        "its output projection at zero, so training starts from what --init computes (Mamba and Mamba-2)",
+    )
     tr.add_argument(
         "--tokenizer",
         default=None,

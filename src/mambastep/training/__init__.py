@@ -3,7 +3,7 @@
 settings  DataSettings, OptimSettings, TrainSettings, TrainingError
 data      files -> checked text -> split by file -> tokens -> lanes (one shard per process)
 optim     AdamW (decay on matrices only), warm-up + cosine
-init      the initialisation of a model trained from scratch
+init      how a model starts: initialised from scratch, or deepened from a trained one
 budget    memory estimate before anything is allocated
 checkpoint  out/model (for mambastep.load) and out/train_state.pt (exact resume)
 report    log.json, curve.png, gzip/xz baselines

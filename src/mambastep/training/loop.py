@@ -33,7 +33,7 @@ from mambastep.training.budget import check_fits
 from mambastep.training.checkpoint import read_train_state, write_model, write_train_state
 from mambastep.training.data import Corpus, Lanes, LineStarts, SplitTexts, read_texts, tokenize
 from mambastep.training.distributed import Placement
-from mambastep.training.init import init_for_training
+from mambastep.training.init import deepen, deeper_config, init_for_training
 from mambastep.training.loss import token_nll
 from mambastep.training.optim import build_optimizer, build_scheduler, lr_factor
 from mambastep.training.report import RunLog, bits_per_byte, compressor_baselines
@@ -90,6 +90,8 @@ class _Run:
         bpe_size = s.data.bpe_vocab_size
         given = load_tokenizer(tokenizer_source) if bpe_size is None else None
         config = read_config(resolve(s.init)) if s.init is not None else model_config(s.config)
+        if s.n_layer is not None:
+            config = deeper_config(config, s.n_layer)
         tokens = bpe_size or given.vocab_size
         if tokens > config.vocab_size:
             raise TrainingError(f"the tokenizer has {tokens} tokens but the model's vocab_size is {config.vocab_size}")
@@ -125,6 +127,8 @@ class _Run:
         torch.manual_seed(s.data.seed)
         if s.init is not None:
             model = load(s.init, dtype=torch.float32, device=place.device)
+            if s.n_layer is not None:
+                model = deepen(model, s.n_layer)
         else:
             with place.device:
                 model = family_of(config).model(config)

@@ -149,6 +149,8 @@ class TrainSettings:
     config: a built-in configuration name or a JSON file (a config.json in the Hugging
         Face or the state-spaces format); exactly one of ``config`` and ``init``.
     init: a checkpoint to fine-tune (its config and weights).
+    n_layer: with ``init``, the depth to deepen it to first (``training.init.deepen``: new layers
+        copy its own, with output projections at zero); None keeps its depth.
     steps: optimiser steps in the whole run (the schedule's length). A resumed run may change it:
         a larger value extends a run, finished or not, and from the step it resumes at the learning
         rate follows the schedule over the new length.
@@ -171,6 +173,7 @@ class TrainSettings:
     out: str
     config: str | None = None
     init: str | None = None
+    n_layer: int | None = None
     optim: OptimSettings = field(default_factory=OptimSettings)
     steps: int = 1000
     batch_size: int = 16
@@ -188,6 +191,10 @@ class TrainSettings:
     def __post_init__(self):
         if (self.config is None) == (self.init is None):
             raise TrainingError("give exactly one of config (a new model) and init (a checkpoint to fine-tune)")
+        if self.n_layer is not None:
+            if self.init is None:
+                raise TrainingError("n_layer deepens the init checkpoint; a new model takes its depth from config")
+            _check(self, "n_layer", 1)
         if self.precision not in PRECISIONS:
             raise TrainingError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("steps", "batch_size", "eval_tokens", "log_every"):
