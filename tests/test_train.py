@@ -24,7 +24,7 @@ from mambastep.files.tokenizer import train_bpe
 from mambastep.training import DataSettings, OptimSettings, TrainingError, TrainSettings, loop, loss, train
 from mambastep.training.checkpoint import read_train_state
 from mambastep.training.data import Lanes, LineStarts, is_heldout
-from mambastep.training.init import deepen
+from mambastep.training.init import deepen, deeper_config
 from mambastep.training.loop import TRAIN_STATE_FILE
 from mambastep.training.optim import build_optimizer, lr_factor
 
@@ -155,9 +155,10 @@ def test_the_byte_level_preset_trains_without_a_warning(corpus, tmp_path, caplog
     assert record["model"]["parameters"] == 690_064 and not caplog.messages
 
 
-def test_the_bpe_preset_and_tokenizer_are_the_bundled_models():
-    """docs/default-model.md trains the bundled model with --config mamba2-bpe8k --tokenizer bpe:8192."""
-    assert builtin_config("mamba2-bpe8k") == read_config(DEFAULT_MODEL)
+def test_the_bpe_preset_deepened_and_the_tokenizer_are_the_bundled_models():
+    """docs/default-model.md trains the bundled model with --config mamba2-bpe8k --tokenizer bpe:8192,
+    then deepens it to 16 layers (--n-layer 16)."""
+    assert deeper_config(builtin_config("mamba2-bpe8k"), 16) == read_config(DEFAULT_MODEL)
     tokenizer = mambastep.load_tokenizer(DEFAULT_MODEL)
     assert isinstance(tokenizer, mambastep.HFTokenizer) and tokenizer.vocab_size == 8192
 

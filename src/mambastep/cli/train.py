@@ -81,8 +81,8 @@ def add_parser(sub) -> None:
     source.add_argument(
         "--config",
         help=f"built-in config name ({BYTE_CONFIG}: byte-level, 690k parameters, a start for text read as bytes; "
-        f"{BPE_CONFIG}: the bundled model's shape, 5.6M parameters, for --tokenizer bpe:8192), or a config.json "
-        "file (Hugging Face or state-spaces format)",
+        f"{BPE_CONFIG}: the shape the bundled model started from, 5.6M parameters, for --tokenizer bpe:8192), "
+        "or a config.json file (Hugging Face or state-spaces format)",
     )
     source.add_argument("--init", help="checkpoint to fine-tune")
     tr.add_argument(

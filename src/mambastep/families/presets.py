@@ -12,8 +12,9 @@ Their vocabularies are those of the GPT-NeoX tokenizer, not of bytes.
 
 ``mamba2-bytes`` (``BYTE_CONFIG``) is a byte-level Mamba-2 of 690k parameters, a start for
 ``mambastep train`` on text read as bytes, its default tokenizer. ``mamba2-bpe8k``
-(``BPE_CONFIG``) is the shape of the bundled default model (``assets/default``): a Mamba-2 of
-5.6M parameters for a tokenizer of 8,192 tokens (``train --tokenizer bpe:8192``).
+(``BPE_CONFIG``) is the shape the bundled default model (``assets/default``) started from, before
+``train --n-layer 16`` deepened it: a Mamba-2 of 5.6M parameters for a tokenizer of 8,192 tokens
+(``train --tokenizer bpe:8192``).
 """
 
 from __future__ import annotations
