@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mambastep.files.tokenizer import Tokenizer
 from mambastep.models import LanguageModel
+from mambastep.training.loss import token_nll
 
 BATCH = 32  # full windows read together
 
@@ -51,9 +51,9 @@ def text_bits(model: LanguageModel, tokenizer: Tokenizer, text: str, window: int
     for first in range(0, len(full), BATCH):
         rows = torch.stack(full[first : first + BATCH])  # (n, window + 1)
         logits, _ = model(rows[:, :-1])  # (n, window, vocab)
-        nats += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum").item()
+        nats += token_nll(logits.flatten(0, 1), rows[:, 1:].flatten()).sum().item()
     if len(pieces[-1]) < window + 1:  # the last, shorter window
         logits, _ = model(pieces[-1][None, :-1])
-        nats += F.cross_entropy(logits[0].float(), pieces[-1][1:], reduction="sum").item()
+        nats += token_nll(logits[0], pieces[-1][1:]).sum().item()
     first_bytes = len(tokenizer.decode(tokens[:1].tolist()).encode("utf-8"))
     return TextBits(nats / math.log(2), len(text.encode("utf-8")) - first_bytes, len(tokens))
