@@ -9,6 +9,7 @@ import threading
 
 import httpx
 import pytest
+import torch
 
 import mambastep
 from mambastep import SamplingParams, Session
@@ -90,10 +91,13 @@ def test_text_prompts_are_healed_as_generate_heals_them(tmp_path, one_thread):
     """The bundled BPE model reads "def " as "def" and a lone space; the server, as `generate`,
     takes the space back out and starts the completion with a token that begins with it. Token
     prompts are read as they are. Echoed with log-probabilities, a healed prompt is listed as read,
-    so the listed tokens join to the choice's text."""
-    model = mambastep.load(DEFAULT_MODEL, settings=EngineSettings(threads=1))
+    so the listed tokens join to the choice's text. Both sides run in float32: the server steps
+    the four choices as one batch, whose products add in another order than one sequence's; in
+    bfloat16 the logits then differ by about 5e-5, enough to flip a draw between two near-equal
+    tokens (4e-6 in float32)."""
+    model = mambastep.load(DEFAULT_MODEL, dtype=torch.float32, settings=EngineSettings(threads=1))
     tokenizer = mambastep.load_tokenizer(DEFAULT_MODEL)
-    process = ServeProcess(DEFAULT_MODEL, tmp_path / "data", "--threads", "1", timeout=120)
+    process = ServeProcess(DEFAULT_MODEL, tmp_path / "data", "--threads", "1", "--dtype", "float32", timeout=120)
     try:
         with httpx.Client(base_url=process.url, timeout=120) as http:
             for stream in (False, True):
