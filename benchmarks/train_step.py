@@ -6,8 +6,8 @@ model's layer; the Mamba-2 scan and the conv with its SiLU at a layer of the def
 training steps (forward, loss, backward) of the 2-layer width-64 S6 task model and of the
 default model's shape (``mamba2-bpe8k``, 16 x 512 tokens, bfloat16 autocast and an AdamW step,
 as ``mambastep train --precision bf16`` runs it). Each case runs with the kernels
-(``scan="cpp"``; the loss: ``training.loss.token_nll``) and with PyTorch's operators
-(``scan="torch"``; the loss: ``F.cross_entropy`` of a float32 copy of the logits), the two
+(``scan="cpp"``; the loss: ``training.loss.token_nll`` of the head's logits) and with PyTorch's
+operators (``scan="torch"``; the loss: ``F.cross_entropy`` of float32 logits), the two
 alternated in the same run; the ratio is what to read. One JSON line per case.
 
     python benchmarks/train_step.py --threads 2
@@ -129,8 +129,8 @@ def _default_model_case(batch: int, length: int) -> Callable[[str], None]:
     tokens = torch.randint(0, config.vocab_size, (batch, length + 1), generator=torch.Generator().manual_seed(0))
 
     def step(scan: str) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, _ = models[scan](tokens[:, :-1])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernels' side reads the head's bfloat16 logits
+            logits, _ = models[scan](tokens[:, :-1], float_logits=scan != "cpp")
         _next_token_loss(scan, logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         optimizers[scan].step()
         optimizers[scan].zero_grad(set_to_none=True)

@@ -313,6 +313,32 @@ def test_fused_layers_step_equals_the_layers_own_steps(family, shape, biases, we
         assert_close_to_scale(got, want)
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "gpt_neox"])
+@pytest.mark.parametrize("how", ["bfloat16 weights", "bfloat16 autocast", "float32"])
+def test_logits_in_the_heads_dtype_widen_to_the_float32_logits(tmp_path, family, how):
+    """forward(float_logits=False) skips only the widening: the same values in the head's dtype,
+    and through token_nll the same loss and the same gradients, bit for bit."""
+    from mambastep.training.loss import token_nll
+
+    path = make_hf_checkpoint(tmp_path / "m", family=family)
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    dtype = torch.bfloat16 if how == "bfloat16 weights" else torch.float32
+    results = []
+    for widen in (True, False):
+        model = mambastep.load(path, dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "bfloat16 autocast"):
+            logits, _ = model(tokens, float_logits=widen)  # (2, 9, vocab)
+        loss = token_nll(logits.flatten(0, 1), tokens.roll(-1, 1).flatten()).mean()
+        loss.backward()
+        results.append((logits, loss, {name: p.grad for name, p in model.named_parameters()}))
+    (wide, wide_loss, wide_grads), (own, own_loss, own_grads) = results
+    assert wide.dtype == torch.float32 and own.dtype == (torch.float32 if how == "float32" else torch.bfloat16)
+    assert torch.equal(own.float(), wide)
+    assert torch.equal(own_loss, wide_loss)
+    for name, grad in own_grads.items():
+        assert torch.equal(grad, wide_grads[name]), name
+
+
 def _tiny_ssm(family: str, n_layer: int = 2):
     """A random Mamba or Mamba-2 model of width 16, its products through the fused kernel."""
     from mambastep.models import Mamba2LM, MambaLM

@@ -50,10 +50,10 @@ def text_bits(model: LanguageModel, tokenizer: Tokenizer, text: str, window: int
     nats = 0.0
     for first in range(0, len(full), BATCH):
         rows = torch.stack(full[first : first + BATCH])  # (n, window + 1)
-        logits, _ = model(rows[:, :-1])  # (n, window, vocab)
+        logits, _ = model(rows[:, :-1], float_logits=False)  # (n, window, vocab)
         nats += token_nll(logits.flatten(0, 1), rows[:, 1:].flatten()).sum().item()
     if len(pieces[-1]) < window + 1:  # the last, shorter window
-        logits, _ = model(pieces[-1][None, :-1])
+        logits, _ = model(pieces[-1][None, :-1], float_logits=False)
         nats += token_nll(logits[0], pieces[-1][1:]).sum().item()
     first_bytes = len(tokenizer.decode(tokens[:1].tolist()).encode("utf-8"))
     return TextBits(nats / math.log(2), len(text.encode("utf-8")) - first_bytes, len(tokens))

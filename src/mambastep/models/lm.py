@@ -213,10 +213,11 @@ class LanguageModel(nn.Module, ABC):
         states before the tokens) with its next, in place, so that a layer's old state is freed
         as soon as its next exists unless someone else holds it."""
 
-    def _logits(self, hidden: Tensor) -> Tensor:
-        """(..., d) hidden states -> (..., vocab) float32 logits."""
+    def _logits(self, hidden: Tensor, widen: bool = True) -> Tensor:
+        """(..., d) hidden states -> (..., vocab) logits: float32, or the head's dtype unless ``widen``."""
         head = self.get_submodule(self.head_weight.rpartition(".")[0])  # a linear layer (vocab, d)
-        return head(hidden.to(self.dtype), self.backend).float()
+        logits = head(hidden.to(self.dtype), self.backend)
+        return logits.float() if widen else logits
 
     def _check(self, tokens: Tensor, state: ModelState | None, ndim: int) -> ModelState:
         if tokens.dim() != ndim:
@@ -235,19 +236,26 @@ class LanguageModel(nn.Module, ABC):
             raise StateError(f"state holds {state.batch_size} sequences, tokens hold {tokens.shape[0]}")
         return state
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+    def forward(
+        self, tokens: Tensor, state: ModelState | None = None, *, float_logits: bool = True
+    ) -> tuple[Tensor, ModelState]:
         """Logits at every position.
 
         Args:
             tokens: (b, l) token ids; state: the state before them, or None for a fresh one.
+            float_logits: widen the logits to float32. False leaves them in the head's dtype
+                (bfloat16 for a bfloat16 model or under a bfloat16 autocast), without a float32
+                copy of b x l x vocab values: for a loss that widens them block by block
+                (``training.loss.token_nll``).
 
         Returns:
-            logits: (b, l, vocab) float32; the state after the last token.
+            logits: (b, l, vocab), float32 unless ``float_logits`` is False; the state after the
+            last token.
         """
         state = self._check(tokens, state, 2)
         layers = list(state.layers)
         hidden = self._hidden(tokens, layers)
-        return self._logits(hidden), self.state_of(layers)
+        return self._logits(hidden, widen=float_logits), self.state_of(layers)
 
     @torch.no_grad()
     def prefill(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:

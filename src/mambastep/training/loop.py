@@ -259,7 +259,7 @@ class _Run:
         """One optimiser step on the windows of ``step``; returns this process's mean loss."""
         x, y = (t.to(self.place.device) for t in self.train_lanes.sample(self.step, self.settings.data.offsets_seed))
         with self._autocast():
-            logits, _ = self.net(x)  # (b, l, vocab)
+            logits, _ = self.net(x, float_logits=False)  # (b, l, vocab), bfloat16 under autocast
         loss = token_nll(logits.flatten(0, 1), y.flatten()).mean()
         loss.backward()
         if self.settings.optim.grad_clip > 0:
@@ -288,7 +288,7 @@ class _Run:
         for i in windows:
             x, y = (t.to(self.place.device) for t in lanes.window(i, max_tokens))
             with self._autocast():
-                logits, _ = self.model(x)  # (b, q, vocab)
+                logits, _ = self.model(x, float_logits=False)  # (b, q, vocab)
             totals[0] += token_nll(logits.flatten(0, 1), y.flatten()).sum().double()
             totals[1] += y.numel()
         nll, count = distributed.sum_all(totals, self.place).tolist()
