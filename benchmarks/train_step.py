@@ -8,7 +8,8 @@ default model's shape (``mamba2-bpe8k``, 16 x 512 tokens, bfloat16 autocast and 
 as ``mambastep train --precision bf16`` runs it). Each case runs with the kernels
 (``scan="cpp"``; the loss: ``training.loss.token_nll`` of the head's logits) and with PyTorch's
 operators (``scan="torch"``; the loss: ``F.cross_entropy`` of float32 logits), the two
-alternated in the same run; the ratio is what to read. One JSON line per case.
+alternated in the same run; the ratio is what to read. Last, the default model's step with the
+kernels compiled (``mambastep train --compile``) against eager. One JSON line per case.
 
     python benchmarks/train_step.py --threads 2
 """
@@ -117,15 +118,17 @@ def _task_model_case() -> Callable[[str], None]:
     return step
 
 
-def _default_model_case(batch: int, length: int) -> Callable[[str], None]:
+def _default_model_case(batch: int, length: int, compiled: bool = False) -> Callable[[str], None]:
+    """The step of ``mambastep train --precision bf16`` (``--compile``: the kernels' model compiled)."""
     config = builtin_config(BPE_CONFIG)
     models, optimizers = {}, {}
     for scan in SCANS:  # one model and optimiser per backend, the same weights
         torch.manual_seed(0)
-        models[scan] = family_of(config).model(config)
-        init_for_training(models[scan])
-        models[scan].configure(EngineSettings(scan=scan)).train()
-        optimizers[scan] = torch.optim.AdamW(models[scan].parameters(), lr=1e-4)
+        model = family_of(config).model(config)
+        init_for_training(model)
+        model.configure(EngineSettings(scan=scan)).train()
+        optimizers[scan] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        models[scan] = torch.compile(model) if compiled and scan == "cpp" else model
     tokens = torch.randint(0, config.vocab_size, (batch, length + 1), generator=torch.Generator().manual_seed(0))
 
     def step(scan: str) -> None:
@@ -138,18 +141,26 @@ def _default_model_case(batch: int, length: int) -> Callable[[str], None]:
     return step
 
 
-def _compare(step: Callable[[str], None], repeats: int) -> dict[str, float]:
-    """Median seconds of ``step`` with each scan setting, the two alternated (after one warm-up each)."""
-    times = {scan: [] for scan in SCANS}
-    for scan in SCANS:
-        step(scan)
+def _compiled_case(batch: int, length: int) -> Callable[[str], None]:
+    """The default model's step with the kernels, compiled (``mambastep train --compile``) and eager."""
+    steps = {"compiled": _default_model_case(batch, length, compiled=True), "eager": _default_model_case(batch, length)}
+    return lambda side: steps[side]("cpp")
+
+
+def _compare(step: Callable[[str], None], repeats: int, sides: tuple[str, str] = SCANS) -> dict[str, float]:
+    """Median seconds of ``step`` on each side (the scan settings: "kernels" and "torch"), the two
+    alternated after one warm-up each; the speed-up is the first side's."""
+    times = {side: [] for side in sides}
+    for side in sides:
+        step(side)
     for _ in range(repeats):
-        for scan in SCANS:
+        for side in sides:
             start = time.perf_counter()
-            step(scan)
-            times[scan].append(time.perf_counter() - start)
-    cpp, plain = (statistics.median(times[scan]) for scan in SCANS)
-    return {"kernels_s": round(cpp, 4), "torch_s": round(plain, 4), "speedup": round(plain / cpp, 2)}
+            step(side)
+            times[side].append(time.perf_counter() - start)
+    fast, plain = (statistics.median(times[side]) for side in sides)
+    names = ("kernels", "torch") if sides == SCANS else sides
+    return {f"{names[0]}_s": round(fast, 4), f"{names[1]}_s": round(plain, 4), "speedup": round(plain / fast, 2)}
 
 
 def main() -> int:
@@ -180,6 +191,8 @@ def main() -> int:
     }
     for name, make in cases.items():
         print(json.dumps({"case": name, **_compare(make(), args.repeats)}), flush=True)
+    name = f"training step, {BPE_CONFIG}, batch 16 x 512, bfloat16 autocast, kernels: compiled against eager"
+    print(json.dumps({"case": name, **_compare(_compiled_case(16, 512), args.repeats, ("compiled", "eager"))}))
     return 0
 
 

@@ -103,6 +103,28 @@ def test_a_few_steps_reduce_the_loss(corpus, tmp_path, family, precision):
     assert json.loads((tmp_path / "out" / "log.json").read_text())["train"] == record["train"]
 
 
+@pytest.mark.parametrize("family, precision, tolerance", [("mamba2", "bf16", 2e-2), ("mamba", "fp32", 1e-4)])
+def test_compiled_steps_train_as_eager_ones_to_rounding(corpus, tmp_path, family, precision, tolerance):
+    """--compile traces the steps through mambastep's kernels (their shape functions: no graph
+    break at them) and trains the same model, up to the rounding of fused operations."""
+    from torch._dynamo.utils import counters
+
+    config = tiny_config(tmp_path, family)
+    runs = {}
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        runs[compiled] = train(settings(corpus, out, config, eval_every=0, precision=precision, compile=compiled))
+    assert counters["stats"]["unique_graphs"] > 0
+    breaks = " ".join(counters["graph_break"])
+    assert "fake tensor" not in breaks and "mambastep" not in breaks, breaks
+    eager, compiled = ([e["loss"] for e in runs[c]["train"]] for c in (False, True))
+    assert eager == pytest.approx(compiled, abs=tolerance)
+    for name, weight in weights(tmp_path / "False").items():
+        torch.testing.assert_close(weights(tmp_path / "True")[name], weight, atol=tolerance, rtol=tolerance)
+
+
 def test_resume_is_bitwise_equal_to_uninterrupted(corpus, tmp_path):
     config = tiny_config(tmp_path)
     train(settings(corpus, tmp_path / "straight", config))

@@ -412,6 +412,49 @@ def test_matvec_runs_inside_a_compiled_graph():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, dynamic=True)(x), f(x))
 
 
+def _training_op_calls() -> dict[str, tuple]:
+    """Each training operator's arguments, at shapes where blocks and chunks do not divide evenly."""
+    g = torch.Generator().manual_seed(0)
+    b, l, e, n, h, p, c, k = 2, 70, 20, 3, 3, 5, 6, 4
+    x, dt, A, B, C, D, state = _inputs(b, l, e, n)
+    y, _, ckpt = torch.ops.mambastep.selective_scan_fwd(x, dt, A, B, C, D, state, 64)
+    xs, dts = torch.randn(b, l, h, p, generator=g), F.softplus(torch.randn(b, l, h, generator=g))
+    As, Bs, Cs = -torch.rand(h, generator=g), torch.randn(b, l, 1, n, generator=g), torch.randn(b, l, 1, n, generator=g)
+    Ds, ss = torch.randn(h, p, generator=g), torch.randn(b, h, p, n, generator=g)
+    ys, _, ckpts = torch.ops.mambastep.ssd_scan_fwd(xs, dts, As, Bs, Cs, Ds, ss, 64)
+    xc, w, bias, sc = (
+        torch.randn(b, l, c, generator=g),
+        torch.randn(c, k, generator=g),
+        torch.randn(c),
+        torch.randn(b, k - 1, c),
+    )
+    return {
+        "selective_scan_fwd": (x, dt, A, B, C, D, state, 64),
+        "selective_scan_bwd": (x, dt, A, B, C, D, ckpt, torch.randn_like(y), torch.randn_like(state), 64),
+        "ssd_scan_fwd": (xs, dts, As, Bs, Cs, Ds, ss, 64),
+        "ssd_scan_bwd": (xs, dts, As, Bs, Cs, Ds, ckpts, torch.randn_like(ys), torch.randn_like(ss), 64),
+        "causal_conv_silu": (xc, w, bias, sc),
+        "causal_conv_silu_backward": (xc, w, bias, sc, torch.randn_like(xc), torch.randn_like(sc)),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "selective_scan_fwd",
+        "selective_scan_bwd",
+        "ssd_scan_fwd",
+        "ssd_scan_bwd",
+        "causal_conv_silu",
+        "causal_conv_silu_backward",
+    ],
+)
+def test_training_operators_shape_functions_match_the_kernels(name):
+    """The shape function that torch.compile traces a training step with gives each kernel's
+    output shapes, dtypes and strides."""
+    torch.library.opcheck(getattr(torch.ops.mambastep, name), _training_op_calls()[name], test_utils="test_faketensor")
+
+
 def _cpu_flags() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_after=args.stop_after,
         threads=args.threads,
+        compile=args.compile,
         progress=not args.no_progress,
     )
     record = train(settings)
@@ -150,6 +151,11 @@ def add_parser(sub) -> None:
     )
     tr.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this step; resume later")
     tr.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
+    tr.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each step's forward and backward with torch.compile (faster steps after a compile at the start)",
+    )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     tr.set_defaults(func=run)

@@ -64,6 +64,73 @@ def _matvec_shape(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor 
     return x.new_empty(x.shape[0], weight.shape[0])  # the output's shape, for torch.compile
 
 
+# The training operators' output shapes, so that torch.compile traces a training step through
+# them (``mambastep train --compile``) instead of breaking its graph at each. The C++ kernels
+# return contiguous tensors of these shapes (ops/cpu); a test checks each against them.
+
+SELECTIVE_SCAN_BLOCK = 16
+"""Channels per work item of the Mamba-1 scan's backward (``kBlock``, ops/cpu/selective_scan.cpp):
+its dB and dC partials are one per block."""
+
+
+@torch.library.register_fake("mambastep::causal_conv_silu")
+def _conv_shapes(x: Tensor, weight: Tensor, bias: Tensor, state: Tensor) -> list[Tensor]:
+    return [x.new_empty(x.shape), state.new_empty(state.shape)]  # y (b, l, c), next state (b, k - 1, c)
+
+
+@torch.library.register_fake("mambastep::causal_conv_silu_backward")
+def _conv_backward_shapes(x, weight, bias, state, gy, gnext) -> list[Tensor]:
+    (b, _, c), k = x.shape, weight.shape[1]
+    # dx (b, l, c), dstate (b, k - 1, c), dweight (b, k, c) and dbias (b, c) per sequence
+    return [x.new_empty(x.shape), state.new_empty(state.shape), weight.new_empty(b, k, c), weight.new_empty(b, c)]
+
+
+@torch.library.register_fake("mambastep::selective_scan_fwd")
+def _selective_scan_shapes(x, dt, A, B, C, D, state, chunk: int) -> list[Tensor]:
+    b, l, e = x.shape
+    # y (b, l, e), next state (b, e, n), checkpoints (b, ceil(l / chunk), e, n)
+    return [x.new_empty(b, l, e), state.new_empty(state.shape), state.new_empty(b, -(-l // chunk), e, A.shape[1])]
+
+
+@torch.library.register_fake("mambastep::selective_scan_bwd")
+def _selective_scan_backward_shapes(x, dt, A, B, C, D, ckpt, gy, gh, chunk: int) -> list[Tensor]:
+    (b, l, e), n = x.shape, A.shape[1]
+    blocks = -(-e // SELECTIVE_SCAN_BLOCK)
+    # dx, ddt (b, l, e); dA (b, e, n); dB, dC (b, blocks, l, n); dD (b, e); dstate (b, e, n)
+    partial = x.new_empty(b, blocks, l, n)
+    return [
+        x.new_empty(x.shape),
+        dt.new_empty(dt.shape),
+        x.new_empty(b, e, n),
+        partial,
+        partial.new_empty(partial.shape),
+        x.new_empty(b, e),
+        gh.new_empty(gh.shape),
+    ]
+
+
+@torch.library.register_fake("mambastep::ssd_scan_fwd")
+def _ssd_scan_shapes(x, dt, A, B, C, D, state, chunk: int) -> list[Tensor]:
+    (b, l, h, p), n = x.shape, B.shape[3]
+    # y (b, l, h, p), next state (b, h, p, n), checkpoints (b, ceil(l / chunk), h, p, n)
+    return [x.new_empty(b, l, h, p), state.new_empty(state.shape), state.new_empty(b, -(-l // chunk), h, p, n)]
+
+
+@torch.library.register_fake("mambastep::ssd_scan_bwd")
+def _ssd_scan_backward_shapes(x, dt, A, B, C, D, ckpt, gy, gh, chunk: int) -> list[Tensor]:
+    (b, l, h, p), n = x.shape, B.shape[3]
+    # dx (b, l, h, p); ddt (b, l, h); dA (b, h); dB, dC (b, h, l, n); dD (b, h, p); dstate (b, h, p, n)
+    return [
+        x.new_empty(x.shape),
+        dt.new_empty(dt.shape),
+        x.new_empty(b, h),
+        x.new_empty(b, h, l, n),
+        x.new_empty(b, h, l, n),
+        x.new_empty(b, h, p),
+        gh.new_empty(gh.shape),
+    ]
+
+
 @register_flop_formula(torch.ops.mambastep.matvec)
 def _matvec_flops(x_shape, weight_shape, *args, **kwargs) -> int:
     return 2 * x_shape[0] * x_shape[1] * weight_shape[0]  # multiply-adds, for FlopCounterMode

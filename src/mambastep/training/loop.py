@@ -140,7 +140,8 @@ class _Run:
         self.step = 0
         if saved is not None:
             self._restore(saved)
-        self.net = DistributedDataParallel(model) if place.world > 1 else model
+        net = DistributedDataParallel(model) if place.world > 1 else model
+        self.net = torch.compile(net) if s.compile else net  # the training step's forward and backward
         if place.main:
             self.log = RunLog(self.out, self._header(), RunLog.read(self.out) if saved else None, since=self.step)
 

@@ -166,6 +166,10 @@ class TrainSettings:
     stop_after: stop (with a checkpoint) after this step, without changing the schedule;
         0 runs to ``steps``.
     threads: intra-op threads per process (None keeps PyTorch's default).
+    compile: run each step's forward and backward through ``torch.compile``, which fuses the
+        elementwise operations between mambastep's kernels (a compile of about half a minute
+        when the run starts or resumes). The weights differ from an eager run's by rounding only,
+        as with another number of threads; evaluation stays eager.
     progress: show a progress bar.
     """
 
@@ -186,6 +190,7 @@ class TrainSettings:
     resume: bool = False
     stop_after: int = 0
     threads: int | None = None
+    compile: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -218,6 +223,7 @@ _FREE_ON_RESUME = (
     "resume",
     "stop_after",
     "threads",
+    "compile",
     "progress",
     "device",
     "eval_every",
