@@ -355,7 +355,8 @@ def _assert_grads_close(got, inputs, rel=GRAD_REL):
         )
 
 
-@pytest.mark.parametrize("layout", LAYOUTS + [(2, 2, 1, 64, 64, "h")])  # the last: the default model's heads
+# Also the default model's heads, and 20 states: a block of 16 columns of the backward and a part one.
+@pytest.mark.parametrize("layout", LAYOUTS + [(2, 2, 1, 64, 64, "h"), (1, 2, 1, 3, 20, "hp")])
 @pytest.mark.parametrize("l", [1, 2, 50, 131])
 def test_fused_gradients_match_reference(l, layout):
     b, h, g, p, n, d_form = layout

@@ -22,7 +22,8 @@
 
 namespace {
 
-constexpr int64_t kRows = 16;  // head channels per work item
+constexpr int64_t kRows = 16;   // head channels per work item
+constexpr int64_t kLanes = 16;  // state columns per block of the backward: one 512-bit vector of floats
 
 using mambastep::widen;
 
@@ -151,6 +152,39 @@ void recompute_states(const HeadBackward& v, float A, float* hs, int64_t t0, int
   }
 }
 
+// One token of the reverse pass over the state columns [0, w) (w <= kLanes) of every row i of a
+// head's state: with G = g + gy_i C (the gradient of h_t), the column sums of gy_i h_t (dC),
+// dt x_i G (dB) and G h_{t-1} (gah), each row's partial sums of G B, one per column (gB_lanes,
+// (p, kLanes), added to), and g <- a G. The pointers are at column 0 of the block, rows n
+// apart. The column sums stay in registers over the rows: per row and vector of columns, three
+// loads and the store of g, where the row-by-row form also loaded and stored every sum.
+template <bool kFull>
+inline void reverse_columns(int64_t w, float a, float d, const float* x, const float* gy, const float* B,
+                            const float* C, const float* h_prev, const float* h_cur, float* g, float* dB,
+                            float* dC, float* gah, float* gB_lanes, int64_t p, int64_t n) {
+  if (kFull) w = kLanes;
+  float dC_sum[kLanes] = {}, dB_sum[kLanes] = {}, gah_sum[kLanes] = {};
+  for (int64_t i = 0; i < p; ++i) {
+    const float gy_i = gy[i], dx_i = d * x[i];
+    const float *hp = h_prev + i * n, *hc = h_cur + i * n;
+    float *g_i = g + i * n, *lanes = gB_lanes + i * kLanes;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const float G = g_i[j] + gy_i * C[j];
+      dC_sum[j] += gy_i * hc[j];
+      dB_sum[j] += dx_i * G;
+      gah_sum[j] += G * hp[j];
+      lanes[j] += G * B[j];
+      g_i[j] = a * G;
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    dC[j] = dC_sum[j];
+    dB[j] = dB_sum[j];
+    gah[j] = gah_sum[j];
+  }
+}
+
 // The gradients of one head of one sequence. With G_t = dL/dh_t, gathered in g token by token
 // from the last (g = dL/d(final state) on entry):
 //   G_t        = g + gy_t ⊗ C_t                    g <- a_t G_t   (then dL/dh_{t-1})
@@ -166,6 +200,7 @@ void head_backward(const HeadBackward& v, float A, const float* D, const float* 
                    int64_t p, int64_t n, int64_t chunk) {
   std::vector<float> hs((chunk + 1) * p * n);  // (chunk + 1, p, n): one chunk's states
   std::vector<float> gah(n);                   // sum over i of G_t h_{t-1}, per state
+  std::vector<float> gB_lanes(p * kLanes);     // (p, kLanes): per row, sum over j of G_t B_t by lane
   std::fill(dD, dD + p, 0.f);
   float dA_sum = 0.f;
   for (int64_t k = (l + chunk - 1) / chunk - 1; k >= 0; --k) {
@@ -179,32 +214,25 @@ void head_backward(const HeadBackward& v, float A, const float* D, const float* 
       const float* h_prev = hs.data() + (t - t0) * p * n;
       const float* h_cur = h_prev + p * n;
       float *dB_t = dB + t * n, *dC_t = dC + t * n, *dx = v.dx + t * v.x_stride;
-      std::fill(dB_t, dB_t + n, 0.f);
-      std::fill(dC_t, dC_t + n, 0.f);
-      std::fill(gah.begin(), gah.end(), 0.f);
-      float* gah_j = gah.data();
+      std::fill(gB_lanes.begin(), gB_lanes.end(), 0.f);
+      for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+        const int64_t w = std::min(kLanes, n - j0);
+        auto block = w == kLanes ? reverse_columns<true> : reverse_columns<false>;
+        block(w, a, d, x, gy, B + j0, C + j0, h_prev + j0, h_cur + j0, g + j0, dB_t + j0, dC_t + j0,
+              gah.data() + j0, gB_lanes.data(), p, n);
+      }
       float xgB = 0.f;
       for (int64_t i = 0; i < p; ++i) {
-        const float gy_i = gy[i], dx_i = d * x[i];
-        const float *hp = h_prev + i * n, *hc = h_cur + i * n;
-        float* g_i = g + i * n;
         float gB = 0.f;
 #pragma omp simd reduction(+ : gB)
-        for (int64_t j = 0; j < n; ++j) {
-          const float G = g_i[j] + gy_i * C[j];
-          dC_t[j] += gy_i * hc[j];
-          dB_t[j] += dx_i * G;
-          gB += G * B[j];
-          gah_j[j] += G * hp[j];
-          g_i[j] = a * G;
-        }
-        dx[i] = d * gB + (D ? D[i] * gy_i : 0.f);
+        for (int64_t j = 0; j < kLanes; ++j) gB += gB_lanes[i * kLanes + j];
+        dx[i] = d * gB + (D ? D[i] * gy[i] : 0.f);
         xgB += x[i] * gB;
-        dD[i] += gy_i * x[i];
+        dD[i] += gy[i] * x[i];
       }
       float gah_sum = 0.f;
 #pragma omp simd reduction(+ : gah_sum)
-      for (int64_t j = 0; j < n; ++j) gah_sum += gah_j[j];
+      for (int64_t j = 0; j < n; ++j) gah_sum += gah[j];
       v.ddt[t * v.dt_stride] = xgB + A * a * gah_sum;
       dA_sum += d * a * gah_sum;
     }
