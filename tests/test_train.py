@@ -103,10 +103,13 @@ def test_a_few_steps_reduce_the_loss(corpus, tmp_path, family, precision):
     assert json.loads((tmp_path / "out" / "log.json").read_text())["train"] == record["train"]
 
 
-@pytest.mark.parametrize("family, precision, tolerance", [("mamba2", "bf16", 2e-2), ("mamba", "fp32", 1e-4)])
+@pytest.mark.parametrize(
+    "family, precision, tolerance", [("mamba2", "bf16", 2e-2), ("mamba", "fp32", 1e-4), ("gpt_neox", "fp32", 1e-3)]
+)
 def test_compiled_steps_train_as_eager_ones_to_rounding(corpus, tmp_path, family, precision, tolerance):
     """--compile traces the steps through mambastep's kernels (their shape functions: no graph
-    break at them) and trains the same model, up to the rounding of fused operations."""
+    break at them) and trains the same model, up to the rounding of fused operations (which
+    AdamW's normalisation enlarges for gradients near zero: the looser tolerances)."""
     from torch._dynamo.utils import counters
 
     config = tiny_config(tmp_path, family)
