@@ -226,7 +226,10 @@ class LanguageModel(nn.Module, ABC):
             raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
         if ndim == 2 and tokens.shape[1] == 0:
             raise ValueError("tokens must hold at least one token")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+        # The range is read eagerly; a compiled graph leaves it to the embedding's own index check
+        # rather than break at the two reads.
+        in_graph = torch.compiler.is_compiling()
+        if not in_graph and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         if state is None:
             return self.new_state(tokens.shape[0])
