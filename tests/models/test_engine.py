@@ -339,6 +339,21 @@ def test_logits_in_the_heads_dtype_widen_to_the_float32_logits(tmp_path, family,
         assert torch.equal(grad, wide_grads[name]), name
 
 
+@pytest.mark.parametrize("bad", [-1, 11])
+def test_token_ids_outside_the_vocabulary_are_refused_eager_and_compiled(bad):
+    """Eager, a clear error names the range; compiled (the read would break the graph), the
+    embedding's own index check still refuses them."""
+    model = _tiny_ssm("mamba2")
+    tokens = torch.tensor([[1, 2, bad]])
+    for call in (model.forward, model.prefill):
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 11\)"):
+            call(tokens)
+    with pytest.raises(RuntimeError, match="index out of (range|bounds)"):
+        torch.compile(model)(tokens)
+    logits, _ = torch.compile(model)(torch.tensor([[1, 2, 3]]))
+    torch.testing.assert_close(logits, model(torch.tensor([[1, 2, 3]]))[0])
+
+
 def _tiny_ssm(family: str, n_layer: int = 2):
     """A random Mamba or Mamba-2 model of width 16, its products through the fused kernel."""
     from mambastep.models import Mamba2LM, MambaLM
