@@ -37,7 +37,7 @@ done
 common=(--include '*.py' --exclude 'site-packages/*' --exclude '*_pb2*.py' --exclude 'thirdparty_files/*'
   --skip-binary --init src/mambastep/assets/default --window-seed 9 --window-starts lines
   --batch-size "$batch" --seq-len 512 --lr 4e-4 --precision bf16 --device "$device" --compile
-  --eval-tokens 1000000 --no-progress)
+  --no-progress)
 python3 -m mambastep.cli train "${paths[@]}" "${common[@]}" --out "$work/calibration" --steps 30 \
   --warmup-steps 10 --eval-every 0 --checkpoint-every 0 --log-every 10 --eval-tokens 4096 \
   > "$out/calibration.log" 2>&1
@@ -51,7 +51,7 @@ EOF
 )
 echo "gpu_train: $steps steps of $batch x 512 tokens on $device, $warmup of warm-up"
 python3 -m mambastep.cli train "${paths[@]}" "${common[@]}" --out "$work/run" --steps "$steps" \
-  --warmup-steps "$warmup" --eval-every 0 --checkpoint-every 0 --log-every 50 --json \
+  --warmup-steps "$warmup" --eval-every 0 --eval-tokens 1000000 --checkpoint-every 0 --log-every 50 --json \
   > "$out/run.json" 2> "$out/run.log"
 cat "$out/run.json"
 tar cf - -C "$work/run" model log.json curve.png | split -b 15M - "$out/gpu-train.tar.part-"

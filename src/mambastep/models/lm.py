@@ -228,8 +228,8 @@ class LanguageModel(nn.Module, ABC):
             raise ValueError("tokens must hold at least one token")
         # The range is read eagerly; a compiled graph leaves it to the embedding's own index check
         # rather than break at the two reads.
-        in_graph = torch.compiler.is_compiling()
-        if not in_graph and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+        eager = not torch.compiler.is_compiling()
+        if eager and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         if state is None:
             return self.new_state(tokens.shape[0])

@@ -97,13 +97,12 @@ def _selective_scan_backward_shapes(x, dt, A, B, C, D, ckpt, gy, gh, chunk: int)
     (b, l, e), n = x.shape, A.shape[1]
     blocks = -(-e // SELECTIVE_SCAN_BLOCK)
     # dx, ddt (b, l, e); dA (b, e, n); dB, dC (b, blocks, l, n); dD (b, e); dstate (b, e, n)
-    partial = x.new_empty(b, blocks, l, n)
     return [
         x.new_empty(x.shape),
         dt.new_empty(dt.shape),
         x.new_empty(b, e, n),
-        partial,
-        partial.new_empty(partial.shape),
+        x.new_empty(b, blocks, l, n),
+        x.new_empty(b, blocks, l, n),
         x.new_empty(b, e),
         gh.new_empty(gh.shape),
     ]
