@@ -43,6 +43,7 @@ def test_report_schema_and_ratios(report):
     # The path every figure took: the C++ kernels of this build's instruction set, where they ran.
     assert report["kernels"]["cpu_isa"] == build.load() and "matvec mambastep" in report["kernels"]["backend"]
     assert report["kernels"]["matvec_paths"] == torch.ops.mambastep.cpu_matvec_paths()
+    assert report["kernels"]["ssd_scan_path"] == torch.ops.mambastep.cpu_ssd_scan_path()
     assert f"{build.load()} kernels" in markdown(report)
 
 

@@ -376,6 +376,16 @@ def test_matvec_reports_each_weight_types_path():
     assert paths == f"float32 {isa}, bfloat16 {tiles}, int8 {tiles}"
 
 
+def test_ssd_scan_reports_its_path():
+    """A bfloat16 Mamba-2 prompt takes the AMX tiles from 64 tokens where the CPU has them, the
+    build uses them and Linux grants them; every other scan goes token by token."""
+    isa = torch.ops.mambastep.cpu_kernels_isa()
+    path = f"{isa} token by token"
+    if " amx_bf16 " in _cpu_flags() and os.environ.get("MAMBASTEP_CPU_ISA", "native") == "native":
+        path = f"bfloat16 from 64 tokens in chunks of 64 on amx tiles, else {path}"
+    assert torch.ops.mambastep.cpu_ssd_scan_path() == path
+
+
 def test_matvec_keeps_leading_dimensions_and_takes_any_float_input():
     matvec = kernels.matvec
     x, weight, _, bias = _matvec_inputs(6, 20, 7, torch.float32)

@@ -429,3 +429,82 @@ def test_fused_checks_its_arguments():
         bwd(x.transpose(0, 1).contiguous().transpose(0, 1), dt, A, B, C, D, ckpt, y, final, 2)
     with pytest.raises(RuntimeError, match=r"grad of state .* must have shape"):
         bwd(x, dt, A, B, C, D, ckpt, y, final[:1].contiguous(), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 prompts on AMX tiles (ops/cpu/amx_ssd.cpp): from 64 tokens, in chunks of 64, where the
+# CPU, the build and Linux allow (elsewhere these tests check the token-by-token kernel). The
+# operands computed in float32 go to the tiles as two bfloat16 each, 16 significant bits, so a
+# sum of k terms is off by about 2^-17 sqrt(k) times their size: with 128 states of unit scale,
+# ~2e-4 (worst seen: 2.4e-4, |y| up to ~40). One bfloat16 per operand (8 bits) would be off by
+# ~4e-2 and fail this tolerance.
+TILES = dict(atol=1e-3, rtol=1e-4)
+
+TILE_LAYOUTS = [
+    (1, 3, 1, 64, 128, "h"),  # mamba2-130m's heads
+    (2, 4, 2, 20, 20, "hp"),  # a head dim and a state size that fill no whole tile
+    (3, 6, 3, 5, 4, None),
+]
+
+
+def bf16_prompt(b, l, h, g, p, n, d_form, seed=0):
+    """make()'s inputs with x, B, C and a gate's z in bfloat16."""
+    x, dt, A, B, C, D, state = make(b, l, h, g, p, n, d_form, dtype=torch.float32, seed=seed)
+    z = torch.randn(b, l, h, p, generator=torch.Generator().manual_seed(seed + 1)) * 3
+    return x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D, state, z.bfloat16()
+
+
+@pytest.mark.parametrize("layout", TILE_LAYOUTS)
+@pytest.mark.parametrize("l", [64, 65, 200, 1100])  # one chunk, and a token; part chunks; past 16 chunks
+def test_bf16_prompt_matches_fp64_reference(l, layout):
+    b, h, g, p, n, d_form = layout
+    x, dt, A, B, C, D, state, z = bf16_prompt(b, l, h, g, p, n, d_form)
+    before = state.clone()
+    y, s = ssd_scan_fused(x, dt, A, B, C, D, state, z=z)
+    y_ref, s_ref = ssd_scan_ref(*as64((x, dt, A, B, C, D, state)))
+    assert y.dtype == s.dtype == torch.float32 and torch.equal(state, before)
+    torch.testing.assert_close(y.double(), y_ref * torch.nn.functional.silu(z.double()), **TILES)
+    torch.testing.assert_close(s.double(), s_ref, **TILES)
+
+
+def test_bf16_prompt_without_gate_or_skip_from_zero_state():
+    x, dt, A, B, C, _, state, _ = bf16_prompt(2, 130, 4, 2, 64, 128, None)
+    y, s = ssd_scan_fused(x, dt, A, B, C, None, torch.zeros_like(state))
+    y_ref, s_ref = ssd_scan_ref(*as64((x, dt, A, B, C)), None, torch.zeros_like(state).double())
+    torch.testing.assert_close(y.double(), y_ref, **TILES)
+    torch.testing.assert_close(s.double(), s_ref, **TILES)
+
+
+def test_bf16_prompt_of_a_batch_equals_its_sequences_alone_and_reads_strided_rows():
+    """Each sequence and head is scanned alone, so a batch of two gives what two batches of one
+    give, bit for bit; x, B, C and z read from one wide row per token give what contiguous copies
+    give."""
+    b, l, h, g, p, n = 2, 150, 4, 2, 32, 64
+    x, dt, A, B, C, D, state, z = bf16_prompt(b, l, h, g, p, n, "hp")
+    y, s = ssd_scan_fused(x, dt, A, B, C, D, state, z=z)
+    for i in range(b):
+        one = [t[i : i + 1] for t in (x, dt)] + [A] + [t[i : i + 1] for t in (B, C)] + [D, state[i : i + 1]]
+        y1, s1 = ssd_scan_fused(*one, z=z[i : i + 1])
+        assert torch.equal(y1, y[i : i + 1]) and torch.equal(s1, s[i : i + 1])
+    row = torch.cat([t.flatten(2) for t in (z, x, B, C)], -1)  # (b, l, 2hp + 2gn)
+    zs, xs, Bs, Cs = row.split([h * p, h * p, g * n, g * n], -1)
+    strided = [xs.unflatten(-1, (h, p)), dt, A, Bs.unflatten(-1, (g, n)), Cs.unflatten(-1, (g, n)), D, state]
+    assert not strided[0].is_contiguous()
+    y2, s2 = ssd_scan_fused(*strided, z=zs.unflatten(-1, (h, p)))
+    assert torch.equal(y2, y) and torch.equal(s2, s)
+
+
+def test_bf16_prompt_stable_for_very_negative_decay():
+    """dt A down to -100 per token: decays within a chunk underflow to 0, never to a NaN."""
+    gen = torch.Generator().manual_seed(1)
+    b, l, h, g, p, n = 2, 700, 4, 2, 3, 4
+    dt, A = strong_decays(b, l, h, gen)
+    x = torch.randn(b, l, h, p, generator=gen).bfloat16()
+    B, C = torch.randn(2, b, l, g, n, generator=gen).bfloat16()
+    state = torch.randn(b, h, p, n, generator=gen)
+    args = (x, dt.float(), A.float(), B, C, torch.ones(h), state)
+    y, s = ssd_scan_fused(*args)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    y_ref, s_ref = ssd_scan_ref(*as64(args))
+    torch.testing.assert_close(y.double(), y_ref, **TILES)
+    torch.testing.assert_close(s.double(), s_ref, **TILES)

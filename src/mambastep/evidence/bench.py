@@ -281,13 +281,14 @@ def run_bench(s: BenchSettings, engine: EngineSettings | None = None) -> dict:
 
 def kernels_taken(backend: Backend) -> dict:
     """Which kernels the measured model took: the backend's choice, the instruction set the C++
-    CPU kernels were built for, and the path each weight type's products take (None where none
-    of them runs), so a figure names its path."""
+    CPU kernels were built for, the path each weight type's products take and the path of a
+    Mamba-2 prompt's scan (None where none of them runs), so a figure names its path."""
     uses_cpp = backend.device == "cpu" and (backend.sequence_kernels or backend.matvec_kernel)
     return {
         "backend": str(backend),
         "cpu_isa": build.load() if uses_cpp else None,
         "matvec_paths": torch.ops.mambastep.cpu_matvec_paths() if uses_cpp and backend.matvec_kernel else None,
+        "ssd_scan_path": torch.ops.mambastep.cpu_ssd_scan_path() if uses_cpp and backend.sequence_kernels else None,
     }
 
 

@@ -47,10 +47,11 @@ SCHEMAS = (
     "Tensor[] ssm_states, float eps, int reuse_bytes) -> Tensor[]",
     "mamba2_layers_step(Tensor residual, Tensor?[] params, Tensor?[] head, Tensor[] conv_states, "
     "Tensor[] ssm_states, float eps, int n_groups, float dt_min, float dt_max, int reuse_bytes) -> Tensor[]",
-    # what the CPU build is: its instruction set, the path of each weight type's products, and the
-    # names of its layers' parameter lists
+    # what the CPU build is: its instruction set, the path of each weight type's products and of the
+    # Mamba-2 scan, and the names of its layers' parameter lists
     "cpu_kernels_isa() -> str",
     "cpu_matvec_paths() -> str",
+    "cpu_ssd_scan_path() -> str",
     "cpu_layers_step_params(str kind) -> str[]",
 )
 

@@ -27,11 +27,6 @@ constexpr int kTileRows = 16;   // weight rows per tile multiply
 constexpr int kTileBytes = 64;  // bytes of each of them per tile multiply
 constexpr int kMaxCols = 16;    // activation rows per result tile
 
-// GCC's tile intrinsics name only the first 8 bytes of the memory they read or write, so the
-// compiler may drop stores into a buffer before a tile reads it, or keep stale values of one
-// a tile wrote: every such buffer is passed through this barrier.
-inline void memory_barrier() { asm volatile("" ::: "memory"); }
-
 // Tiles 0 and 1: results (weight rows x activation rows, 4 bytes each); 2: weights; 3 and 4:
 // activations. The configuration belongs to the thread, so each thread's share sets it up
 // and releases the tiles at its end.

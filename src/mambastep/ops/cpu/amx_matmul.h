@@ -1,9 +1,12 @@
-// Products of a few activation rows and a weight matrix on AMX tiles (Intel's matrix engine),
-// for bfloat16 and int8 weights; declared here for matvec.cpp, which chooses them.
+// The kernels on AMX tiles (Intel's matrix engine): products of a few activation rows and a
+// weight matrix, for bfloat16 and int8 weights (amx_matmul.cpp, chosen by matvec.cpp), and the
+// Mamba-2 scan of a bfloat16 prompt in chunks (amx_ssd.cpp, chosen by ssd_scan.cpp).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <vector>
 
 #include "vector_math.h"
 
@@ -41,8 +44,29 @@ constexpr int kActivationMax = 127 * 128;
 #if defined(MAMBASTEP_AMX)
 namespace amx {
 
+// Buffers the tiles load from or store to start on a cache line: a tile row that straddles
+// two lines costs both, and made the scan's products three times slower.
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(std::size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  friend bool operator==(const LineAllocator&, const LineAllocator&) { return true; }
+  friend bool operator!=(const LineAllocator&, const LineAllocator&) { return false; }
+};
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
+
 // Whether the OS lets this process use the tiles (asked once).
 bool available();
+
+// GCC's tile intrinsics name only the first 8 bytes of the memory they read or write, so the
+// compiler may drop stores into a buffer before a tile reads it, or keep stale values of one
+// a tile wrote: every such buffer is passed through this barrier.
+inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
 // y (m, n) = x (m, k) W^T + bias (n,) or none, each x as bf16_pair takes it; W (n, k)
 // bfloat16 bits; float32 sums.
@@ -53,6 +77,26 @@ void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y,
 // at most kActivationMax, W (n, k) int8; exact integer sums, each rounded once to float32.
 void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const float* w_scale,
                  const float* bias, float* y, int64_t m, int64_t k, int64_t n);
+
+// The inputs of a Mamba-2 scan (ssd_scan.cpp's contract) with x, B, C and z in bfloat16: x and
+// z (b, l, h, p), B and C (b, l, g, n), each token's last two dimensions contiguous, at the
+// given strides (elements) between sequences and between tokens; dt (b, l, h), A (h,) and D
+// (h, p) or null, float32 and contiguous; z null where there is no gate; y (b, l, h, p) float32.
+struct SsdBf16 {
+  const c10::BFloat16 *x, *B, *C, *z;
+  const float *dt, *A, *D;
+  float* y;
+  int64_t b, l, h, p, g, n;
+  int64_t x_batch_stride, x_stride, B_batch_stride, B_stride, C_batch_stride, C_stride, z_batch_stride, z_stride;
+};
+
+// Tokens per chunk of the scan on the tiles: a multiple of 32 (a tile row of bfloat16).
+constexpr int64_t kScanChunk = 64;
+
+// The scan in chunks on the tiles: y, and `state` (b, h, p, n) float32 advanced in place over
+// the l tokens. y = (h . C + D x) SiLU(z) to float32 rounding of the sequential scan (the
+// products' operands computed in float32 carry 16 significant bits).
+void ssd_scan_bf16(const SsdBf16& scan, float* state);
 
 }  // namespace amx
 #endif

@@ -45,6 +45,7 @@ SOURCES = [
         "causal_conv.cpp",
         "matvec.cpp",
         "amx_matmul.cpp",
+        "amx_ssd.cpp",
         "mamba_step.cpp",
     )
 ]

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "amx_matmul.h"
 #include "vector_math.h"
 
 namespace {
@@ -26,6 +27,12 @@ constexpr int64_t kRows = 16;   // head channels per work item
 constexpr int64_t kLanes = 16;  // state columns per block of the backward: one 512-bit vector of floats
 
 using mambastep::widen;
+
+#if defined(MAMBASTEP_AMX)
+// From this many tokens a bfloat16 scan for inference runs in chunks on the AMX tiles
+// (amx_ssd.cpp) where the OS grants them.
+constexpr int64_t kTilesFrom = 64;
+#endif
 
 // One head's view of the inputs of one sequence, each pointer at token 0 and channel 0 of it.
 // T is float, or bfloat16 or half, widened as they are read.
@@ -294,6 +301,19 @@ std::vector<torch::Tensor> ssd_forward(const torch::Tensor& x, const torch::Tens
   const int64_t chunks = save ? (l + chunk - 1) / chunk : 0;
   auto next = state.clone();
   auto y = torch::empty({b, l, h, p}, state.options());
+#if defined(MAMBASTEP_AMX)
+  if (!save && dtype == at::kBFloat16 && l >= kTilesFrom && mambastep::amx::available()) {
+    const bool gated = z.numel() > 0;
+    const mambastep::amx::SsdBf16 scan{
+        x.data_ptr<at::BFloat16>(), B.data_ptr<at::BFloat16>(), C.data_ptr<at::BFloat16>(),
+        gated ? z.data_ptr<at::BFloat16>() : nullptr, dt.data_ptr<float>(), A.data_ptr<float>(),
+        D.numel() ? D.data_ptr<float>() : nullptr, y.data_ptr<float>(), b, l, h, p, g, n,
+        x.stride(0), x.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        gated ? z.stride(0) : 0, gated ? z.stride(1) : 0};
+    mambastep::amx::ssd_scan_bf16(scan, next.data_ptr<float>());
+    return {y, next};
+  }
+#endif
   auto ckpt = torch::empty({b, chunks, h, p, n}, state.options());
   float* ckpt_ptr = save ? ckpt.data_ptr<float>() : nullptr;
   const int64_t blocks = (p + kRows - 1) / kRows, heads_per_group = h / g;
@@ -392,6 +412,22 @@ std::vector<torch::Tensor> ssd_scan_fused_bwd(const torch::Tensor& x, const torc
   });
   return {dx, ddt, dA, dB, dC, dD, dstate};
 }
+
+std::string cpu_kernels_isa();  // matvec.cpp
+
+// The path the inference scan takes on this CPU, e.g. "bfloat16 from 64 tokens in chunks of 64
+// on amx tiles, else avx512 token by token": what a benchmark records beside its figures.
+std::string cpu_ssd_scan_path() {
+  std::string path = cpu_kernels_isa() + " token by token";
+#if defined(MAMBASTEP_AMX)
+  if (mambastep::amx::available())
+    path = "bfloat16 from " + std::to_string(kTilesFrom) + " tokens in chunks of " +
+           std::to_string(mambastep::amx::kScanChunk) + " on amx tiles, else " + path;
+#endif
+  return path;
+}
+
+TORCH_LIBRARY_IMPL(mambastep, CompositeExplicitAutograd, m) { m.impl("cpu_ssd_scan_path", &cpu_ssd_scan_path); }
 
 TORCH_LIBRARY_IMPL(mambastep, CPU, m) {
   m.impl("ssd_scan", &ssd_scan_fused);
