@@ -454,7 +454,7 @@ def bf16_prompt(b, l, h, g, p, n, d_form, seed=0):
     return x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), D, state, z.bfloat16()
 
 
-@pytest.mark.parametrize("layout", TILE_LAYOUTS)
+@pytest.mark.parametrize("layout", TILE_LAYOUTS + [(9, 8, 8, 4, 4, "h")])  # 72 groups: a chunk per window
 @pytest.mark.parametrize("l", [64, 65, 200, 1100])  # one chunk, and a token; part chunks; past 16 chunks
 def test_bf16_prompt_matches_fp64_reference(l, layout):
     b, h, g, p, n, d_form = layout

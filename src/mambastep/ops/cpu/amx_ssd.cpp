@@ -16,9 +16,10 @@
 // lie; those computed in float32 (M, U and the state) as the sum of two bfloat16 (bf16_pair: 16
 // significant bits), multiplied one after the other into float32 sums. The state stays float32
 // between chunks, and the prefix sums cum are taken in double, so a difference of two of them
-// loses nothing to cancellation. A window of kWindowChunks chunks at a time: first the group
-// operands (C, B in the two layouts the products take, G) of every chunk of the window, then
-// each head walks its chunks, so the buffers never grow with the prompt.
+// loses nothing to cancellation. A window of chunks at a time (up to 16 of each sequence, and
+// 64 of all the sequences' groups together): first the group operands (C, B in the two
+// layouts the products take, G) of every chunk of the window, then each head walks its chunks,
+// so the buffers grow neither with the prompt nor with the batch.
 #include "amx_matmul.h"
 
 #if defined(MAMBASTEP_AMX)
@@ -33,7 +34,8 @@ namespace mambastep::amx {
 namespace {
 
 constexpr int64_t kChunk = kScanChunk;  // tokens per chunk
-constexpr int64_t kWindowChunks = 16;  // chunks whose group operands are prepared at a time
+constexpr int64_t kWindowChunks = 16;  // chunks of a sequence in a window
+constexpr int64_t kWindowGroups = 64;  // chunks of all the sequences' groups in a window (~4 MiB at 128 states)
 constexpr int64_t kTile = 16;         // rows of a tile, and float32 columns of a result tile
 constexpr int64_t kDepth = 32;        // bfloat16 of a row of an operand tile: the products' k step
 
@@ -307,15 +309,16 @@ void head_chunk(const SsdBf16& s, int64_t bi, int64_t hd, int64_t t0, int64_t q,
 void ssd_scan_bf16(const SsdBf16& s, float* state) {
   const int64_t pp = round_up(s.p, kDepth), np = round_up(s.n, kDepth), heads_per_group = s.h / s.g;
   const int64_t chunks = (s.l + kChunk - 1) / kChunk;
-  std::vector<GroupChunk> groups(s.b * s.g * kWindowChunks);
+  const int64_t per_window = std::clamp<int64_t>(kWindowGroups / (s.b * s.g), 1, kWindowChunks);
+  std::vector<GroupChunk> groups(s.b * s.g * per_window);
   for (auto& g : groups) {
     g.c.resize(kChunk * np);
     g.b_pairs.resize(np * kChunk);
     g.b_t.resize(np * kChunk);
     g.scores.resize(kChunk * kChunk);
   }
-  for (int64_t first = 0; first < chunks; first += kWindowChunks) {
-    const int64_t window = std::min(kWindowChunks, chunks - first);
+  for (int64_t first = 0; first < chunks; first += per_window) {
+    const int64_t window = std::min(per_window, chunks - first);
     at::parallel_for(0, s.b * s.g * window, 1, [&](int64_t begin, int64_t end) {
       Tiles tiles;
       for (int64_t item = begin; item < end; ++item) {
@@ -323,7 +326,7 @@ void ssd_scan_bf16(const SsdBf16& s, float* state) {
         const int64_t t0 = (first + k) * kChunk, q = std::min(kChunk, s.l - t0);
         prepare_group(s.C + bi * s.C_batch_stride + t0 * s.C_stride + gi * s.n, s.C_stride,
                       s.B + bi * s.B_batch_stride + t0 * s.B_stride + gi * s.n, s.B_stride, q, s.n, np,
-                      groups[(bi * s.g + gi) * kWindowChunks + k]);
+                      groups[(bi * s.g + gi) * per_window + k]);
       }
     });
     at::parallel_for(0, s.b * s.h, 1, [&](int64_t begin, int64_t end) {
@@ -337,7 +340,7 @@ void ssd_scan_bf16(const SsdBf16& s, float* state) {
           for (int64_t j = 0; j < s.n; ++j) w.state[j * pp + i] = head_state[i * s.n + j];
         for (int64_t k = 0; k < window; ++k) {
           const int64_t t0 = (first + k) * kChunk;
-          head_chunk(s, bi, hd, t0, std::min(kChunk, s.l - t0), groups[(bi * s.g + gi) * kWindowChunks + k], w, pp,
+          head_chunk(s, bi, hd, t0, std::min(kChunk, s.l - t0), groups[(bi * s.g + gi) * per_window + k], w, pp,
                      np);
         }
         for (int64_t i = 0; i < s.p; ++i)
