@@ -83,11 +83,13 @@ def test_fused_and_torch_scans_give_the_same_prefill(tmp_path, family, config):
 def test_half_precision_prefill_through_the_fused_kernels(tmp_path, family, dtype):
     """A half-precision prompt through the fused conv and scans (float32 inside, rounded once)
     and through PyTorch's operators: each within rounding of a float32 model on the same
-    rounded weights (relative error of the whole logits; seen: 5.6e-3 fused and 7.4e-3 PyTorch
-    in bfloat16, 1.1e-3 and 1.3e-3 in float16, for Mamba-1; Mamba-2 alike)."""
+    rounded weights (relative error of the whole logits; seen: 1.1e-2 fused and 6.6e-3 PyTorch
+    in bfloat16, 9.2e-4 and 8.9e-4 in float16, for Mamba-1; 5.9e-3 and 7.6e-3, 1.1e-3 and 8.5e-4
+    for Mamba-2). 70 tokens: a bfloat16 Mamba-2 prompt takes the AMX tiles where the CPU has them
+    (ops/cpu/amx_ssd.cpp)."""
     config = dict(hidden_size=24) if family == "mamba" else dict(hidden_size=24, num_heads=6, n_groups=2, head_dim=8)
     path = make_hf_checkpoint(tmp_path / "m", family=family, **config)
-    tokens = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(1))
     exact = mambastep.load(path, dtype=dtype, settings=EngineSettings(scan="torch")).float()
     want, _ = exact.prefill(tokens)
     for scan in ("cpp", "torch"):
