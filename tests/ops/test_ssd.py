@@ -73,6 +73,15 @@ def as64(args):
     return tuple(None if t is None else t.double() for t in args)
 
 
+def one_row_per_token(x, B, C, z):
+    """x, B, C and z as slices of one wide row per token, as in_proj's output holds them: views
+    that are not contiguous."""
+    (h, p), (g, n) = x.shape[2:], B.shape[2:]
+    row = torch.cat([t.flatten(2) for t in (z, x, B, C)], -1)  # (b, l, 2hp + 2gn)
+    zs, xs, Bs, Cs = row.split([h * p, h * p, g * n, g * n], -1)
+    return xs.unflatten(-1, (h, p)), Bs.unflatten(-1, (g, n)), Cs.unflatten(-1, (g, n)), zs.unflatten(-1, (h, p))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("l", [1, 3, 50, 130])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 200])
@@ -276,11 +285,9 @@ def test_fused_gate_matches_reference_and_reads_strided_rows(l):
     y_ref, s_ref = ssd_scan_ref(*as64((x, dt, A, B, C, D, state)))
     torch.testing.assert_close(y.double(), y_ref * torch.nn.functional.silu(z.double()), **FP32)
     torch.testing.assert_close(s.double(), s_ref, **FP32)
-    row = torch.cat([t.flatten(2) for t in (z, x, B, C)], -1)  # (b, l, 2hp + 2gn)
-    zs, xs, Bs, Cs = row.split([h * p, h * p, g * n, g * n], -1)
-    strided = [xs.unflatten(-1, (h, p)), dt, A, Bs.unflatten(-1, (g, n)), Cs.unflatten(-1, (g, n)), D, state]
-    assert not strided[0].is_contiguous()
-    y2, s2 = ssd_scan_fused(*strided, z=zs.unflatten(-1, (h, p)))
+    xs, Bs, Cs, zs = one_row_per_token(x, B, C, z)
+    assert not xs.is_contiguous()
+    y2, s2 = ssd_scan_fused(xs, dt, A, Bs, Cs, D, state, z=zs)
     assert torch.equal(y2, y) and torch.equal(s2, s)
 
 
@@ -292,16 +299,15 @@ def test_fused_reads_half_precision_inputs_as_their_float32_values(dtype):
     b, l, h, g, p, n = 2, 9, 4, 2, 20, 8
     x, dt, A, B, C, D, state = make(b, l, h, g, p, n, "hp", dtype=torch.float32)
     z = torch.randn(b, l, h, p, generator=torch.Generator().manual_seed(5)) * 6
-    row = torch.cat([t.flatten(2) for t in (z, x, B, C)], -1).to(dtype)  # (b, l, 2hp + 2gn)
-    zs, xs, Bs, Cs = row.split([h * p, h * p, g * n, g * n], -1)
-    halves = [xs.unflatten(-1, (h, p)), dt, A, Bs.unflatten(-1, (g, n)), Cs.unflatten(-1, (g, n)), D, state]
+    xs, Bs, Cs, zs = one_row_per_token(*(t.to(dtype) for t in (x, B, C, z)))
+    halves = [xs, dt, A, Bs, Cs, D, state]
     widened = [t.float() for t in halves]
-    got = ssd_scan_fused(*halves, z=zs.unflatten(-1, (h, p)))
-    expected = ssd_scan_fused(*widened, z=zs.unflatten(-1, (h, p)).float())
+    got = ssd_scan_fused(*halves, z=zs)
+    expected = ssd_scan_fused(*widened, z=zs.float())
     assert got[0].dtype == torch.float32
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
-    mixed = ssd_scan_fused(halves[0], *widened[1:], z=zs.unflatten(-1, (h, p)).float())
+    mixed = ssd_scan_fused(halves[0], *widened[1:], z=zs.float())
     assert torch.equal(mixed[0], expected[0])
 
 
@@ -486,11 +492,9 @@ def test_bf16_prompt_of_a_batch_equals_its_sequences_alone_and_reads_strided_row
         one = [t[i : i + 1] for t in (x, dt)] + [A] + [t[i : i + 1] for t in (B, C)] + [D, state[i : i + 1]]
         y1, s1 = ssd_scan_fused(*one, z=z[i : i + 1])
         assert torch.equal(y1, y[i : i + 1]) and torch.equal(s1, s[i : i + 1])
-    row = torch.cat([t.flatten(2) for t in (z, x, B, C)], -1)  # (b, l, 2hp + 2gn)
-    zs, xs, Bs, Cs = row.split([h * p, h * p, g * n, g * n], -1)
-    strided = [xs.unflatten(-1, (h, p)), dt, A, Bs.unflatten(-1, (g, n)), Cs.unflatten(-1, (g, n)), D, state]
-    assert not strided[0].is_contiguous()
-    y2, s2 = ssd_scan_fused(*strided, z=zs.unflatten(-1, (h, p)))
+    xs, Bs, Cs, zs = one_row_per_token(x, B, C, z)
+    assert not xs.is_contiguous()
+    y2, s2 = ssd_scan_fused(xs, dt, A, Bs, Cs, D, state, z=zs)
     assert torch.equal(y2, y) and torch.equal(s2, s)
 
 

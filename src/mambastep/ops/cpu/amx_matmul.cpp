@@ -28,27 +28,11 @@ constexpr int kTileBytes = 64;  // bytes of each of them per tile multiply
 constexpr int kMaxCols = 16;    // activation rows per result tile
 
 // Tiles 0 and 1: results (weight rows x activation rows, 4 bytes each); 2: weights; 3 and 4:
-// activations. The configuration belongs to the thread, so each thread's share sets it up
-// and releases the tiles at its end.
-class Tiles {
- public:
-  explicit Tiles(int cols) {
-    struct alignas(64) {
-      uint8_t palette = 1, start_row = 0, reserved[14] = {};
-      uint16_t colsb[16] = {};
-      uint8_t rows[16] = {};
-    } config;
-    for (int t = 0; t < 5; ++t) {
-      config.rows[t] = kTileRows;
-      config.colsb[t] = t == 2 ? kTileBytes : static_cast<uint16_t>(4 * cols);
-    }
-    memory_barrier();
-    _tile_loadconfig(&config);
-  }
-  ~Tiles() { _tile_release(); }
-  Tiles(const Tiles&) = delete;
-  Tiles& operator=(const Tiles&) = delete;
-};
+// activations.
+Tiles product_tiles(int cols) {
+  const TileShape activations{kTileRows, static_cast<uint16_t>(4 * cols)};
+  return Tiles{activations, activations, {kTileRows, kTileBytes}, activations, activations};
+}
 
 // The weights of one block of 16 rows: the matrix's own rows, or (for a last block of fewer)
 // a zero-padded copy; and the last stretch of each row zero-padded to a whole tile. While the
@@ -164,7 +148,7 @@ void tile_products(const W* w, int64_t k, int64_t n, const PackedActivations<W>&
   // Blocks per thread task: enough weights (~16k) to be worth a thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / (kTileRows * std::max<int64_t>(k, 1)));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    Tiles tiles(x.cols());
+    const Tiles tiles = product_tiles(x.cols());
     WeightBlock<W> weights(w, k, n);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t o = block * kTileRows;

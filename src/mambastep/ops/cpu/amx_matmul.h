@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <new>
 #include <vector>
 
@@ -13,6 +14,7 @@
 // AMX kernels where the build may use the tiles (Linux grants them per process, on request).
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
 #define MAMBASTEP_AMX 1
+#include <immintrin.h>
 #endif
 
 namespace mambastep {
@@ -44,6 +46,42 @@ constexpr int kActivationMax = 127 * 128;
 #if defined(MAMBASTEP_AMX)
 namespace amx {
 
+// Whether the OS lets this process use the tiles (asked once).
+bool available();
+
+// GCC's tile intrinsics name only the first 8 bytes of the memory they read or write, so the
+// compiler may drop stores into a buffer before a tile reads it, or keep stale values of one
+// a tile wrote: every such buffer is passed through this barrier.
+inline void memory_barrier() { asm volatile("" ::: "memory"); }
+
+// The tiles' shapes for this thread while it lives (tile t takes the t-th shape: rows of bytes
+// each), released at its end. The configuration belongs to the thread, so each share of a
+// parallel loop that uses the tiles holds one.
+struct TileShape {
+  uint8_t rows;
+  uint16_t bytes;
+};
+class Tiles {
+ public:
+  explicit Tiles(std::initializer_list<TileShape> shapes) {
+    struct alignas(64) {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t colsb[16] = {};
+      uint8_t rows[16] = {};
+    } config;
+    int t = 0;
+    for (const TileShape& shape : shapes) {
+      config.rows[t] = shape.rows;
+      config.colsb[t++] = shape.bytes;
+    }
+    memory_barrier();
+    _tile_loadconfig(&config);
+  }
+  ~Tiles() { _tile_release(); }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+};
+
 // Buffers the tiles load from or store to start on a cache line: a tile row that straddles
 // two lines costs both, and made the scan's products three times slower.
 template <typename T>
@@ -59,14 +97,6 @@ struct LineAllocator {
 };
 template <typename T>
 using LineVector = std::vector<T, LineAllocator<T>>;
-
-// Whether the OS lets this process use the tiles (asked once).
-bool available();
-
-// GCC's tile intrinsics name only the first 8 bytes of the memory they read or write, so the
-// compiler may drop stores into a buffer before a tile reads it, or keep stale values of one
-// a tile wrote: every such buffer is passed through this barrier.
-inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
 // y (m, n) = x (m, k) W^T + bias (n,) or none, each x as bf16_pair takes it; W (n, k)
 // bfloat16 bits; float32 sums.

@@ -43,27 +43,8 @@ int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // Every tile 16 rows x 64 bytes: tiles 0 to 3 gather a 2 x 2 block of results (four independent
 // chains of products, so one's latency hides behind the others), 4 and 5 take two row blocks of
-// the left operand, 6 and 7 two column blocks of the right. The configuration belongs to the
-// thread: each share of a parallel loop sets it up and releases the tiles at its end.
-class Tiles {
- public:
-  Tiles() {
-    struct alignas(64) {
-      uint8_t palette = 1, start_row = 0, reserved[14] = {};
-      uint16_t colsb[16] = {};
-      uint8_t rows[16] = {};
-    } config;
-    for (int t = 0; t < 8; ++t) {
-      config.rows[t] = kTile;
-      config.colsb[t] = 64;
-    }
-    memory_barrier();
-    _tile_loadconfig(&config);
-  }
-  ~Tiles() { _tile_release(); }
-  Tiles(const Tiles&) = delete;
-  Tiles& operator=(const Tiles&) = delete;
-};
+// the left operand, 6 and 7 two column blocks of the right.
+constexpr TileShape kShape{kTile, 64};
 
 // One term of a product: left (m, k) bfloat16 rows `left_stride` apart; right (k, n) as the
 // tiles take it, pairs along k: (k / 2, n, 2), rows of pairs `right_stride` bfloat16 apart.
@@ -320,7 +301,7 @@ void ssd_scan_bf16(const SsdBf16& s, float* state) {
   for (int64_t first = 0; first < chunks; first += per_window) {
     const int64_t window = std::min(per_window, chunks - first);
     at::parallel_for(0, s.b * s.g * window, 1, [&](int64_t begin, int64_t end) {
-      Tiles tiles;
+      const Tiles tiles{kShape, kShape, kShape, kShape, kShape, kShape, kShape, kShape};
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bi = item / (s.g * window), gi = (item / window) % s.g, k = item % window;
         const int64_t t0 = (first + k) * kChunk, q = std::min(kChunk, s.l - t0);
@@ -330,7 +311,7 @@ void ssd_scan_bf16(const SsdBf16& s, float* state) {
       }
     });
     at::parallel_for(0, s.b * s.h, 1, [&](int64_t begin, int64_t end) {
-      Tiles tiles;
+      const Tiles tiles{kShape, kShape, kShape, kShape, kShape, kShape, kShape, kShape};
       HeadChunk w(pp, np);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bi = item / s.h, hd = item % s.h, gi = hd / heads_per_group;
