@@ -377,11 +377,12 @@ def test_matvec_reports_each_weight_types_path():
 
 
 def test_ssd_scan_reports_its_path():
-    """A bfloat16 Mamba-2 prompt takes the AMX tiles from 64 tokens where the CPU has them, the
-    build uses them and Linux grants them; every other scan goes token by token."""
+    """A bfloat16 Mamba-2 prompt takes the AMX tiles from 64 tokens where the CPU has them (and
+    AVX512-BF16), the build uses them and Linux grants them; every other scan goes token by token."""
     isa = torch.ops.mambastep.cpu_kernels_isa()
     path = f"{isa} token by token"
-    if " amx_bf16 " in _cpu_flags() and os.environ.get("MAMBASTEP_CPU_ISA", "native") == "native":
+    flags = _cpu_flags()
+    if " amx_bf16 " in flags and " avx512_bf16 " in flags and os.environ.get("MAMBASTEP_CPU_ISA", "native") == "native":
         path = f"bfloat16 from 64 tokens in chunks of 64 on amx tiles, else {path}"
     assert torch.ops.mambastep.cpu_ssd_scan_path() == path
 

@@ -16,6 +16,11 @@
 #define MAMBASTEP_AMX 1
 #include <immintrin.h>
 #endif
+// The scan on the tiles also splits float32 values with AVX512-BF16's conversions, which every
+// CPU with AMX has.
+#if defined(MAMBASTEP_AMX) && defined(__AVX512BF16__)
+#define MAMBASTEP_AMX_SCAN 1
+#endif
 
 namespace mambastep {
 
@@ -108,6 +113,7 @@ void matmul_bf16(const float* x, const uint16_t* w, const float* bias, float* y,
 void matmul_int8(const int16_t* q, const float* q_scale, const int8_t* w, const float* w_scale,
                  const float* bias, float* y, int64_t m, int64_t k, int64_t n);
 
+#if defined(MAMBASTEP_AMX_SCAN)
 // The inputs of a Mamba-2 scan (ssd_scan.cpp's contract) with x, B, C and z in bfloat16: x and
 // z (b, l, h, p), B and C (b, l, g, n), each token's last two dimensions contiguous, at the
 // given strides (elements) between sequences and between tokens; dt (b, l, h), A (h,) and D
@@ -123,10 +129,11 @@ struct SsdBf16 {
 // Tokens per chunk of the scan on the tiles: a multiple of 32 (a tile row of bfloat16).
 constexpr int64_t kScanChunk = 64;
 
-// The scan in chunks on the tiles: y, and `state` (b, h, p, n) float32 advanced in place over
-// the l tokens. y = (h . C + D x) SiLU(z) to float32 rounding of the sequential scan (the
-// products' operands computed in float32 carry 16 significant bits).
+// The scan in chunks on the tiles: y = (h . C + D x) SiLU(z), and `state` (b, h, p, n) float32
+// advanced in place over the l tokens; the sequential scan's values to the precision of the
+// products' operands computed in float32, 16 significant bits (about 1e-5 relative).
 void ssd_scan_bf16(const SsdBf16& scan, float* state);
+#endif
 
 }  // namespace amx
 #endif

@@ -22,9 +22,8 @@
 // so the buffers grow neither with the prompt nor with the batch.
 #include "amx_matmul.h"
 
-#if defined(MAMBASTEP_AMX)
+#if defined(MAMBASTEP_AMX_SCAN)
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
@@ -92,6 +91,7 @@ void products(const Term (&terms)[kTerms], float* out, int64_t out_stride, int64
 // (np / 2, kChunk, 2); B^T as left operand (np, kChunk); G = C B^T (kChunk, kChunk). Rows past
 // the chunk's tokens and states past n are zeros.
 struct GroupChunk {
+  explicit GroupChunk(int64_t np) : c(kChunk * np), b_pairs(np * kChunk), b_t(np * kChunk), scores(kChunk * kChunk) {}
   LineVector<uint16_t> c, b_pairs, b_t;
   LineVector<float> scores;
 };
@@ -137,7 +137,6 @@ inline void interleave(const uint16_t* r0, const uint16_t* r1, int64_t width, ui
   for (int64_t i = 0; i < width; ++i) words[i] = uint32_t{r0[i]} | uint32_t{r1[i]} << 16;
 }
 
-#if defined(__AVX512BF16__)
 // bf16_pair of 16 values at once, each rounding one instruction (which takes a denormal for
 // zero, as the tiles take a denormal operand anyway).
 struct Parts16 {
@@ -154,30 +153,19 @@ inline Parts16 parts16(__m512 f) {
   const __m256i low = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_sub_ps(f, high_value)));
   return {high, _mm256_maskz_mov_epi16(~special, low)};
 }
-#endif
 
 // `width` float32 values (a multiple of 16) as two bfloat16 parts (bf16_pair).
 inline void split(const float* v, int64_t width, uint16_t* hi, uint16_t* lo) {
-#if defined(__AVX512BF16__)
   for (int64_t i = 0; i < width; i += 16) {
     const Parts16 parts = parts16(_mm512_loadu_ps(v + i));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i), parts.high);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), parts.low);
   }
-#else
-#pragma omp simd
-  for (int64_t i = 0; i < width; ++i) {
-    const Bf16Pair pair = bf16_pair(v[i]);
-    hi[i] = pair.high;
-    lo[i] = pair.low;
-  }
-#endif
 }
 
 // Two rows of float32 values (r0 and r1, `width` of them, a multiple of 16) as two bfloat16
 // parts each, pairs along k as the tiles take a right operand (interleave's layout).
 inline void split_pairs(const float* r0, const float* r1, int64_t width, uint16_t* hi, uint16_t* lo) {
-#if defined(__AVX512BF16__)
   // 16 values of r0 then 16 of r1, as pairs (r0[i], r1[i])
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -189,15 +177,6 @@ inline void split_pairs(const float* r0, const float* r1, int64_t width, uint16_
     _mm512_storeu_si512(hi + 2 * i, pairs(a.high, b.high));
     _mm512_storeu_si512(lo + 2 * i, pairs(a.low, b.low));
   }
-#else
-  for (int64_t i = 0; i < width; ++i) {
-    const Bf16Pair a = bf16_pair(r0[i]), b = bf16_pair(r1[i]);
-    hi[2 * i] = a.high;
-    hi[2 * i + 1] = b.high;
-    lo[2 * i] = a.low;
-    lo[2 * i + 1] = b.low;
-  }
-#endif
 }
 
 // One head's scan over the chunk of q tokens from t0, the group's operands in g.
@@ -291,13 +270,7 @@ void ssd_scan_bf16(const SsdBf16& s, float* state) {
   const int64_t pp = round_up(s.p, kDepth), np = round_up(s.n, kDepth), heads_per_group = s.h / s.g;
   const int64_t chunks = (s.l + kChunk - 1) / kChunk;
   const int64_t per_window = std::clamp<int64_t>(kWindowGroups / (s.b * s.g), 1, kWindowChunks);
-  std::vector<GroupChunk> groups(s.b * s.g * per_window);
-  for (auto& g : groups) {
-    g.c.resize(kChunk * np);
-    g.b_pairs.resize(np * kChunk);
-    g.b_t.resize(np * kChunk);
-    g.scores.resize(kChunk * kChunk);
-  }
+  std::vector<GroupChunk> groups(s.b * s.g * per_window, GroupChunk(np));
   for (int64_t first = 0; first < chunks; first += per_window) {
     const int64_t window = std::min(per_window, chunks - first);
     at::parallel_for(0, s.b * s.g * window, 1, [&](int64_t begin, int64_t end) {

@@ -13,6 +13,9 @@
 // time and walks its chunks in reverse: it recomputes a chunk's states from its checkpoint
 // into a buffer that stays in L2, then runs the reverse recurrence over the chunk. It never
 // divides by a decay, which may underflow to 0.
+//
+// A bfloat16 prompt for inference runs in chunks on AMX tiles instead, where the CPU has them
+// (amx_ssd.cpp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -28,7 +31,7 @@ constexpr int64_t kLanes = 16;  // state columns per block of the backward: one 
 
 using mambastep::widen;
 
-#if defined(MAMBASTEP_AMX)
+#if defined(MAMBASTEP_AMX_SCAN)
 // From this many tokens a bfloat16 scan for inference runs in chunks on the AMX tiles
 // (amx_ssd.cpp) where the OS grants them.
 constexpr int64_t kTilesFrom = 64;
@@ -301,7 +304,7 @@ std::vector<torch::Tensor> ssd_forward(const torch::Tensor& x, const torch::Tens
   const int64_t chunks = save ? (l + chunk - 1) / chunk : 0;
   auto next = state.clone();
   auto y = torch::empty({b, l, h, p}, state.options());
-#if defined(MAMBASTEP_AMX)
+#if defined(MAMBASTEP_AMX_SCAN)
   if (!save && dtype == at::kBFloat16 && l >= kTilesFrom && mambastep::amx::available()) {
     const bool gated = z.numel() > 0;
     const mambastep::amx::SsdBf16 scan{
@@ -419,7 +422,7 @@ std::string cpu_kernels_isa();  // matvec.cpp
 // on amx tiles, else avx512 token by token": what a benchmark records beside its figures.
 std::string cpu_ssd_scan_path() {
   std::string path = cpu_kernels_isa() + " token by token";
-#if defined(MAMBASTEP_AMX)
+#if defined(MAMBASTEP_AMX_SCAN)
   if (mambastep::amx::available())
     path = "bfloat16 from " + std::to_string(kTilesFrom) + " tokens in chunks of " +
            std::to_string(mambastep::amx::kScanChunk) + " on amx tiles, else " + path;
